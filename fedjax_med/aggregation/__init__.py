@@ -1,0 +1,1 @@
+"""Server-side combination of hospital updates: FedAvg, server optimisers, secure aggregation, compression."""

@@ -1,0 +1,1 @@
+"""Datasets (TFDS builders, synthetic twins), hospital partitions and client batching."""

@@ -1,0 +1,1 @@
+"""Local differential privacy pieces: DP-SGD, client-level DP and accounting."""
