@@ -1,0 +1,105 @@
+"""Every configuration field of fedjax_med, each with a one-line comment.
+
+The task configs (chestxray14.py, brats.py) start from `get_base_config()` and change what they
+need. Fields are grouped by the part of the code that reads them.
+"""
+
+import ml_collections
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns the full default configuration (federated, no DP, no SecAgg)."""
+    c = ml_collections.ConfigDict()
+    c.task = 'chestxray14'          # 'chestxray14' (14-label classification) or 'brats' (segmentation)
+    c.mode = 'federated'            # 'federated' | 'centralized' (pool all data) | 'local' (each alone)
+    c.seed = 0                      # root of every random draw (data, init, sampling, noise, masks)
+    c.num_rounds = 20               # communication rounds
+    c.clients_per_round = 0         # m hospitals sampled per round; 0 means all K take part
+
+    # ---- data ----------------------------------------------------------------------------------
+    c.data = ml_collections.ConfigDict()
+    c.data.name = 'synthetic_cxr'   # synthetic_cxr | nih_chestxray14 | synthetic_brats | brats2020 | brats2021 | msd_brain
+    c.data.data_dir = ''            # TFDS data dir for built datasets ('' = ~/tensorflow_datasets)
+    c.data.manual_dir = ''          # where the user put the downloaded raw files (real datasets)
+    c.data.resolution = 64          # image side in pixels after resizing
+    c.data.num_train = 2000         # synthetic only: training examples over all hospitals
+    c.data.num_test = 500           # synthetic only: test examples over all hospitals
+    c.data.num_clients = 5          # K hospitals
+    c.data.partition = 'dirichlet'  # iid | dirichlet | pathological | quantity | natural
+    c.data.dirichlet_alpha = 0.5    # label-skew concentration (smaller = more non-IID)
+    c.data.findings_per_client = 3  # pathological partition: findings per hospital
+    c.data.quantity_sigma = 0.0     # log-normal sigma of hospital sizes (0 = equal sizes)
+    c.data.natural_column = 'view'  # natural partition: metadata column that defines the hospital
+    c.data.feature_skew = True      # per-hospital acquisition shift (contrast, noise, blur / bias field)
+    c.data.test_fraction = 0.2      # fraction of each hospital's patients held out as its test split
+    c.data.slices_per_case = 16     # BraTS: axial slices taken from each case
+
+    # ---- model ---------------------------------------------------------------------------------
+    c.model = ml_collections.ConfigDict()
+    c.model.name = 'resnet_small'   # resnet18 | resnet_small | unet
+    c.model.width = 16              # channels of the first stage (ResNet) / level (U-Net)
+    c.model.depth = 3               # ResNet stages (resnet_small) or U-Net levels
+    c.model.norm_groups = 8         # GroupNorm groups (capped to divide the channel count)
+    c.model.compute_dtype = 'float32'  # 'float32' or 'bfloat16' compute; parameters stay float32
+
+    # ---- local training (inside each hospital) -------------------------------------------------
+    c.local = ml_collections.ConfigDict()
+    c.local.epochs = 1.0            # local epochs per round (steps = ceil(epochs * n_k / batch_size))
+    c.local.batch_size = 32         # per-step batch (expected batch under Poisson sampling)
+    c.local.optimizer = 'adam'      # sgd | momentum | adam
+    c.local.learning_rate = 1e-3    # peak client learning rate
+    c.local.momentum = 0.9          # momentum optimiser only
+    c.local.schedule = 'cosine'     # constant | cosine | exponential (over rounds)
+    c.local.decay_rate = 0.98       # exponential schedule: lr multiplier per round
+    c.local.prox_mu = 0.0           # FedProx proximal weight mu (0 = FedAvg)
+    c.local.sampling = 'shuffle'    # shuffle (epochs without replacement) | poisson (required for DP)
+
+    # ---- server --------------------------------------------------------------------------------
+    c.server = ml_collections.ConfigDict()
+    c.server.optimizer = 'fedavg'   # fedavg | fedavgm | fedadam | fedyogi | fedadagrad
+    c.server.learning_rate = 1.0    # server step size (1.0 with fedavg is plain FedAvg)
+    c.server.momentum = 0.9         # fedavgm
+    c.server.beta1 = 0.9            # fedadam / fedyogi
+    c.server.beta2 = 0.99           # fedadam / fedyogi
+    c.server.epsilon = 1e-3         # adaptivity tau (Reddi et al. 2021)
+    c.server.aggregator = 'weighted'  # weighted (by examples) | uniform
+
+    # ---- differential privacy ------------------------------------------------------------------
+    c.dp = ml_collections.ConfigDict()
+    c.dp.mode = 'none'              # none | sample (DP-SGD in each hospital) | client (DP-FedAvg)
+    c.dp.clip_norm = 1.0            # per-example (sample) or per-hospital-update (client) L2 clip
+    c.dp.noise_multiplier = 0.0     # sigma; ignored when target_epsilon > 0 (then calibrated)
+    c.dp.target_epsilon = 0.0       # > 0: calibrate sigma so the planned run ends at this epsilon
+    c.dp.delta = 0.0                # 0 means 1 / (10 * n_k) per hospital (sample) or 1/(10 K) (client)
+    c.dp.accountant = 'rdp'         # rdp | pld
+    c.dp.chunk_size = 0             # per-example gradients computed in chunks of this size (0 = all)
+    c.dp.adaptive_clip = False      # client mode: adaptive clipping (Andrew et al. 2021)
+    c.dp.target_quantile = 0.5      # adaptive clipping: target fraction of unclipped updates
+    c.dp.clip_learning_rate = 0.2   # adaptive clipping: geometric step size
+    c.dp.count_noise_std = 1.0      # adaptive clipping: noise on the unclipped count (in clients)
+
+    # ---- secure aggregation and compression ----------------------------------------------------
+    c.secagg = ml_collections.ConfigDict()
+    c.secagg.enabled = False        # mask updates so the server only learns their sum
+    c.secagg.clip = 1.0             # per-coordinate clip before fixed-point encoding
+    c.secagg.dropout_fraction = 0.0  # fraction of participants that drop after key agreement
+    c.secagg.threshold = 0        # Shamir threshold t (0 = majority of participants)
+    c.secagg.neighbours = 0        # SecAgg+ graph degree k (0 = complete graph, classic SecAgg)
+    c.compression = ml_collections.ConfigDict()
+    c.compression.kind = 'none'     # none | quantize | topk (hospital -> server)
+    c.compression.bits = 8          # quantize: bits per coordinate
+    c.compression.topk_fraction = 0.01  # topk: fraction of coordinates sent (error feedback kept)
+    c.compression.rotate = False    # randomised Hadamard rotation before quantisation
+    c.compression.broadcast_dtype = 'float32'  # server -> hospitals: float32 | bfloat16
+
+    # ---- evaluation, logging, checkpoints ------------------------------------------------------
+    c.eval_every = 1                # evaluate the global test split every N rounds (and the last)
+    c.eval_batch_size = 128         # evaluation batch size
+    c.checkpoint_every = 5          # save an Orbax checkpoint every N rounds (and the last)
+    c.checkpoints_to_keep = 2       # how many checkpoints to keep
+    return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    del arg
+    return get_base_config()

@@ -1,0 +1,63 @@
+"""Orbax checkpoints of everything a resumed run needs.
+
+A checkpoint holds the `ServerState` pytree (parameters, server optimiser state, round, DP clip,
+per-hospital state such as error-feedback residuals) and a JSON record of the host state: the
+privacy accountant's step counts, the metrics history and the resolved config. Randomness needs
+no saving: every draw is derived from (seed, round, hospital, purpose).
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact; an unfinished one is ignored on restore.
+"""
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+# Fields that may change between a run and its resumption (they do not change the result of the
+# rounds already run). Any other difference is an error: the resumed run would not be the run
+# that was checkpointed.
+RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
+                    'checkpoints_to_keep', 'data.data_dir', 'data.manual_dir')
+
+
+class Checkpointer:
+    """Save / restore `(ServerState, host_state: dict)` pairs by round number."""
+
+    def __init__(self, directory: str, max_to_keep: int = 2):
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                               enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                                              item_names=('state', 'host'))
+
+    def latest_round(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, round_index: int, state, host_state: dict) -> None:
+        self._manager.save(round_index, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)))
+        self._manager.wait_until_finished()
+
+    def restore(self, round_index: int, like_state):
+        """Restores into the shapes, dtypes and shardings of `like_state`."""
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
+        restored = self._manager.restore(round_index, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+        return restored['state'], restored['host']
+
+    def close(self) -> None:
+        self._manager.close()
+
+
+def config_differences(saved: dict, current: dict, prefix: str = '') -> list[str]:
+    """Dotted names of config fields whose values differ, ignoring RESUMABLE_FIELDS."""
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        name = f'{prefix}{key}'
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += config_differences(a, b, name + '.')
+        elif a != b and name not in RESUMABLE_FIELDS:
+            diffs.append(f'{name}: checkpoint has {a!r}, config has {b!r}')
+    return diffs

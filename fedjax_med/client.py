@@ -1,0 +1,125 @@
+"""One hospital's local update: S optimiser steps on its own data, returning the model delta.
+
+Pure and written for a single hospital; `rounds.py` vmaps it over the client axis. The gradient
+of a step comes from a `GradientFn`, so the same loop runs plain training (`mean_gradient`) and
+DP-SGD (per-example clipping and noise from `fedjax_med.privacy.dp_sgd`) without branching here.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+# (params, batch, mask [B], key, expected_batch) -> (gradient pytree, aux metrics with 'loss')
+GradientFn = Callable[..., tuple[Any, dict]]
+# (params, images [B, ...]) -> logits
+ApplyFn = Callable[[Any, jax.Array], jax.Array]
+
+
+@flax.struct.dataclass
+class ClientOutput:
+    delta: Any            # params_after - params_before
+    num_steps: jax.Array  # steps actually run
+    metrics: dict         # sums over this hospital's steps: loss_sum, example_count, ...
+
+
+def per_example_loss_fn(apply_fn: ApplyFn, loss: Callable) -> Callable:
+    """Loss of ONE example {'image': [H, W, C], 'label': [...]}, the form DP-SGD differentiates."""
+
+    def fn(params, example):
+        logits = apply_fn(params, example['image'][None])
+        return loss(logits, example['label'][None])[0]
+
+    return fn
+
+
+def mean_gradient(apply_fn: ApplyFn, loss: Callable) -> GradientFn:
+    """Non-private gradient: mean loss over the examples the mask keeps (one batched forward)."""
+
+    def batch_loss(params, batch, mask):
+        per_example = loss(apply_fn(params, batch['image']), batch['label'])
+        return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+    def grad_fn(params, batch, mask, key, expected_batch):
+        del key, expected_batch
+        value, grads = jax.value_and_grad(batch_loss)(params, batch, mask)
+        return grads, {'loss': value}
+
+    return grad_fn
+
+
+CLIENT_OPTIMIZERS = {
+    'sgd': lambda learning_rate, momentum: optax.sgd(learning_rate),
+    'momentum': lambda learning_rate, momentum: optax.sgd(learning_rate, momentum=momentum),
+    'adam': lambda learning_rate, momentum: optax.adam(learning_rate),
+}
+
+
+def client_optimizer(name: str, momentum: float = 0.9) -> optax.GradientTransformation:
+    """Client optimiser whose learning rate is set per round (it follows a schedule over rounds)."""
+    make = CLIENT_OPTIMIZERS[name]
+    return optax.inject_hyperparams(lambda learning_rate: make(learning_rate, momentum))(
+        learning_rate=0.0)
+
+
+def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
+                 step_active: jax.Array, expected_batch: jax.Array, learning_rate: jax.Array,
+                 key: jax.Array, *, grad_fn: GradientFn,
+                 optimizer: optax.GradientTransformation, prox_mu: float) -> ClientOutput:
+    """Runs this hospital's local steps and returns its update.
+
+    Args:
+      global_params: the model the server broadcast this round.
+      data: this hospital's training arrays, leading axis over its (padded) examples.
+      indices, mask: int32/float32 [S, B]: which examples each step uses, and which are real.
+      step_active: bool [S]: steps beyond this hospital's share are skipped (no state change).
+      expected_batch: DP-SGD denominator (ignored by the non-private gradient).
+      learning_rate: client learning rate of this round.
+      key: this hospital's key for this round; step keys are fold_in(key, step).
+      grad_fn: gradient of one step (plain or privatised).
+      optimizer: client optimiser from `client_optimizer` (fresh state every round).
+      prox_mu: FedProx weight; adds mu * (w - w_global) to each step's gradient. It is applied
+        after privatisation, so it costs no privacy (it does not touch the data).
+    """
+    opt_state = optimizer.init(global_params)
+    opt_state.hyperparams['learning_rate'] = jnp.asarray(learning_rate, jnp.float32)
+
+    def step(carry, xs):
+        params, opt_state, sums = carry
+        step_index, idx, m, active = xs
+        batch = jax.tree.map(lambda a: a[idx], data)
+        grads, aux = grad_fn(params, batch, m, jax.random.fold_in(key, step_index),
+                             expected_batch)
+        if prox_mu:
+            grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, params,
+                                 global_params)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
+        count = jnp.sum(m) * active
+        sums = {
+            'loss_sum': sums['loss_sum'] + aux['loss'] * count,
+            'example_count': sums['example_count'] + count,
+            **{k: sums[k] + aux[k] * active for k in sums if k not in ('loss_sum',
+                                                                        'example_count')},
+        }
+        return (keep(new_params, params), keep(new_opt_state, opt_state), sums), None
+
+    extra = _aux_keys(grad_fn, global_params, data, indices, mask, expected_batch, key)
+    sums = {'loss_sum': jnp.zeros(()), 'example_count': jnp.zeros(()),
+            **{k: jnp.zeros(()) for k in extra}}
+    steps = jnp.arange(indices.shape[0])
+    (params, _, sums), _ = jax.lax.scan(step, (global_params, opt_state, sums),
+                                        (steps, indices, mask, step_active))
+    delta = jax.tree.map(lambda a, b: a - b, params, global_params)
+    return ClientOutput(delta=delta, num_steps=jnp.sum(step_active), metrics=sums)
+
+
+def _aux_keys(grad_fn, params, data, indices, mask, expected_batch, key) -> list[str]:
+    """Names of the extra scalar metrics a gradient function reports (found by abstract eval)."""
+    batch = jax.tree.map(lambda a: a[indices[0]], data)
+    aux = jax.eval_shape(lambda: grad_fn(params, batch, mask[0], key, expected_batch)[1])
+    return sorted(k for k in aux if k != 'loss')

@@ -1,0 +1,91 @@
+"""Jitted, batched evaluation of one model or of one model per hospital.
+
+A split is padded to whole batches ([num_batches, batch, ...] plus an example mask) once, on the
+device; `lax.map` runs the batches and the host adds up the statistics (`tasks.combine_stats`).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fedjax_med.tasks import Task
+
+
+def batch_split(split: dict, batch_size: int, *, shrink: bool = True) -> dict:
+    """{'image', 'label'} arrays [N, ...] -> [nb, bs, ...] plus 'mask' [nb, bs] (numpy).
+
+    With `shrink`, a split smaller than one batch gets a smaller batch (less padding).
+    """
+    n = len(split['image'])
+    bs = max(1, min(batch_size, n)) if shrink else batch_size
+    nb = max(1, math.ceil(n / bs))
+    out = {}
+    for key in ('image', 'label'):
+        x = np.asarray(split[key], np.float32)
+        padded = np.zeros((nb * bs, *x.shape[1:]), np.float32)
+        padded[:n] = x
+        out[key] = padded.reshape(nb, bs, *x.shape[1:])
+    mask = np.zeros(nb * bs, np.float32)
+    mask[:n] = 1.0
+    out['mask'] = mask.reshape(nb, bs)
+    return out
+
+
+def stack_splits(splits: list[dict], batch_size: int) -> dict:
+    """One batched split per hospital, padded to the same number of batches: leading axis K."""
+    longest = max(len(s['image']) for s in splits)
+    bs = max(1, min(batch_size, longest))
+    nb = max(1, math.ceil(longest / bs))
+    batched = [batch_split(s, bs, shrink=False) for s in splits]
+    out = {}
+    for key in ('image', 'label', 'mask'):
+        arrays = []
+        for b in batched:
+            x = b[key]
+            pad = np.zeros((nb - x.shape[0], *x.shape[1:]), x.dtype)
+            arrays.append(np.concatenate([x, pad]))
+        out[key] = np.stack(arrays)
+    return out
+
+
+def build_eval_fn(apply_fn, task: Task):
+    """Returns (params, batched split) -> stacked per-batch statistics (pure; jit the caller)."""
+
+    def evaluate(params, split):
+        def one_batch(b):
+            return task.eval_stats(apply_fn(params, b['image']), b['label'], b['mask'])
+
+        return jax.lax.map(one_batch, split)
+
+    return evaluate
+
+
+def unbatch_stats(stats: dict) -> dict:
+    """[nb, ...] per-batch statistics -> one split's statistics (numpy)."""
+    out = {}
+    for key, value in stats.items():
+        v = np.asarray(value)
+        out[key] = v.reshape(-1, *v.shape[2:]) if key in ('probs', 'labels', 'mask') else v.sum(0)
+    return out
+
+
+def per_hospital(eval_fn, *, params_axis, data_axis):
+    """Jitted vmap of `eval_fn` over hospitals (params and/or data carry the client axis)."""
+    return jax.jit(jax.vmap(eval_fn, in_axes=(params_axis, data_axis)))
+
+
+def split_hospitals(stats) -> list[dict]:
+    """Stacked statistics [K, nb, ...] -> one split's statistics per hospital."""
+    stats = jax.tree.map(np.asarray, stats)
+    k = next(iter(stats.values())).shape[0]
+    return [unbatch_stats({key: v[i] for key, v in stats.items()}) for i in range(k)]
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def params_bytes(params, dtype=jnp.float32) -> int:
+    return param_count(params) * jnp.dtype(dtype).itemsize

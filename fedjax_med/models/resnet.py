@@ -1,0 +1,67 @@
+"""ResNets with GroupNorm for multi-label chest X-ray classification.
+
+`ResNet(stage_sizes=(2, 2, 2, 2), width=64)` is ResNet-18 (He et al. 2016, basic blocks) with every
+BatchNorm replaced by GroupNorm, the usual choice for DP-SGD and federated training.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from fedjax_med.models.layers import group_norm
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (projection when the shape changes)."""
+
+    features: int
+    strides: int = 1
+    norm_groups: int = 32
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        conv = lambda f, k, s, name: nn.Conv(
+            f, (k, k), (s, s), padding='SAME', use_bias=False, dtype=self.dtype, name=name)
+        y = conv(self.features, 3, self.strides, 'conv1')(x)
+        y = nn.relu(group_norm(self.features, self.norm_groups, self.dtype)(y))
+        y = conv(self.features, 3, 1, 'conv2')(y)
+        # Zero-init the last norm's scale so each block starts as the identity (Goyal et al. 2017).
+        y = nn.GroupNorm(num_groups=group_norm(self.features, self.norm_groups).num_groups,
+                         scale_init=nn.initializers.zeros, dtype=self.dtype)(y)
+        if x.shape[-1] != self.features or self.strides != 1:
+            x = conv(self.features, 1, self.strides, 'proj')(x)
+            x = group_norm(self.features, self.norm_groups, self.dtype)(x)
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """GroupNorm ResNet returning `num_outputs` logits."""
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    width: int = 64
+    num_outputs: int = 14
+    norm_groups: int = 32
+    stem_stride: int = 2  # 1 for small inputs (CPU configs at 32-64 px)
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        del train  # GroupNorm behaves the same in training and evaluation
+        x = x.astype(self.dtype)
+        if self.stem_stride > 1:
+            x = nn.Conv(self.width, (7, 7), (2, 2), padding='SAME', use_bias=False,
+                        dtype=self.dtype, name='stem')(x)
+            x = nn.relu(group_norm(self.width, self.norm_groups, self.dtype)(x))
+            x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
+        else:
+            x = nn.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+                        name='stem')(x)
+            x = nn.relu(group_norm(self.width, self.norm_groups, self.dtype)(x))
+        for i, blocks in enumerate(self.stage_sizes):
+            for j in range(blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = BasicBlock(self.width * 2**i, strides, self.norm_groups, self.dtype)(x)
+        x = jnp.mean(x, axis=(-3, -2))
+        return nn.Dense(self.num_outputs, dtype=jnp.float32, name='head')(x).astype(jnp.float32)

@@ -1,0 +1,223 @@
+"""The federated round as ONE jitted function over the vectorised client axis.
+
+`build_round_fn` binds everything static (model, task, optimisers, privacy and aggregation
+options) and returns `round_fn(state, client_data, inputs, key) -> (state, metrics)`:
+
+  1. every hospital's local update, `client.local_update` vmapped over the client axis;
+  2. optional update compression (per-hospital state, e.g. top-k error feedback);
+  3. aggregation: FedAvg weighted mean, client-level DP (clip + noise), or secure aggregation
+     (fixed-point encoding + pairwise masks, summed modulo 2^32);
+  4. the server optimiser step.
+
+The client axis of `client_data` and `inputs` is sharded over the mesh; parameters are
+replicated. Sums over the client axis are plain reductions and XLA inserts the collectives.
+In 'local' mode each hospital keeps its own parameters (leading client axis) and step 3-4 become
+params_k += delta_k.
+"""
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from fedjax_med import client as client_lib
+from fedjax_med.aggregation import fedavg, server_opt
+from fedjax_med.parallel import client_sharding, replicated
+from fedjax_med.state import RoundInputs, ServerState
+from fedjax_med.tasks import Task
+
+# Purposes folded into the round key, so every random draw has its own stream (DESIGN.md, 6).
+KEY_TRAIN, KEY_SECAGG, KEY_CLIENT_DP, KEY_COMPRESS = range(4)
+
+
+def round_key(seed: int, round_index) -> jax.Array:
+    return jax.random.fold_in(jax.random.key(seed), round_index)
+
+
+@dataclasses.dataclass
+class RoundFn:
+    """The jitted round plus a trace counter (the round must compile once per run)."""
+
+    fn: Callable
+    num_traces: int = 0
+
+    def __call__(self, state, client_data, inputs, key):
+        return self.fn(state, client_data, inputs, key)
+
+
+def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
+                     noise_multiplier: float) -> client_lib.GradientFn:
+    """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma*C)."""
+    if dp.mode != 'sample':
+        return client_lib.mean_gradient(apply_fn, task.per_example_loss)
+    from fedjax_med.privacy import dp_sgd
+
+    per_example = client_lib.per_example_loss_fn(apply_fn, task.per_example_loss)
+
+    def grad_fn(params, batch, mask, key, expected_batch):
+        return dp_sgd.dp_gradient(per_example, params, batch, mask, key,
+                                  clip_norm=dp.clip_norm, noise_multiplier=noise_multiplier,
+                                  expected_batch_size=expected_batch,
+                                  chunk_size=dp.chunk_size or None)
+
+    return grad_fn
+
+
+def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,
+                   noise_multiplier: float = 0.0, expected_clients: float = 1.0,
+                   compressor=None) -> RoundFn:
+    """Returns the jitted round for this configuration (see the module docstring)."""
+    local_mode = config.mode == 'local'
+    grad_fn = make_gradient_fn(apply_fn, task, config.dp, noise_multiplier)
+    client_update = functools.partial(
+        client_lib.local_update, grad_fn=grad_fn,
+        optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
+        prox_mu=config.local.prox_mu)
+    server = server_opt.server_optimizer(config.server)
+    dp, sa = config.dp, config.secagg
+    if dp.mode == 'client' or sa.enabled:
+        from fedjax_med.aggregation import secure
+        from fedjax_med.privacy import client_dp
+    result = RoundFn(fn=None)
+
+    def round_fn(state: ServerState, client_data: dict, inputs: RoundInputs, key: jax.Array):
+        result.num_traces += 1  # runs at trace time only
+        train_key = jax.random.fold_in(key, KEY_TRAIN)
+        client_keys = jax.vmap(lambda i: jax.random.fold_in(train_key, i))(inputs.client_ids)
+        params_axis = 0 if local_mode else None
+        broadcast = state.params
+        if config.compression.broadcast_dtype == 'bfloat16':
+            # Hospitals receive the model in bfloat16: they start from the rounded weights.
+            broadcast = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), broadcast)
+        out = jax.vmap(client_update, in_axes=(params_axis, 0, 0, 0, 0, 0, None, 0))(
+            broadcast, client_data, inputs.indices, inputs.mask, inputs.step_active,
+            inputs.expected_batch, inputs.learning_rate, client_keys)
+        deltas, client_state = out.delta, state.client_state
+        if compressor is not None:
+            ckeys = jax.vmap(lambda i: jax.random.fold_in(
+                jax.random.fold_in(key, KEY_COMPRESS), i))(inputs.client_ids)
+            deltas, new_cs = jax.vmap(compressor.apply)(deltas, client_state, ckeys)
+            # Hospitals that sat this round out keep their residual unchanged.
+            taking_part = inputs.weights > 0
+            client_state = jax.tree.map(
+                lambda n, o: jnp.where(taking_part.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+                new_cs, client_state)
+
+        metrics = _round_metrics(out, inputs)
+        clip_norm = state.clip_norm
+        if local_mode:
+            take = lambda d: d * (inputs.weights > 0).reshape((-1,) + (1,) * (d.ndim - 1))
+            params = jax.tree.map(lambda p, d: p + take(d), state.params, deltas)
+            opt_state = state.opt_state
+        else:
+            participating = (inputs.weights > 0).astype(jnp.float32)
+            if dp.mode == 'client':
+                clipped, norms = client_dp.clip_client_updates(deltas, clip_norm)
+                metrics['dp/unclipped_fraction'] = jnp.sum(
+                    (norms <= clip_norm) * participating) / jnp.maximum(participating.sum(), 1)
+                if sa.enabled:
+                    # Each hospital adds its share of the noise before masking: the server
+                    # never sees an un-noised sum (see privacy/client_dp.py).
+                    std = client_dp.distributed_noise_std(noise_multiplier, clip_norm,
+                                                          expected_clients)
+                    nkey = jax.random.fold_in(key, KEY_CLIENT_DP)
+                    noised = jax.vmap(lambda d, i: _add_noise(d, jax.random.fold_in(nkey, i),
+                                                              std))(clipped, inputs.client_ids)
+                    summed = secure.secure_sum(
+                        noised, participating, inputs.secagg.survivor,
+                        jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
+                        clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]))
+                    mean_delta = jax.tree.map(lambda s: s / expected_clients, summed)
+                else:
+                    mean_delta = client_dp.noised_mean(
+                        clipped, participating, jax.random.fold_in(key, KEY_CLIENT_DP),
+                        clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                        expected_clients=expected_clients)
+                if dp.adaptive_clip:
+                    clip_norm = client_dp.adaptive_clip_update(
+                        clip_norm, norms, participating,
+                        jax.random.fold_in(jax.random.fold_in(key, KEY_CLIENT_DP), 1),
+                        target_quantile=dp.target_quantile, learning_rate=dp.clip_learning_rate,
+                        count_noise_std=dp.count_noise_std, expected_clients=expected_clients)
+            elif sa.enabled:
+                # Each hospital sends (w_k / W) * delta_k and its weight share w_k / W through
+                # the secure sum (W = total weight of this round's cohort, public); hospitals that
+                # drop send nothing, so dividing the two sums gives the survivors' weighted mean.
+                share = inputs.weights / jnp.maximum(inputs.weights.sum(), 1e-12)
+                scaled = {'delta': jax.tree.map(
+                    lambda d: d * share.reshape((-1,) + (1,) * (d.ndim - 1)), deltas),
+                    'weight': share}
+                summed = secure.secure_sum(
+                    scaled, participating, inputs.secagg.survivor,
+                    jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
+                    clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]))
+                mean_delta = jax.tree.map(lambda s: s / jnp.maximum(summed['weight'], 1e-12),
+                                          summed['delta'])
+            else:
+                mean_delta = fedavg.weighted_mean(deltas, inputs.weights)
+            params, opt_state = server_opt.server_step(server, state.params, state.opt_state,
+                                                       mean_delta)
+            metrics['train/update_norm'] = optax.global_norm(mean_delta)
+        metrics['train/param_norm'] = optax.global_norm(params)
+        new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
+                                clip_norm=clip_norm, client_state=client_state)
+        return new_state, metrics
+
+    state_sharding = _state_sharding(mesh, local_mode)
+    result.fn = jax.jit(round_fn, donate_argnums=(0,), out_shardings=(state_sharding, None))
+    return result
+
+
+def _add_noise(tree, key, std):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype)
+                                        for x, k in zip(leaves, keys, strict=True)])
+
+
+def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[str, Any]:
+    """Per-hospital sums (shape [K]) and the round's training loss over the hospitals that ran."""
+    m = dict(out.metrics)
+    taking_part = (inputs.weights > 0).astype(jnp.float32)
+    loss_sum = jnp.sum(m['loss_sum'] * taking_part)
+    count = jnp.sum(m['example_count'] * taking_part)
+    return {'train/loss': loss_sum / jnp.maximum(count, 1.0),
+            'train/examples': count,
+            'clients/loss_sum': m['loss_sum'], 'clients/example_count': m['example_count'],
+            'clients/num_steps': out.num_steps,
+            **{f'clients/{k}': v for k, v in m.items() if k not in ('loss_sum', 'example_count')}}
+
+
+def _state_sharding(mesh, local_mode: bool):
+    """Server state replicated; in local mode params are per hospital (sharded like the data)."""
+    if not local_mode:
+        return replicated(mesh)
+    return ServerState(params=client_sharding(mesh), opt_state=replicated(mesh),
+                       round=replicated(mesh), clip_norm=replicated(mesh),
+                       client_state=client_sharding(mesh))
+
+
+def init_server_state(params, config: ml_collections.ConfigDict, num_clients_padded: int,
+                      compressor=None) -> ServerState:
+    """Initial server state; in local mode every hospital starts from the same `params`."""
+    server = server_opt.server_optimizer(config.server)
+    if config.mode == 'local':
+        params = jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients_padded, *p.shape)),
+                              params)
+        opt_state = ()
+    else:
+        opt_state = server.init(params)
+    client_state = ()
+    if compressor is not None:
+        per_client = compressor.init(params if config.mode != 'local' else jax.tree.map(
+            lambda p: p[0], params))
+        client_state = jax.tree.map(
+            lambda x: jnp.broadcast_to(x, (num_clients_padded, *x.shape)), per_client)
+    return ServerState(params=params, opt_state=opt_state, round=jnp.zeros((), jnp.int32),
+                       clip_norm=jnp.asarray(config.dp.clip_norm, jnp.float32),
+                       client_state=client_state)

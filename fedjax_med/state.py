@@ -1,0 +1,34 @@
+"""Pytree dataclasses that cross the jit boundary: the server state and one round's inputs."""
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class ServerState:
+    """Everything the jitted round reads and writes between rounds (checkpointed as one pytree).
+
+    In 'local' mode `params` carries a leading client axis: every hospital keeps its own model.
+    """
+
+    params: Any
+    opt_state: Any            # server optimiser state (optax)
+    round: jax.Array          # int32 scalar: rounds completed
+    clip_norm: jax.Array      # float32 scalar: client-level DP clip (adapted when adaptive)
+    client_state: Any         # per-hospital state with leading axis K (e.g. error feedback), or ()
+
+
+@flax.struct.dataclass
+class RoundInputs:
+    """Host-built arrays for one round. Leading axis K (hospitals, padded to the device count)."""
+
+    indices: jax.Array        # int32 [K, S, B]: example index into the hospital's own training data
+    mask: jax.Array           # float32 [K, S, B]: 1 = example used in this step, 0 = padding/unsampled
+    step_active: jax.Array    # bool [K, S]: the step runs (an empty Poisson batch still runs under DP)
+    weights: jax.Array        # float32 [K]: aggregation weight, 0 for hospitals not taking part
+    expected_batch: jax.Array  # float32 [K]: DP-SGD denominator q_k * n_k (or the batch size)
+    client_ids: jax.Array     # int32 [K]: global hospital index, for per-hospital random keys
+    learning_rate: jax.Array  # float32 scalar: this round's client learning rate
+    secagg: Any = ()          # secure-aggregation arrays from the host protocol, or ()

@@ -1,0 +1,317 @@
+"""The round loop, and nothing else: `run(config, workdir)` trains and returns the final metrics.
+
+Sections, top to bottom: config -> data on the devices -> model -> privacy -> round function ->
+resume -> rounds (sample hospitals, build batches, secure-aggregation set-up, the jitted round,
+accounting, evaluation, logging, checkpoint) -> summary.
+"""
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from fedjax_med import checkpoint as ckpt_lib
+from fedjax_med import evaluation, parallel, rounds
+from fedjax_med.data import batching
+from fedjax_med.models import build_model
+from fedjax_med.state import RoundInputs
+from fedjax_med.tasks import TASKS
+from fedjax_med.validate import validate
+
+# Purposes of host-side random generators: np.random.default_rng([seed, round, PURPOSE, ...]).
+HOST_PARTICIPANTS, HOST_BATCHES, HOST_SECAGG = 1, 2, 3
+
+
+def lr_schedule(lc: ml_collections.ConfigDict, num_rounds: int):
+    if lc.schedule == 'constant':
+        return lambda r: lc.learning_rate
+    if lc.schedule == 'cosine':
+        return optax.cosine_decay_schedule(lc.learning_rate, max(num_rounds, 1), alpha=0.1)
+    return lambda r: lc.learning_rate * lc.decay_rate**r
+
+
+def pool_clients(splits: list[dict]) -> dict:
+    """All hospitals' arrays as one (the centralised baseline's single client)."""
+    return {key: np.concatenate([s[key] for s in splits]) for key in ('image', 'label')}
+
+
+def pad_examples(splits: list[dict], num_padded_clients: int) -> dict:
+    """Per-hospital training arrays -> {'image': [K, n_max, ...], 'label': ...} (zero padded)."""
+    n_max = max(len(s['image']) for s in splits)
+    out = {}
+    for key in ('image', 'label'):
+        first = np.asarray(splits[0][key])
+        arr = np.zeros((num_padded_clients, n_max, *first.shape[1:]), np.float32)
+        for k, s in enumerate(splits):
+            arr[k, : len(s[key])] = s[key]
+        out[key] = arr
+    return out
+
+
+def sample_participants(config, round_index: int, num_clients: int) -> np.ndarray:
+    """Bool [K]: which hospitals take part this round (m of K, uniformly without replacement)."""
+    m = config.clients_per_round
+    if config.mode != 'federated' or m == 0 or m >= num_clients:
+        return np.ones(num_clients, bool)
+    rng = np.random.default_rng([config.seed, round_index, HOST_PARTICIPANTS])
+    chosen = np.zeros(num_clients, bool)
+    chosen[rng.choice(num_clients, m, replace=False)] = True
+    return chosen
+
+
+class MetricsWriter:
+    """metrics.jsonl: one JSON object per round; rewritten from the checkpoint on resume."""
+
+    def __init__(self, workdir: str, history: list[dict]):
+        self.path = os.path.join(workdir, 'metrics.jsonl')
+        self.history = list(history)
+        with open(self.path, 'w') as f:
+            f.writelines(json.dumps(h) + '\n' for h in self.history)
+
+    def write(self, row: dict) -> None:
+        # NaN (e.g. AUROC of a label absent from a split) is not JSON: write null.
+        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        self.history.append(row)
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(row) + '\n')
+            f.flush()
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | None = None,
+        stop_after: int | None = None) -> dict:
+    """Trains as configured; resumes from the latest checkpoint in `workdir` if there is one.
+
+    Args:
+      config: a config from configs/ (validated here).
+      workdir: where config.json, metrics.jsonl and checkpoints/ go.
+      num_devices: use only the first N devices (default: all).
+      stop_after: stop after this many rounds in this process (tests of interruption).
+    Returns:
+      The last row written to metrics.jsonl plus 'summary' entries.
+    """
+    # ---------------------------------------------------------------------------------------------
+    # Config
+    # ---------------------------------------------------------------------------------------------
+    validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    config_dict = json.loads(config.to_json_best_effort())
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+        json.dump(config_dict, f, indent=2, sort_keys=True)
+    task = TASKS[config.task]
+    federated, local_mode = config.mode == 'federated', config.mode == 'local'
+
+    # ---------------------------------------------------------------------------------------------
+    # Data on the devices
+    # ---------------------------------------------------------------------------------------------
+    from fedjax_med.data import sources  # heavy imports (TFDS) only once the config is valid
+
+    data = sources.load_federated(config.data, config.seed)
+    hospital_names = list(data.client_names)
+    train_splits = ([pool_clients(data.clients_train)] if config.mode == 'centralized'
+                    else data.clients_train)
+    num_clients = len(train_splits)
+    mesh = parallel.make_mesh(num_devices)
+    k_pad = parallel.padded_num_clients(num_clients, mesh)
+    sizes = np.array([len(s['image']) for s in train_splits] + [0] * (k_pad - num_clients))
+    client_data = parallel.put_clients(pad_examples(train_splits, k_pad), mesh)
+    test_global = jax.device_put(evaluation.batch_split(data.test, config.eval_batch_size))
+    hospital_test = evaluation.stack_splits(data.clients_test, config.eval_batch_size)
+    if local_mode:
+        hospital_test = parallel.put_clients(parallel.pad_client_axis(hospital_test, k_pad), mesh)
+    logging.info('Hospitals: %s; training examples per training client: %s; test: %d',
+                 hospital_names, sizes[:num_clients].tolist(), len(data.test['image']))
+
+    # ---------------------------------------------------------------------------------------------
+    # Model
+    # ---------------------------------------------------------------------------------------------
+    model = build_model(config.model, config.task)
+    apply_fn = lambda params, x: model.apply(params, x)
+    sample_image = jnp.zeros((1, *train_splits[0]['image'].shape[1:]), jnp.float32)
+    params = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), sample_image)
+    num_params = evaluation.param_count(params)
+    logging.info('Model %s: %s parameters', config.model.name, f'{num_params:,}')
+    print(f'Model {config.model.name}: {num_params:,} parameters; {num_clients} training '
+          f'client(s) on {mesh.devices.size} device(s)', flush=True)
+
+    # ---------------------------------------------------------------------------------------------
+    # Local steps per round and privacy
+    # ---------------------------------------------------------------------------------------------
+    lc = config.local
+    steps = np.array([batching.steps_per_round(n, lc.batch_size, lc.epochs) if n else 0
+                      for n in sizes])
+    num_steps = int(steps.max())
+    if lc.sampling == 'poisson':
+        max_batch = batching.poisson_max_batch(lc.batch_size, int(sizes[:num_clients].min()))
+    else:
+        max_batch = lc.batch_size
+    from fedjax_med import privacy_setup
+
+    privacy = privacy_setup.PrivacySetup(config, sizes[:num_clients], steps[:num_clients])
+    expected_batch = np.where(sizes > 0, np.minimum(lc.batch_size, np.maximum(sizes, 1)),
+                              1).astype(np.float32)
+
+    # ---------------------------------------------------------------------------------------------
+    # Round function, compression, communication sizes
+    # ---------------------------------------------------------------------------------------------
+    from fedjax_med import comm
+
+    compressor = comm.make_compressor(config.compression) if federated else None
+    round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=task, config=config, mesh=mesh,
+                                     noise_multiplier=privacy.noise_multiplier,
+                                     expected_clients=privacy.expected_clients,
+                                     compressor=compressor)
+    bytes_down, bytes_up = comm.round_bytes(params, config) if federated else (0, 0)
+    state = rounds.init_server_state(params, config, k_pad, compressor)
+    state = jax.device_put(state, rounds._state_sharding(mesh, local_mode))
+    eval_fn = evaluation.build_eval_fn(apply_fn, task)
+    if local_mode:
+        eval_global = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=None)
+        eval_own = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=0)
+    else:
+        eval_global = jax.jit(eval_fn)
+        eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0)
+    schedule = lr_schedule(lc, config.num_rounds)
+
+    # ---------------------------------------------------------------------------------------------
+    # Resume
+    # ---------------------------------------------------------------------------------------------
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         config.checkpoints_to_keep)
+    start, history, cum = 0, [], {'up': 0, 'down': 0}
+    latest = checkpointer.latest_round()
+    if latest is not None:
+        state, host = checkpointer.restore(latest, state)
+        diffs = ckpt_lib.config_differences(host['config'], config_dict)
+        if diffs:
+            raise ValueError(f'{workdir} holds a checkpoint of a different run:\n  - '
+                             + '\n  - '.join(diffs)
+                             + '\nUse a new --workdir, or restore those values to resume.')
+        start, history, cum = host['round'], host['history'], host['cum_bytes']
+        privacy.load_state_dict(host['privacy'])
+        print(f'Resumed from round {start} in {workdir}', flush=True)
+    writer = MetricsWriter(workdir, history)
+
+    # ---------------------------------------------------------------------------------------------
+    # Rounds
+    # ---------------------------------------------------------------------------------------------
+    last = history[-1] if history else {}
+    end = config.num_rounds if stop_after is None else min(config.num_rounds, start + stop_after)
+    times = []
+    for r in range(start, end):
+        t0 = time.perf_counter()
+        participating = np.zeros(k_pad, bool)
+        participating[:num_clients] = sample_participants(config, r, num_clients)
+        round_steps = np.where(participating, steps, 0)
+        stop_reason = privacy.check_budget(round_steps[:num_clients])
+        if stop_reason:
+            print(stop_reason, flush=True)
+            break
+        sampler_sizes = np.where(participating, sizes, 0)
+        rng_for = lambda k, r=r: np.random.default_rng([config.seed, r, HOST_BATCHES, k])
+        if lc.sampling == 'poisson':
+            batches = batching.poisson_batches(sampler_sizes, lc.batch_size, lc.epochs,
+                                               num_steps, max_batch, rng_for)
+        else:
+            batches = batching.shuffle_batches(sampler_sizes, lc.batch_size, lc.epochs,
+                                               num_steps, rng_for)
+        agg_weights = (sizes if config.server.aggregator == 'weighted' else np.ones(k_pad))
+        secagg_inputs, protocol_up, protocol_down = (), 0, 0
+        if config.secagg.enabled:
+            secagg_inputs, protocol_up, protocol_down, participating = comm.secagg_round(
+                config, r, participating, num_clients)
+        inputs = RoundInputs(
+            indices=batches.indices, mask=batches.mask, step_active=batches.step_active,
+            weights=(agg_weights * participating).astype(np.float32),
+            expected_batch=expected_batch, client_ids=np.arange(k_pad, dtype=np.int32),
+            learning_rate=np.float32(schedule(r)), secagg=secagg_inputs)
+        inputs = jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
+        state, m = round_fn(state, client_data, inputs, rounds.round_key(config.seed, r))
+        m = jax.device_get(m)
+        privacy.record(round_steps[:num_clients], float(state.clip_norm))
+        train_loss = float(m['train/loss'])
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(
+                f'Round {r + 1}: training loss is {train_loss}. Lower config.local.learning_rate '
+                f'(now {lc.learning_rate}) or config.server.learning_rate, or check the data.')
+
+        row = {'round': r + 1, 'train/loss': train_loss,
+               'train/update_norm': float(m.get('train/update_norm', np.nan)),
+               'train/param_norm': float(m['train/param_norm'])}
+        if batches.overflow:
+            row['privacy/poisson_overflow'] = batches.overflow
+        # -- evaluation -------------------------------------------------------------------------
+        if (r + 1) % config.eval_every == 0 or r + 1 == config.num_rounds:
+            row.update(_evaluate(task, state.params, eval_global, eval_own, test_global,
+                                 hospital_test, hospital_names, local_mode))
+        row.update(privacy.metrics())
+        n_up = int(participating[:num_clients].sum())
+        up = (bytes_up + protocol_up) if federated else 0
+        down = (bytes_down + protocol_down) if federated else 0
+        cum = {'up': cum['up'] + up * n_up, 'down': cum['down'] + down * n_up}
+        row.update({'comm/bytes_up': up, 'comm/bytes_down': down,
+                    'comm/cum_bytes_up_per_client': cum['up'] / max(num_clients, 1),
+                    'comm/cum_bytes_down_per_client': cum['down'] / max(num_clients, 1)})
+        jax.block_until_ready(state)
+        row['time/round_s'] = time.perf_counter() - t0
+        writer.write(row)
+        last = row
+        times.append(row['time/round_s'])
+        eta = np.mean(times[-5:]) * (config.num_rounds - r - 1)
+        main = row.get(f'eval/{task.main_metric}')
+        eps = row.get('privacy/epsilon')
+        print(f'round {r + 1:4d}/{config.num_rounds} | loss {train_loss:.4f}'
+              + (f' | {task.main_metric} {main:.4f}' if main is not None else '')
+              + (f' | eps {eps:.3f}' if eps is not None else '')
+              + f' | {row["time/round_s"]:.2f} s/round | ETA {_fmt_time(eta)}', flush=True)
+        # -- checkpoint -------------------------------------------------------------------------
+        if (r + 1) % config.checkpoint_every == 0 or r + 1 == end:
+            checkpointer.save(r + 1, state, {
+                'round': r + 1, 'history': writer.history, 'cum_bytes': cum,
+                'privacy': privacy.state_dict(), 'config': config_dict})
+    checkpointer.close()
+
+    # ---------------------------------------------------------------------------------------------
+    # Summary
+    # ---------------------------------------------------------------------------------------------
+    summary = dict(last)
+    summary['summary/num_params'] = num_params
+    summary['summary/noise_multiplier'] = privacy.noise_multiplier
+    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def _evaluate(task, params, eval_global, eval_own, test_global, hospital_test, names,
+              local_mode) -> dict:
+    """eval/<metric> on the global test split and hospital/<name>/<metric> on each hospital's."""
+    row = {}
+    if local_mode:
+        # Each hospital's own model: on the global test split (averaged) and on its own split.
+        per = evaluation.split_hospitals(eval_global(params, test_global))[: len(names)]
+        results = [task.finalize(s) for s in per]
+        for key in results[0]:
+            row[f'eval/{key}'] = float(np.nanmean([res[key] for res in results]))
+    else:
+        results = task.finalize(evaluation.unbatch_stats(jax.device_get(
+            eval_global(params, test_global))))
+        row.update({f'eval/{k}': v for k, v in results.items()})
+    own = evaluation.split_hospitals(eval_own(params, hospital_test))[: len(names)]
+    own_main = []
+    for name, stats in zip(names, own, strict=True):
+        value = task.finalize(stats)[task.main_metric]
+        row[f'hospital/{name}/{task.main_metric}'] = value
+        own_main.append(value)
+    row[f'eval/own_{task.main_metric}'] = float(np.nanmean(own_main))
+    return row

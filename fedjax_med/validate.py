@@ -1,0 +1,104 @@
+"""Start-up validation of a config: one clear message per problem, naming field, value and fix.
+
+Everything that can be checked before data is loaded or anything is compiled is checked here, so
+a bad run fails in a second rather than after an hour.
+"""
+
+import ml_collections
+
+from fedjax_med.aggregation.server_opt import SERVER_OPTIMIZERS
+from fedjax_med.client import CLIENT_OPTIMIZERS
+from fedjax_med.models import COMPUTE_DTYPES, MODELS
+
+CHOICES = {
+    'task': ('chestxray14', 'brats'),
+    'mode': ('federated', 'centralized', 'local'),
+    'data.name': ('synthetic_cxr', 'nih_chestxray14', 'synthetic_brats', 'brats2020', 'brats2021',
+                  'msd_brain'),
+    'data.partition': ('iid', 'dirichlet', 'pathological', 'quantity', 'natural'),
+    'model.name': tuple(MODELS),
+    'model.compute_dtype': tuple(COMPUTE_DTYPES),
+    'local.optimizer': tuple(CLIENT_OPTIMIZERS),
+    'local.schedule': ('constant', 'cosine', 'exponential'),
+    'local.sampling': ('shuffle', 'poisson'),
+    'server.optimizer': SERVER_OPTIMIZERS,
+    'server.aggregator': ('weighted', 'uniform'),
+    'dp.mode': ('none', 'sample', 'client'),
+    'dp.accountant': ('rdp', 'pld'),
+    'compression.kind': ('none', 'quantize', 'topk'),
+    'compression.broadcast_dtype': ('float32', 'bfloat16'),
+}
+POSITIVE = ('num_rounds', 'data.resolution', 'data.num_clients', 'local.batch_size',
+            'local.epochs', 'local.learning_rate', 'eval_every', 'eval_batch_size',
+            'checkpoint_every', 'checkpoints_to_keep', 'model.width', 'model.depth')
+NON_NEGATIVE = ('clients_per_round', 'local.prox_mu', 'dp.noise_multiplier', 'dp.target_epsilon',
+                'dp.delta', 'dp.chunk_size', 'secagg.dropout_fraction', 'secagg.threshold',
+                'secagg.neighbours')
+TASK_OF_DATA = {'synthetic_cxr': 'chestxray14', 'nih_chestxray14': 'chestxray14',
+                'synthetic_brats': 'brats', 'brats2020': 'brats', 'brats2021': 'brats',
+                'msd_brain': 'brats'}
+
+
+def _get(config, dotted):
+    value = config
+    for part in dotted.split('.'):
+        value = value[part]
+    return value
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with one message per problem found (all of them at once)."""
+    problems = []
+    for field, allowed in CHOICES.items():
+        value = _get(config, field)
+        if value not in allowed:
+            problems.append(f'config.{field}={value!r} is not known; use one of '
+                            f'{", ".join(map(repr, allowed))}.')
+    for field in POSITIVE:
+        if not _get(config, field) > 0:
+            problems.append(f'config.{field}={_get(config, field)!r} must be > 0.')
+    for field in NON_NEGATIVE:
+        if _get(config, field) < 0:
+            problems.append(f'config.{field}={_get(config, field)!r} must be >= 0.')
+    k = config.data.num_clients
+    if config.clients_per_round > k:
+        problems.append(f'config.clients_per_round={config.clients_per_round} exceeds '
+                        f'config.data.num_clients={k}; use at most {k} (0 means all).')
+    task = TASK_OF_DATA.get(config.data.name)
+    if task and task != config.task:
+        problems.append(f'config.data.name={config.data.name!r} is {task} data but '
+                        f'config.task={config.task!r}; set config.task={task!r}.')
+    if config.task == 'brats' and config.model.name != 'unet':
+        problems.append(f'config.model.name={config.model.name!r} cannot segment; use \'unet\' '
+                        'for config.task=\'brats\'.')
+    if config.task == 'chestxray14' and config.model.name == 'unet':
+        problems.append("config.model.name='unet' is a segmentation model; use 'resnet18' or "
+                        "'resnet_small' for config.task='chestxray14'.")
+    if config.model.name == 'unet' and config.data.resolution % 2 ** (config.model.depth - 1):
+        problems.append(f'config.data.resolution={config.data.resolution} must be divisible by '
+                        f'2**(model.depth-1)={2 ** (config.model.depth - 1)} for the U-Net.')
+    dp = config.dp
+    if dp.mode == 'sample' and config.local.sampling != 'poisson':
+        problems.append("config.dp.mode='sample' needs config.local.sampling='poisson' (the "
+                        'privacy accounting assumes Poisson subsampling); set it.')
+    if dp.mode != 'none' and dp.noise_multiplier == 0 and dp.target_epsilon == 0:
+        problems.append(f'config.dp.mode={dp.mode!r} needs config.dp.noise_multiplier > 0 or '
+                        'config.dp.target_epsilon > 0.')
+    if dp.mode != 'none' and not dp.clip_norm > 0:
+        problems.append(f'config.dp.clip_norm={dp.clip_norm!r} must be > 0.')
+    if dp.mode == 'client' and config.mode != 'federated':
+        problems.append(f"config.dp.mode='client' protects hospitals in a federation; it has no "
+                        f"meaning with config.mode={config.mode!r}. Use dp.mode='sample'.")
+    if config.secagg.enabled:
+        if config.mode != 'federated':
+            problems.append(f'config.secagg.enabled=True needs config.mode=\'federated\' (got '
+                            f'{config.mode!r}): there is nothing to aggregate.')
+        if not config.secagg.dropout_fraction < 1:
+            problems.append(f'config.secagg.dropout_fraction={config.secagg.dropout_fraction} '
+                            'must be < 1.')
+        if config.compression.kind == 'topk':
+            problems.append("config.compression.kind='topk' sends a sparse update, which "
+                            'secure aggregation cannot sum without revealing the positions; '
+                            "use 'quantize' or 'none' with config.secagg.enabled=True.")
+    if problems:
+        raise ValueError('Invalid configuration:\n  - ' + '\n  - '.join(problems))
