@@ -12,6 +12,7 @@ killed mid-save leaves the previous checkpoint intact; an unfinished one is igno
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 # Fields that may change between a run and its resumption (they do not change the result of the
@@ -27,8 +28,10 @@ class Checkpointer:
     def __init__(self, directory: str, max_to_keep: int = 2):
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
                                                enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(os.path.abspath(directory), options=options,
-                                              item_names=('state', 'host'))
+        self._manager = ocp.CheckpointManager(
+            os.path.abspath(directory), options=options,
+            item_handlers={'state': ocp.StandardCheckpointHandler(),
+                           'host': ocp.JsonCheckpointHandler()})
 
     def latest_round(self) -> int | None:
         return self._manager.latest_step()
@@ -45,6 +48,18 @@ class Checkpointer:
         restored = self._manager.restore(round_index, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
         return restored['state'], restored['host']
+
+    def restore_arrays(self, round_index: int | None = None):
+        """(state as nested dicts of numpy arrays, host_state) without a target (for analysis)."""
+        round_index = self.latest_round() if round_index is None else round_index
+        # Restore onto one local device, so any device count can read any checkpoint.
+        metadata = self._manager.item_metadata(round_index)['state']
+        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), metadata)
+        restored = self._manager.restore(round_index, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+        return jax.tree.map(np.asarray, restored['state']), restored['host']
 
     def close(self) -> None:
         self._manager.close()

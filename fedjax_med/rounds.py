@@ -162,8 +162,8 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
                 mean_delta = fedavg.weighted_mean(deltas, inputs.weights)
             params, opt_state = server_opt.server_step(server, state.params, state.opt_state,
                                                        mean_delta)
-            metrics['train/update_norm'] = optax.global_norm(mean_delta)
-        metrics['train/param_norm'] = optax.global_norm(params)
+            metrics['train/update_norm'] = optax.tree.norm(mean_delta)
+        metrics['train/param_norm'] = optax.tree.norm(params)
         new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
                                 clip_norm=clip_norm, client_state=client_state)
         return new_state, metrics
@@ -202,9 +202,12 @@ def _state_sharding(mesh, local_mode: bool):
                        client_state=client_sharding(mesh))
 
 
-def init_server_state(params, config: ml_collections.ConfigDict, num_clients_padded: int,
+def init_server_state(params, config: ml_collections.ConfigDict, num_clients_padded: int, mesh,
                       compressor=None) -> ServerState:
-    """Initial server state; in local mode every hospital starts from the same `params`."""
+    """Initial server state, placed as the round returns it (so the round traces once).
+
+    In local mode every hospital starts from the same `params`.
+    """
     server = server_opt.server_optimizer(config.server)
     if config.mode == 'local':
         params = jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients_padded, *p.shape)),
@@ -218,6 +221,7 @@ def init_server_state(params, config: ml_collections.ConfigDict, num_clients_pad
             lambda p: p[0], params))
         client_state = jax.tree.map(
             lambda x: jnp.broadcast_to(x, (num_clients_padded, *x.shape)), per_client)
-    return ServerState(params=params, opt_state=opt_state, round=jnp.zeros((), jnp.int32),
-                       clip_norm=jnp.asarray(config.dp.clip_norm, jnp.float32),
-                       client_state=client_state)
+    state = ServerState(params=params, opt_state=opt_state, round=jnp.zeros((), jnp.int32),
+                        clip_norm=jnp.asarray(config.dp.clip_norm, jnp.float32),
+                        client_state=client_state)
+    return jax.device_put(state, _state_sharding(mesh, config.mode == 'local'))

@@ -173,8 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
                                      expected_clients=privacy.expected_clients,
                                      compressor=compressor)
     bytes_down, bytes_up = comm.round_bytes(params, config) if federated else (0, 0)
-    state = rounds.init_server_state(params, config, k_pad, compressor)
-    state = jax.device_put(state, rounds._state_sharding(mesh, local_mode))
+    state = rounds.init_server_state(params, config, k_pad, mesh, compressor)
     eval_fn = evaluation.build_eval_fn(apply_fn, task)
     if local_mode:
         eval_global = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=None)
@@ -288,6 +287,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     summary = dict(last)
     summary['summary/num_params'] = num_params
     summary['summary/noise_multiplier'] = privacy.noise_multiplier
+    summary['summary/num_devices'] = int(mesh.devices.size)
+    summary['summary/num_training_clients'] = num_clients
+    summary['summary/round_traces'] = round_fn.num_traces
     with open(os.path.join(workdir, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=2)
     return summary

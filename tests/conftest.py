@@ -1,0 +1,15 @@
+"""Test set-up: CPU only, a persistent compilation cache shared by the test processes (several
+tests compile the same smoke round), and helpers for tiny configs."""
+
+import os
+import sys
+import tempfile
+
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'fedjax_med_test_jax_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)  # `configs` is a top-level folder of the repository

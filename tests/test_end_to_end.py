@@ -1,0 +1,148 @@
+"""Whole runs of the smoke configs: the CLI entry point, sharding over 8 fake devices, resuming
+after SIGKILL, and the baselines (centralised, local) through the same code path."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from fedjax_med.checkpoint import Checkpointer
+from tests.conftest import REPO
+
+
+def run_python(code: str, *, devices: int = 1, timeout: int = 300) -> str:
+    env = dict(os.environ, PYTHONPATH=REPO,
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+    out = subprocess.run([sys.executable, '-c', textwrap.dedent(code)], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def final_arrays(workdir):
+    state, host = Checkpointer(os.path.join(workdir, 'checkpoints')).restore_arrays()
+    return state, host
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+        return [json.loads(line) for line in f]
+
+
+def cli(config: str, workdir: str, *overrides: str) -> list[str]:
+    return [sys.executable, '-m', 'fedjax_med.main', f'--config={config}',
+            f'--workdir={workdir}', *overrides]
+
+
+@pytest.mark.parametrize('config', ['chestxray14', 'brats'])
+def test_cli_smoke_run_without_tensorflow(tmp_path, config):
+    workdir = str(tmp_path / config)
+    out = run_python(f'''
+        import runpy, sys
+        sys.argv = ['fedjax_med.main', '--config=configs/{config}.py:smoke',
+                    '--workdir={workdir}']
+        try:
+            runpy.run_module('fedjax_med.main', run_name='__main__')
+        except SystemExit as e:
+            assert not e.code, e.code
+        assert 'tensorflow' not in sys.modules, 'TensorFlow was imported'
+        print('NO_TF_OK')
+    ''')
+    assert 'NO_TF_OK' in out
+    assert 'round    3/3' in out
+    rows = read_metrics(workdir)
+    assert [r['round'] for r in rows] == [1, 2, 3]
+    metric = 'eval/mean_auroc' if config == 'chestxray14' else 'eval/mean_dice'
+    for r in rows:
+        for key in ('train/loss', metric, 'privacy/epsilon', 'comm/bytes_up', 'comm/bytes_down',
+                    'time/round_s'):
+            assert key in r, key
+        assert r['privacy/epsilon'] is None
+        assert r['comm/bytes_up'] > 0 and r['comm/bytes_down'] == r['comm/bytes_up']
+    assert rows[-1]['train/loss'] < rows[0]['train/loss']
+    assert os.path.exists(os.path.join(workdir, 'config.json'))
+
+
+def test_one_device_and_eight_devices_give_the_same_model(tmp_path):
+    # 4 hospitals on 8 devices: the client axis is padded with inert hospitals and sharded.
+    run_python(f'''
+        from configs import chestxray14
+        from fedjax_med import train
+        for d in (1, 8):
+            c = chestxray14.get_config('smoke')
+            c.num_rounds = 2
+            s = train.run(c, '{tmp_path}/dev%d' % d, num_devices=d)
+            assert s['summary/num_devices'] == d and s['summary/round_traces'] == 1, s
+    ''', devices=8)
+    one, _ = final_arrays(str(tmp_path / 'dev1'))
+    eight, _ = final_arrays(str(tmp_path / 'dev8'))
+    import jax
+    for a, b in zip(jax.tree.leaves(one['params']), jax.tree.leaves(eight['params']),
+                    strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_sigkill_after_round_two_then_rerun_equals_uninterrupted(tmp_path):
+    overrides = ('--config.num_rounds=4',)
+    straight = str(tmp_path / 'straight')
+    subprocess.run(cli('configs/chestxray14.py:smoke', straight, *overrides), cwd=REPO,
+                   check=True, capture_output=True, timeout=300)
+    killed = str(tmp_path / 'killed')
+    proc = subprocess.Popen(cli('configs/chestxray14.py:smoke', killed, *overrides), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt2 = os.path.join(killed, 'checkpoints', '2')
+    deadline = time.time() + 300
+    while not os.path.isdir(ckpt2) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.isdir(ckpt2), 'the run ended before its round-2 checkpoint'
+    assert len(read_metrics(killed)) < 4
+    out = subprocess.run(cli('configs/chestxray14.py:smoke', killed, *overrides), cwd=REPO,
+                         check=True, capture_output=True, text=True, timeout=300)
+    assert 'Resumed from round' in out.stdout
+    a, _ = final_arrays(straight)
+    b, _ = final_arrays(killed)
+    import jax
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    ra, rb = read_metrics(straight), read_metrics(killed)
+    assert [r['round'] for r in rb] == [1, 2, 3, 4]
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith('time/')} for r in rows]
+    assert strip(ra) == strip(rb)
+
+
+def test_resume_with_a_changed_config_is_a_clear_error(tmp_path):
+    workdir = str(tmp_path / 'w')
+    subprocess.run(cli('configs/chestxray14.py:smoke', workdir, '--config.num_rounds=1'),
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    out = subprocess.run(cli('configs/chestxray14.py:smoke', workdir, '--config.num_rounds=2',
+                             '--config.local.learning_rate=0.1'),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert 'local.learning_rate: checkpoint has 0.003, config has 0.1' in out.stderr
+
+
+@pytest.mark.parametrize('mode', ['centralized', 'local'])
+def test_baselines_run_through_the_same_round(tmp_path, mode):
+    out = run_python(f'''
+        from configs import brats
+        from fedjax_med import train
+        c = brats.get_config('smoke')
+        c.mode = '{mode}'
+        c.num_rounds = 2
+        s = train.run(c, '{tmp_path}/{mode}')
+        print('RESULT', s['eval/mean_dice'], s['eval/own_mean_dice'], s['comm/bytes_up'],
+              s['summary/num_training_clients'])
+    ''')
+    line = next(li for li in out.splitlines() if li.startswith('RESULT'))
+    dice, own, bytes_up, clients = line.split()[1:]
+    assert 0 <= float(dice) <= 1 and 0 <= float(own) <= 1
+    assert int(float(bytes_up)) == 0  # nothing is communicated without a federation
+    assert int(clients) == (1 if mode == 'centralized' else 3)
