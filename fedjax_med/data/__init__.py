@@ -1,1 +1,13 @@
-"""Datasets (TFDS builders, synthetic twins), hospital partitions and client batching."""
+"""Datasets (TFDS builders, synthetic twins), hospital partitions and client batching.
+
+  sources.py            load_federated(data_config, seed) -> FederatedDataset (the entry point)
+  synthetic.py          synthetic_cxr / synthetic_brats: in-memory synthetic twins (numpy)
+  partition.py          patient-wise iid / dirichlet / pathological / quantity / natural
+                        partitions, train/test split, per-hospital acquisition shift
+  nih_metadata.py       ChestX-ray14 label order, CSV parser, shipped metadata table
+  nih_chestxray14.py    TFDS builder: NIH ChestX-ray14 from the official release
+  brats.py, mri.py      TFDS builder: BraTS 2020 / 2021 / MSD Task01; NIfTI and label helpers
+  synthetic_builders.py TFDS builders of the synthetic twins
+  tfds_io.py            make / build / read builders through array_record data sources
+  build.py, inspect.py  command lines: build a dataset; look at a config's federation
+"""

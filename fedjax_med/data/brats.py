@@ -1,0 +1,277 @@
+"""TFDS builder for brain-tumour MRI: BraTS 2020, BraTS 2021 and MSD Task01_BrainTumour.
+
+Each labelled case becomes 2-D axial slices: the four modalities (FLAIR, T1, T1ce, T2), each
+z-scored inside the brain mask (non-zero voxels of the skull-stripped scans) and 0 outside, plus the
+WT/TC/ET region targets made from the release's own label convention (`mri.seg_to_regions`).
+Volumes are reoriented with `nib.as_closest_canonical` (RAS+), so slices are axial whatever the
+stored axis order. Slices are shown with anterior at the top (rows) and the patient's left at the
+left (columns).
+
+Layouts (in the manual dir, searched recursively):
+- 'brats2020' / 'brats2021': one folder per case, `<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]`, labels
+  0/1/2/4 (1 necrotic / non-enhancing core, 2 oedema, 4 enhancing).
+- 'msd_brain': `imagesTr/*.nii.gz` 4-D (channels FLAIR, T1w, t1gd, T2w as in dataset.json),
+  `labelsTr/*.nii.gz`, `dataset.json`; labels 1 oedema, 2 non-enhancing tumour, 3 enhancing.
+
+A case with a missing modality, missing segmentation or mismatched shapes is skipped; skipped cases
+are counted and reported at the end (and stored in the dataset metadata). Everything is one 'train'
+split (only training cases are labelled); load_federated splits it by case.
+
+3-D patches are not streamed: the builder stores 2-D slices. A 3-D variant would store each case
+as one float16 [Z, R, R, 4] volume and sample patches in the batching layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import re
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from fedjax_med.data import mri
+
+VERSIONS = ('brats2020', 'brats2021', 'msd_brain')
+# Names of MSD channels (dataset.json 'modality') for our FLAIR, T1, T1ce, T2 order.
+_MSD_CHANNELS = (('flair',), ('t1w', 't1'), ('t1gd', 't1ce', 't1c'), ('t2w', 't2'))
+
+MANUAL_DOWNLOAD_INSTRUCTIONS = """\
+BraTS 2020 / 2021: register at https://www.synapse.org (BraTS challenge pages) or the CBICA IPP,
+download the training data and extract it into the manual dir (folders BraTS20_Training_001/ ... or
+BraTS2021_00000/ ..., each with <case>_flair/_t1/_t1ce/_t2/_seg.nii[.gz]).
+MSD brain tumour: download Task01_BrainTumour.tar from http://medicaldecathlon.com and extract it
+(imagesTr/, labelsTr/, dataset.json).
+Then: python -m fedjax_med.data.build --dataset=brats2020|brats2021|msd_brain --manual_dir=DIR
+"""
+
+
+class BratsConfig(tfds.core.BuilderConfig):
+    """Which release (`release`), the stored in-plane resolution, and which slices are kept.
+
+    brain_slices_only drops axial slices without brain; empty_slice_stride keeps every k-th brain
+    slice without tumour (k > 1 oversamples tumour slices relative to the rest).
+    """
+
+    def __init__(self, *, version: str = 'brats2020', resolution: int = 128,
+                 brain_slices_only: bool = True, empty_slice_stride: int = 1, **kwargs):
+        if version not in VERSIONS:
+            raise ValueError(f'Unknown BraTS version {version!r}; use one of {VERSIONS}.')
+        name = f'{version}_r{resolution}'
+        if not brain_slices_only:
+            name += '_all'
+        if empty_slice_stride != 1:
+            name += f'_e{empty_slice_stride}'
+        super().__init__(name=name, description=f'{version}, {resolution}px axial slices',
+                         **kwargs)
+        self.release = version
+        self.resolution = resolution
+        self.brain_slices_only = brain_slices_only
+        self.empty_slice_stride = empty_slice_stride
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding cases
+# ---------------------------------------------------------------------------------------------
+
+def _nifti(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
+    for ext in ('.nii.gz', '.nii'):
+        if (folder / (stem + ext)).exists():
+            return folder / (stem + ext)
+    return None
+
+
+def find_brats_cases(manual_dir: pathlib.Path) -> list[dict]:
+    """Per-case folders holding `<case>_flair.nii[.gz]`; returns dicts of paths (None if absent)."""
+    cases = []
+    folders = sorted({p.parent for p in manual_dir.rglob('*_flair.nii*')})
+    for folder in folders:
+        case = folder.name
+        paths = {m: _nifti(folder, f'{case}_{m}') for m in (*mri.MODALITIES, 'seg')}
+        if paths['seg'] is None:
+            # BraTS 2020 case 355 ships its segmentation under another name.
+            other = sorted(folder.glob('*[Ss]eg*.nii*'))
+            paths['seg'] = other[0] if other else None
+        cases.append({'case_id': case, **paths})
+    if not cases:
+        raise FileNotFoundError(f'No BraTS case folders (<case>/<case>_flair.nii[.gz]) under '
+                                f'{manual_dir}.\n' + MANUAL_DOWNLOAD_INSTRUCTIONS)
+    return cases
+
+
+def msd_channel_order(dataset_json: dict) -> list[int]:
+    """Channel index of FLAIR, T1, T1ce, T2 in the MSD 4-D images, from dataset.json."""
+    names = {int(k): v.lower().replace('-', '') for k, v in dataset_json['modality'].items()}
+    order = []
+    for aliases in _MSD_CHANNELS:
+        match = [k for k, v in names.items() if v in aliases]
+        if len(match) != 1:
+            raise ValueError(f'dataset.json modality {dataset_json["modality"]} lacks one of '
+                             f'{aliases}.')
+        order.append(match[0])
+    return order
+
+
+def find_msd_cases(manual_dir: pathlib.Path) -> tuple[list[dict], list[int]]:
+    found = sorted(manual_dir.rglob('dataset.json'))
+    if not found:
+        raise FileNotFoundError(f'No dataset.json under {manual_dir}.\n'
+                                + MANUAL_DOWNLOAD_INSTRUCTIONS)
+    root = found[0].parent
+    meta = json.loads(found[0].read_text())
+    cases = []
+    for item in meta['training']:
+        image, label = root / item['image'], root / item['label']
+        case = image.name.split('.')[0]
+        cases.append({'case_id': case, 'image': image if image.exists() else None,
+                      'seg': label if label.exists() else None})
+    if not cases:
+        raise FileNotFoundError(f'{found[0]} lists no training cases.')
+    return cases, msd_channel_order(meta)
+
+
+def case_number(case_id: str) -> int:
+    """Integer patient id from a case id ('BraTS20_Training_001' -> 1, 'BRATS_484' -> 484)."""
+    digits = re.findall(r'\d+', case_id)
+    return int(digits[-1]) if digits else abs(hash(case_id)) % (2 ** 31)
+
+
+# ---------------------------------------------------------------------------------------------
+# One case -> slices
+# ---------------------------------------------------------------------------------------------
+
+class CaseError(ValueError):
+    """A case that cannot be used (reported and skipped)."""
+
+
+def load_case(case: dict, version: str, msd_order: list[int] | None = None):
+    """Returns (volume float32 [X, Y, Z, 4] z-scored in brain, seg int [X, Y, Z], brain [X,Y,Z])."""
+    if case.get('seg') is None:
+        raise CaseError('missing segmentation')
+    if version == 'msd_brain':
+        if case.get('image') is None:
+            raise CaseError('missing image')
+        data, _ = mri.load_canonical(case['image'])
+        if data.ndim != 4 or data.shape[-1] < 4:
+            raise CaseError(f'expected a 4-D image with 4 channels, got shape {data.shape}')
+        volume = data[..., msd_order]
+    else:
+        missing = [m for m in mri.MODALITIES if case.get(m) is None]
+        if missing:
+            raise CaseError(f'missing modality {", ".join(missing)}')
+        channels = [mri.load_canonical(case[m])[0] for m in mri.MODALITIES]
+        shapes = {c.shape for c in channels}
+        if len(shapes) != 1:
+            raise CaseError(f'modality shapes differ: {sorted(shapes)}')
+        volume = np.stack(channels, axis=-1)
+    seg, _ = mri.load_canonical(case['seg'])
+    seg = np.rint(seg).astype(np.int64)
+    if seg.shape != volume.shape[:3]:
+        raise CaseError(f'segmentation shape {seg.shape} != image shape {volume.shape[:3]}')
+    brain = np.any(volume != 0, axis=-1)
+    volume = mri.zscore_in_mask(volume[None], brain[None])[0]
+    return volume, seg, brain
+
+
+def _resize(plane: np.ndarray, resolution: int, nearest: bool) -> np.ndarray:
+    im = Image.fromarray(plane.astype(np.uint8 if nearest else np.float32),
+                         mode='L' if nearest else 'F')
+    im = im.resize((resolution, resolution),
+                   Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
+    return np.asarray(im)
+
+
+def to_display(plane: np.ndarray) -> np.ndarray:
+    """RAS+ axial plane [X, Y, ...] -> rows anterior->posterior, columns x (left->right)."""
+    return np.swapaxes(plane, 0, 1)[::-1]
+
+
+def case_slices(volume, seg, brain, *, version: str, resolution: int, brain_slices_only: bool,
+                empty_slice_stride: int):
+    """Yields (slice_index, image float16 [R, R, 4], seg uint8 [R, R], regions uint8 [R, R, 3])."""
+    convention = 'msd' if version == 'msd_brain' else 'brats'
+    empty_seen = 0
+    for z in range(volume.shape[2]):
+        if brain_slices_only and not brain[:, :, z].any():
+            continue
+        has_tumour = bool((seg[:, :, z] > 0).any())
+        if not has_tumour:
+            empty_seen += 1
+            if (empty_seen - 1) % empty_slice_stride:
+                continue
+        planes = [_resize(to_display(volume[:, :, z, c]), resolution, False) for c in range(4)]
+        label = _resize(to_display(seg[:, :, z]), resolution, True)
+        regions = mri.seg_to_regions(label, convention).astype(np.uint8)
+        yield z, np.stack(planes, -1).astype(np.float16), label.astype(np.uint8), regions
+
+
+class Brats(tfds.core.GeneratorBasedBuilder):
+    """Brain-tumour MRI slices with WT/TC/ET targets (BraTS 2020, 2021, MSD Task01)."""
+
+    name = 'brats'
+    VERSION = tfds.core.Version('1.0.0')
+    RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+    BUILDER_CONFIGS = [BratsConfig(version=v, resolution=r) for v in VERSIONS for r in (128, 64)]
+    MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        r = self.builder_config.resolution
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description='Multi-modal brain-tumour MRI as 2-D axial slices.',
+            features=tfds.features.FeaturesDict({
+                'image': tfds.features.Tensor(shape=(r, r, 4), dtype=np.float16,
+                                              encoding='zlib'),
+                'seg': tfds.features.Tensor(shape=(r, r), dtype=np.uint8, encoding='zlib'),
+                'label': tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8, encoding='zlib'),
+                'case_id': tfds.features.Text(),
+                'patient_id': np.int64,
+                'slice_index': np.int32,
+                'has_tumor': np.int32,
+            }),
+            homepage='https://www.synapse.org/brats',
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    def _split_generators(self, dl_manager):
+        manual_dir = pathlib.Path(os.fspath(dl_manager.manual_dir))
+        cfg = self.builder_config
+        msd_order = None
+        if cfg.release == 'msd_brain':
+            cases, msd_order = find_msd_cases(manual_dir)
+        else:
+            cases = find_brats_cases(manual_dir)
+        self.info.metadata['label_convention'] = 'msd' if cfg.release == 'msd_brain' else 'brats'
+        self.info.metadata['modalities'] = list(mri.MODALITIES)
+        self.info.metadata['regions'] = list(mri.REGIONS)
+        return {'train': self._generate_examples(cases, msd_order)}
+
+    def _generate_examples(self, cases, msd_order):
+        cfg = self.builder_config
+        skipped = []
+        for case in cases:
+            try:
+                volume, seg, brain = load_case(case, cfg.release, msd_order)
+            except (CaseError, OSError, ValueError) as e:
+                skipped.append(f'{case["case_id"]} ({e})')
+                continue
+            pid = case_number(case['case_id'])
+            for z, image, label, regions in case_slices(
+                    volume, seg, brain, version=cfg.release, resolution=cfg.resolution,
+                    brain_slices_only=cfg.brain_slices_only,
+                    empty_slice_stride=cfg.empty_slice_stride):
+                yield f'{case["case_id"]}_{z:03d}', {
+                    'image': image, 'seg': label, 'label': regions,
+                    'case_id': case['case_id'], 'patient_id': pid, 'slice_index': z,
+                    'has_tumor': int(regions[..., 0].any()),
+                }
+        # End-of-generation report of skipped cases.
+        self.info.metadata['skipped_cases'] = skipped
+        if skipped:
+            message = f'brats/{cfg.name}: skipped {len(skipped)} of {len(cases)} cases: ' + (
+                '; '.join(skipped))
+            logging.warning(message)
+            print(message)

@@ -1,0 +1,57 @@
+"""Brain-tumour MRI helpers shared by the BraTS builders and the synthetic twin.
+
+Label conventions differ between releases, so region targets are always made here:
+
+| version  | labels                                                   | WT      | TC    | ET  |
+|----------|----------------------------------------------------------|---------|-------|-----|
+| 'brats'  | BraTS 2020/2021: 1 necrotic/non-enh. core, 2 oedema, 4 enhancing | 1,2,4 | 1,4 | 4 |
+| 'msd'    | MSD Task01: 1 oedema, 2 non-enhancing tumour, 3 enhancing | 1,2,3   | 2,3   | 3   |
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+MODALITIES: tuple[str, ...] = ('flair', 't1', 't1ce', 't2')
+REGIONS: tuple[str, ...] = ('WT', 'TC', 'ET')
+_REGION_LABELS = {
+    'brats': ((1, 2, 4), (1, 4), (4,)),
+    'msd': ((1, 2, 3), (2, 3), (3,)),
+}
+
+
+def seg_to_regions(seg: np.ndarray, version: str) -> np.ndarray:
+    """Integer label map [...] -> float32 binary regions [..., 3] (WT, TC, ET)."""
+    if version not in _REGION_LABELS:
+        raise ValueError(f'Unknown label convention {version!r}; use {list(_REGION_LABELS)}.')
+    return np.stack([np.isin(seg, labels) for labels in _REGION_LABELS[version]],
+                    axis=-1).astype(np.float32)
+
+
+def zscore_in_mask(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Z-scores each channel of img [..., C] using only voxels where mask [...] is true.
+
+    The leading axis is the case: statistics are per case and per modality. Outside the mask the
+    result is 0 (the mean), so background carries no intensity information.
+    """
+    n, c = img.shape[0], img.shape[-1]
+    m = mask.reshape(n, -1, 1).astype(np.float32)
+    flat = img.reshape(n, -1, c)
+    count = np.maximum(m.sum(1, keepdims=True), 1.0)
+    mean = (flat * m).sum(1, keepdims=True) / count
+    std = np.sqrt((((flat - mean) * m) ** 2).sum(1, keepdims=True) / count)
+    out = (flat - mean) / np.maximum(std, 1e-6) * m
+    return out.reshape(img.shape).astype(np.float32)
+
+
+def load_canonical(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Reads a NIfTI file reoriented to the closest canonical (RAS+) orientation.
+
+    Returns (data float32, affine). Reorienting with the affine, not the raw array order, makes
+    'axial slice k' mean the same anatomy whatever the scanner or converter wrote.
+    """
+    import nibabel as nib
+    image = nib.as_closest_canonical(nib.load(os.fspath(path)))
+    return np.asarray(image.dataobj, dtype=np.float32), image.affine

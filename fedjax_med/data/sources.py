@@ -1,0 +1,230 @@
+"""`load_federated`: a config in, K hospitals' train/test arrays out.
+
+Pipeline: examples (synthetic twin generated in memory, or a built TFDS dataset read through its
+array_record data source) -> patient-wise partition into K hospitals (`partition.py`) ->
+patient-wise train/test split inside each hospital -> each hospital's acquisition shift (when
+`feature_skew`) -> `FederatedDataset`.
+
+`data_config` fields (configs/base.py holds the defaults):
+  name: 'synthetic_cxr' | 'nih_chestxray14' | 'synthetic_brats' | 'brats2020' | 'brats2021' |
+    'msd_brain'.
+  data_dir: TFDS data dir of built datasets ('' = TFDS default, ~/tensorflow_datasets).
+  manual_dir: raw files of a real dataset; if given and the dataset is not built yet, it is built
+    into data_dir first.
+  resolution: image side in pixels (a real dataset is built once per resolution: one TFDS
+    builder config each).
+  num_train, num_test: synthetic only, examples over all hospitals (for BraTS: slices; cases are
+    ceil(total / slices_per_case)). Each hospital holds out about num_test / (num_train + num_test)
+    of its patients as its test split, so the global test set has about num_test examples.
+  num_clients: K hospitals.
+  partition: 'iid' | 'dirichlet' | 'pathological' | 'quantity' | 'natural' (see partition.py).
+  dirichlet_alpha: Dirichlet concentration of the label skew (smaller = more skewed).
+  findings_per_client: pathological, classes held per hospital.
+  quantity_sigma: quantity, log-normal sigma of hospital sizes.
+  natural_column: natural, the metadata column ('view', 'sex', 'age' for CXR; 'grade' for BraTS).
+  feature_skew: apply each hospital's acquisition shift (partition.apply_acquisition_shift).
+  test_fraction: real datasets without an official test list: fraction of each hospital's
+    examples (whole patients) held out as its test split.
+Optional fields (read with defaults, so configs need not define them):
+  slices_per_case (16): synthetic BraTS, axial slices per case.
+  synthetic_via_tfds (False): build the synthetic twin as a TFDS dataset in data_dir and read it
+    back through its array_record data source (same path as the real datasets) instead of
+    generating it in memory.
+  brain_slices_only (True), empty_slice_stride (1): real BraTS builder config (see brats.py).
+  max_cases (0 = all): real BraTS, a seeded subset of cases, to bound memory.
+
+Partition classes: CXR uses the primary label (rarest finding of the patient, 'No Finding' as its
+own class). BraTS uses the case's tumour-volume tertile (small / medium / large whole tumour), so
+'dirichlet' gives hospitals different tumour-size mixes.
+
+The NIH official split: when the dataset was built with train_val_list.txt / test_list.txt, a
+hospital's test split is the official test images of its patients and `test` is the official test
+list; otherwise every hospital splits its own patients by `test_fraction`.
+
+Every split dict also carries 'hospital' (int64, the hospital index) besides the dataset's metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fedjax_med.data import nih_metadata, partition, synthetic
+
+Arrays = dict[str, np.ndarray]
+TASK_OF = {
+    'synthetic_cxr': 'chestxray14',
+    'nih_chestxray14': 'chestxray14',
+    'synthetic_brats': 'brats',
+    'brats2020': 'brats',
+    'brats2021': 'brats',
+    'msd_brain': 'brats',
+}
+
+
+@dataclasses.dataclass
+class FederatedDataset:
+    """K hospitals' arrays. Every dict has 'image' float32 [n, H, W, C], 'label' float32 (CXR:
+    [n, 14] multi-hot; BraTS: [n, H, W, 3] WT/TC/ET), 'patient_id' int64 [n] and metadata."""
+
+    task: str
+    clients_train: list[Arrays]
+    clients_test: list[Arrays]
+    test: Arrays
+    client_names: list[str]
+    info: dict[str, Any]
+
+
+def _take(arrays: Arrays, idx: np.ndarray) -> Arrays:
+    return {k: v[idx] for k, v in arrays.items()}
+
+
+def _concat(parts: list[Arrays]) -> Arrays:
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Examples of each dataset
+# ---------------------------------------------------------------------------------------------
+
+def _synthetic_cxr(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
+    total = int(cfg.num_train) + int(cfg.num_test)
+    rows = synthetic.sample_cxr_metadata(total, seed)
+    examples = synthetic.synthetic_cxr(total, int(cfg.resolution), seed, rows)
+    return examples, {'provenance': 'synthetic twin; labels, patient ids, views, ages and sexes '
+                                    'drawn from the real NIH ChestX-ray14 metadata'}
+
+
+def _synthetic_brats(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
+    slices = int(cfg.get('slices_per_case', 16))
+    cases = math.ceil((int(cfg.num_train) + int(cfg.num_test)) / slices)
+    examples = synthetic.synthetic_brats(cases, int(cfg.resolution), slices, seed)
+    return examples, {'provenance': 'synthetic twin of BraTS (labels 0/1/2/4 -> WT/TC/ET)'}
+
+
+def _built(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
+    # Imported here: TFDS is slow to import and the synthetic fast path does not need it.
+    from fedjax_med.data import tfds_io
+    return tfds_io.load_arrays(cfg, seed)
+
+
+def _unit_classes(task: str, examples: Arrays) -> tuple[np.ndarray | None, int | None]:
+    """BraTS: tertile of each case's whole-tumour volume (CXR derives classes from labels)."""
+    if task != 'brats':
+        return None, None
+    _, example_unit = partition.group_units(examples['patient_id'])
+    wt = examples['label'][..., 0].reshape(len(example_unit), -1).sum(1)
+    volume = np.bincount(example_unit, weights=wt)
+    cuts = np.quantile(volume, [1 / 3, 2 / 3])
+    return np.searchsorted(cuts, volume, side='right').astype(np.int64), 3
+
+
+# ---------------------------------------------------------------------------------------------
+# The federated dataset
+# ---------------------------------------------------------------------------------------------
+
+def load_federated(data_config: ml_collections.ConfigDict, seed: int) -> FederatedDataset:
+    """Builds the K hospitals' train/test arrays described by `data_config` (see module doc)."""
+    cfg = data_config
+    name = cfg.name
+    if name not in TASK_OF:
+        raise ValueError(f'Unknown data.name {name!r}; use one of {sorted(TASK_OF)}.')
+    task = TASK_OF[name]
+    via_tfds = bool(cfg.get('synthetic_via_tfds', False))
+    if name == 'synthetic_cxr' and not via_tfds:
+        examples, info = _synthetic_cxr(cfg, seed)
+    elif name == 'synthetic_brats' and not via_tfds:
+        examples, info = _synthetic_brats(cfg, seed)
+    else:
+        examples, info = _built(cfg, seed)
+    is_official_test = examples.pop('is_official_test', None)
+
+    k = int(cfg.num_clients)
+    strategy = cfg.partition
+    column = None
+    if strategy == 'natural':
+        col = cfg.natural_column
+        if col not in examples or examples[col].ndim != 1:
+            meta = sorted(c for c, v in examples.items() if v.ndim == 1)
+            raise ValueError(f'data.natural_column={col!r} is not a metadata column of {name}; '
+                             f'use one of {meta}.')
+        column = examples[col]
+    unit_classes, num_classes = _unit_classes(task, examples)
+    parts = partition.partition_examples(
+        strategy, unit_ids=examples['patient_id'], num_clients=k, seed=seed,
+        labels=examples['label'] if task == 'chestxray14' else None,
+        unit_classes=unit_classes, num_classes=num_classes,
+        dirichlet_alpha=float(cfg.dirichlet_alpha),
+        classes_per_client=int(cfg.findings_per_client),
+        quantity_sigma=float(cfg.quantity_sigma), column=column)
+
+    if name.startswith('synthetic'):
+        test_fraction = int(cfg.num_test) / (int(cfg.num_train) + int(cfg.num_test))
+    else:
+        test_fraction = float(cfg.test_fraction)
+    rng = np.random.default_rng([seed, 0x7E57])
+    train_idx, test_idx = [], []
+    for idx in parts:
+        if is_official_test is not None:
+            train_idx.append(idx[~is_official_test[idx]])
+            test_idx.append(idx[is_official_test[idx]])
+        else:
+            tr, te = partition.split_train_test(idx, examples['patient_id'], test_fraction, rng)
+            train_idx.append(tr)
+            test_idx.append(te)
+
+    clients_train, clients_test = [], []
+    for h, (tr, te) in enumerate(zip(train_idx, test_idx, strict=True)):
+        train, test = _take(examples, tr), _take(examples, te)
+        if cfg.feature_skew:
+            train['image'] = partition.apply_acquisition_shift(train['image'], h, task, seed)
+            test['image'] = partition.apply_acquisition_shift(test['image'], h, task, seed)
+        for split in (train, test):
+            split['hospital'] = np.full(len(split['patient_id']), h, np.int64)
+        clients_train.append(train)
+        clients_test.append(test)
+    del examples
+
+    client_names = [f'hospital_{h}' for h in range(k)]
+    info.update(_summary(task, cfg, clients_train, clients_test, test_fraction, seed))
+    return FederatedDataset(task=task, clients_train=clients_train, clients_test=clients_test,
+                            test=_concat(clients_test), client_names=client_names, info=info)
+
+
+def _summary(task: str, cfg: ml_collections.ConfigDict, train: list[Arrays], test: list[Arrays],
+             test_fraction: float, seed: int) -> dict[str, Any]:
+    """Label names, sizes and per-hospital label counts, for logs and the inspect tool."""
+    if task == 'chestxray14':
+        label_names = list(nih_metadata.CXR_LABELS)
+        count = lambda d: d['label'].sum(0).astype(np.int64)
+    else:
+        from fedjax_med.data import mri
+        label_names = list(mri.REGIONS)
+        # Slices containing each region: a compact, comparable per-hospital histogram.
+        count = lambda d: (d['label'].reshape(len(d['label']), -1, 3).max(1)).sum(0).astype(
+            np.int64)
+    info = {
+        'task': task,
+        'name': cfg.name,
+        'label_names': label_names,
+        'resolution': int(cfg.resolution),
+        'channels': int(train[0]['image'].shape[-1]),
+        'partition': cfg.partition,
+        'num_clients': len(train),
+        'test_fraction': test_fraction,
+        'feature_skew': bool(cfg.feature_skew),
+        'client_train_sizes': [len(d['label']) for d in train],
+        'client_test_sizes': [len(d['label']) for d in test],
+        'client_num_patients': [len(np.unique(d['patient_id'])) for d in train],
+        'client_train_label_counts': np.stack([count(d) for d in train]),
+        'client_test_label_counts': np.stack([count(d) for d in test]),
+    }
+    if cfg.feature_skew:
+        info['acquisition'] = [
+            {k: np.round(v, 3).tolist() for k, v in
+             partition.acquisition_params(h, task, seed).items()} for h in range(len(train))]
+    return info

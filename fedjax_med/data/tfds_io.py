@@ -1,0 +1,145 @@
+"""Making, building and reading the TFDS datasets of fedjax_med (array_record, no TensorFlow).
+
+`make_builder(name, ...)` returns the builder for a `data.name`, `ensure_built` prepares it once
+into the data dir (from the manual dir for real datasets), and `read_all` reads every split through
+`builder.as_data_source()` into numpy arrays in the `FederatedDataset` conventions. `load_arrays`
+is what `sources.load_federated` calls for built datasets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from fedjax_med.data import brats, nih_chestxray14, synthetic_builders
+
+REAL = ('nih_chestxray14', 'brats2020', 'brats2021', 'msd_brain')
+SYNTHETIC = ('synthetic_cxr', 'synthetic_brats')
+_READ_BATCH = 256
+
+
+def _instantiate(cls: type, config: tfds.core.BuilderConfig, **kw) -> tfds.core.DatasetBuilder:
+    # TFDS refuses a custom config named like a predefined one; config names encode every
+    # setting, so the predefined config of that name is the same config.
+    if any(c.name == config.name for c in cls.BUILDER_CONFIGS):
+        return cls(config=config.name, **kw)
+    return cls(config=config, **kw)
+
+
+def make_builder(name: str, *, data_dir: str | None, resolution: int, num_examples: int = 2500,
+                 seed: int = 0, slices_per_case: int = 16, brain_slices_only: bool = True,
+                 empty_slice_stride: int = 1) -> tfds.core.DatasetBuilder:
+    """The builder of dataset `name` (a `data.name`) with its config for these settings."""
+    kw: dict[str, Any] = {'data_dir': data_dir or None, 'file_format': 'array_record'}
+    if name == 'nih_chestxray14':
+        cfg = nih_chestxray14.NihChestXray14Config(resolution=resolution)
+        return _instantiate(nih_chestxray14.NihChestXray14, cfg, **kw)
+    if name in brats.VERSIONS:
+        cfg = brats.BratsConfig(version=name, resolution=resolution,
+                                brain_slices_only=brain_slices_only,
+                                empty_slice_stride=empty_slice_stride)
+        return _instantiate(brats.Brats, cfg, **kw)
+    if name in SYNTHETIC:
+        cfg = synthetic_builders.SyntheticConfig(resolution=resolution, num_examples=num_examples,
+                                                 seed=seed, slices_per_case=slices_per_case)
+        cls = (synthetic_builders.SyntheticCxr if name == 'synthetic_cxr'
+               else synthetic_builders.SyntheticBrats)
+        return _instantiate(cls, cfg, **kw)
+    raise ValueError(f'Unknown dataset {name!r}; use one of {REAL + SYNTHETIC}.')
+
+
+def is_built(builder: tfds.core.DatasetBuilder) -> bool:
+    return (builder.data_path / 'dataset_info.json').exists()
+
+
+def ensure_built(builder: tfds.core.DatasetBuilder, manual_dir: str | None) -> None:
+    """Builds `builder` unless it already is; real datasets need `manual_dir`."""
+    if is_built(builder):
+        return
+    needs_manual = bool(getattr(builder, 'MANUAL_DOWNLOAD_INSTRUCTIONS', None))
+    if needs_manual and not manual_dir:
+        raise FileNotFoundError(
+            f'Dataset {builder.name}/{builder.builder_config.name} is not built in '
+            f'{builder.data_dir} and data.manual_dir is empty. Put the raw files in a folder and '
+            f'set data.manual_dir (or run python -m fedjax_med.data.build). Instructions:\n'
+            + builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    if needs_manual and (not os.path.isdir(manual_dir) or not os.listdir(manual_dir)):
+        raise FileNotFoundError(f'data.manual_dir={manual_dir!r} is missing or empty. '
+                                'Instructions:\n' + builder.MANUAL_DOWNLOAD_INSTRUCTIONS)
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir or None))
+
+
+def _to_python(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def read_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
+    """All examples of one split as stacked numpy arrays (text features as str arrays)."""
+    source = builder.as_data_source(split=split)
+    n = len(source)
+    columns: dict[str, list] = {}
+    for start in range(0, n, _READ_BATCH):
+        batch = source.__getitems__(list(range(start, min(start + _READ_BATCH, n))))
+        for example in batch:
+            for k, v in example.items():
+                columns.setdefault(k, []).append(_to_python(v))
+    return {k: np.stack(v) if isinstance(v[0], np.ndarray) else np.asarray(v)
+            for k, v in columns.items()}
+
+
+def to_model_arrays(task: str, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Stored dtypes -> the FederatedDataset conventions (float32 images/labels, int64 ids)."""
+    out = dict(raw)
+    if task == 'chestxray14':
+        out['image'] = raw['image'].astype(np.float32) / 255.0
+    else:
+        out['image'] = raw['image'].astype(np.float32)
+    out['label'] = raw['label'].astype(np.float32)
+    out['patient_id'] = raw['patient_id'].astype(np.int64)
+    for k, v in out.items():
+        if np.issubdtype(v.dtype, np.integer) and v.ndim == 1:
+            out[k] = v.astype(np.int64)
+    return out
+
+
+def load_arrays(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, np.ndarray], dict]:
+    """Reads a (built, or buildable) dataset for load_federated.
+
+    Returns the examples of every split concatenated, with 'is_official_test' when the dataset
+    carries an official test split (NIH with its split lists), and an info dict.
+    """
+    name = cfg.name
+    slices = int(cfg.get('slices_per_case', 16))
+    if name == 'synthetic_brats':
+        num_examples = -(-(int(cfg.num_train) + int(cfg.num_test)) // slices)
+    else:
+        num_examples = int(cfg.num_train) + int(cfg.num_test)
+    builder = make_builder(name, data_dir=cfg.data_dir, resolution=int(cfg.resolution),
+                           num_examples=num_examples, seed=seed, slices_per_case=slices,
+                           brain_slices_only=bool(cfg.get('brain_slices_only', True)),
+                           empty_slice_stride=int(cfg.get('empty_slice_stride', 1)))
+    ensure_built(builder, cfg.manual_dir)
+    task = 'chestxray14' if name in ('nih_chestxray14', 'synthetic_cxr') else 'brats'
+    splits = sorted(builder.info.splits.keys())
+    parts = {s: to_model_arrays(task, read_split(builder, s)) for s in splits}
+    metadata = builder.info.metadata or {}
+    official = bool(metadata.get('official_split', False))
+    if official:
+        for s, arrays in parts.items():
+            arrays['is_official_test'] = np.full(len(arrays['label']), s == 'test')
+    examples = {k: np.concatenate([parts[s][k] for s in splits]) for k in parts[splits[0]]}
+    max_cases = int(cfg.get('max_cases', 0))
+    if task == 'brats' and max_cases > 0:
+        cases = np.unique(examples['patient_id'])
+        keep = np.random.default_rng([seed, 0xCA5E]).choice(
+            cases, min(max_cases, len(cases)), replace=False)
+        examples = {k: v[np.isin(examples['patient_id'], keep)] for k, v in examples.items()}
+    info = {'provenance': f'TFDS {builder.name}/{builder.builder_config.name} '
+                          f'{builder.version} in {builder.data_dir}',
+            'official_split': official}
+    return examples, info
