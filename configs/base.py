@@ -15,6 +15,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.seed = 0                      # root of every random draw (data, init, sampling, noise, masks)
     c.num_rounds = 20               # communication rounds
     c.clients_per_round = 0         # m hospitals sampled per round; 0 means all K take part
+    c.clients_in_parallel = 0       # hospitals vectorised at once (0 = auto: all on GPU, 1 on CPU)
 
     # ---- data ----------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -53,6 +54,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.local.decay_rate = 0.98       # exponential schedule: lr multiplier per round
     c.local.prox_mu = 0.0           # FedProx proximal weight mu (0 = FedAvg)
     c.local.sampling = 'shuffle'    # shuffle (epochs without replacement) | poisson (required for DP)
+    c.local.unroll_steps = 1        # lax.scan unroll factor of the local-step loop
 
     # ---- server --------------------------------------------------------------------------------
     c.server = ml_collections.ConfigDict()

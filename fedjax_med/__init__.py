@@ -1,1 +1,2 @@
-"""fedjax_med: federated learning with differential privacy and secure aggregation on medical images, in JAX."""
+"""fedjax_med: federated learning with differential privacy and secure aggregation on medical
+images, in JAX."""

@@ -68,7 +68,8 @@ def client_optimizer(name: str, momentum: float = 0.9) -> optax.GradientTransfor
 def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
                  step_active: jax.Array, expected_batch: jax.Array, learning_rate: jax.Array,
                  key: jax.Array, *, grad_fn: GradientFn,
-                 optimizer: optax.GradientTransformation, prox_mu: float) -> ClientOutput:
+                 optimizer: optax.GradientTransformation, prox_mu: float,
+                 unroll: int | bool = 1) -> ClientOutput:
     """Runs this hospital's local steps and returns its update.
 
     Args:
@@ -83,6 +84,7 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
       optimizer: client optimiser from `client_optimizer` (fresh state every round).
       prox_mu: FedProx weight; adds mu * (w - w_global) to each step's gradient. It is applied
         after privatisation, so it costs no privacy (it does not touch the data).
+      unroll: `lax.scan` unroll factor of the local steps.
     """
     opt_state = optimizer.init(global_params)
     opt_state.hyperparams['learning_rate'] = jnp.asarray(learning_rate, jnp.float32)
@@ -113,7 +115,7 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
             **{k: jnp.zeros(()) for k in extra}}
     steps = jnp.arange(indices.shape[0])
     (params, _, sums), _ = jax.lax.scan(step, (global_params, opt_state, sums),
-                                        (steps, indices, mask, step_active))
+                                        (steps, indices, mask, step_active), unroll=unroll)
     delta = jax.tree.map(lambda a, b: a - b, params, global_params)
     return ClientOutput(delta=delta, num_steps=jnp.sum(step_active), metrics=sums)
 

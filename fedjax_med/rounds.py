@@ -50,6 +50,35 @@ class RoundFn:
         return self.fn(state, client_data, inputs, key)
 
 
+def _clients_in_parallel(n: int) -> int:
+    """0 = automatic: all hospitals vectorised (vmap) on accelerators; on CPU one at a time,
+    because XLA:CPU runs convolutions with a per-hospital kernel (vmap turns them into grouped
+    convolutions) several times slower than the same work hospital by hospital."""
+    if n:
+        return n
+    return 1 if jax.default_backend() == 'cpu' else 0
+
+
+def map_clients(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Callable:
+    """`fn` over the client axis: vmap (clients_in_parallel=0) or `lax.map` in chunks of
+    `clients_in_parallel` hospitals. Either way it is one program with the same results."""
+    if clients_in_parallel == 0:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args):
+        shared = [a if ax is None else None for a, ax in zip(args, in_axes, strict=True)]
+        per_client = [a if ax is not None else None for a, ax in zip(args, in_axes, strict=True)]
+
+        def one(xs):
+            full = [s if ax is None else x
+                    for s, x, ax in zip(shared, xs, in_axes, strict=True)]
+            return fn(*full)
+
+        return jax.lax.map(one, per_client, batch_size=clients_in_parallel)
+
+    return mapped
+
+
 def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
                      noise_multiplier: float) -> client_lib.GradientFn:
     """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma*C)."""
@@ -68,16 +97,24 @@ def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
     return grad_fn
 
 
+def make_client_update(*, apply_fn, task: Task, config: ml_collections.ConfigDict,
+                       noise_multiplier: float = 0.0) -> Callable:
+    """One hospital's update with everything static bound: the function the round maps over
+    the client axis (and the sequential baseline in launch/benchmark.py calls directly)."""
+    return functools.partial(
+        client_lib.local_update,
+        grad_fn=make_gradient_fn(apply_fn, task, config.dp, noise_multiplier),
+        optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
+        prox_mu=config.local.prox_mu, unroll=config.local.unroll_steps)
+
+
 def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,
                    noise_multiplier: float = 0.0, expected_clients: float = 1.0,
                    compressor=None) -> RoundFn:
     """Returns the jitted round for this configuration (see the module docstring)."""
     local_mode = config.mode == 'local'
-    grad_fn = make_gradient_fn(apply_fn, task, config.dp, noise_multiplier)
-    client_update = functools.partial(
-        client_lib.local_update, grad_fn=grad_fn,
-        optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
-        prox_mu=config.local.prox_mu)
+    client_update = make_client_update(apply_fn=apply_fn, task=task, config=config,
+                                       noise_multiplier=noise_multiplier)
     server = server_opt.server_optimizer(config.server)
     dp, sa = config.dp, config.secagg
     if dp.mode == 'client' or sa.enabled:
@@ -94,7 +131,8 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
         if config.compression.broadcast_dtype == 'bfloat16':
             # Hospitals receive the model in bfloat16: they start from the rounded weights.
             broadcast = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), broadcast)
-        out = jax.vmap(client_update, in_axes=(params_axis, 0, 0, 0, 0, 0, None, 0))(
+        out = map_clients(client_update, (params_axis, 0, 0, 0, 0, 0, None, 0),
+                          _clients_in_parallel(config.clients_in_parallel))(
             broadcast, client_data, inputs.indices, inputs.mask, inputs.step_active,
             inputs.expected_batch, inputs.learning_rate, client_keys)
         deltas, client_state = out.delta, state.client_state

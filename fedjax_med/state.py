@@ -24,9 +24,9 @@ class ServerState:
 class RoundInputs:
     """Host-built arrays for one round. Leading axis K (hospitals, padded to the device count)."""
 
-    indices: jax.Array        # int32 [K, S, B]: example index into the hospital's own training data
-    mask: jax.Array           # float32 [K, S, B]: 1 = example used in this step, 0 = padding/unsampled
-    step_active: jax.Array    # bool [K, S]: the step runs (an empty Poisson batch still runs under DP)
+    indices: jax.Array        # int32 [K, S, B]: example index into the hospital's training data
+    mask: jax.Array           # float32 [K, S, B]: 1 = example used in this step, 0 = padding
+    step_active: jax.Array    # bool [K, S]: the step runs (an empty Poisson batch still runs)
     weights: jax.Array        # float32 [K]: aggregation weight, 0 for hospitals not taking part
     expected_batch: jax.Array  # float32 [K]: DP-SGD denominator q_k * n_k (or the batch size)
     client_ids: jax.Array     # int32 [K]: global hospital index, for per-hospital random keys

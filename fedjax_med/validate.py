@@ -28,10 +28,12 @@ CHOICES = {
     'compression.kind': ('none', 'quantize', 'topk'),
     'compression.broadcast_dtype': ('float32', 'bfloat16'),
 }
-POSITIVE = ('num_rounds', 'data.resolution', 'data.num_clients', 'local.batch_size',
+POSITIVE = ('num_rounds', 'local.unroll_steps', 'data.resolution', 'data.num_clients',
+            'local.batch_size',
             'local.epochs', 'local.learning_rate', 'eval_every', 'eval_batch_size',
             'checkpoint_every', 'checkpoints_to_keep', 'model.width', 'model.depth')
-NON_NEGATIVE = ('clients_per_round', 'local.prox_mu', 'dp.noise_multiplier', 'dp.target_epsilon',
+NON_NEGATIVE = ('clients_per_round', 'clients_in_parallel', 'local.prox_mu',
+                'dp.noise_multiplier', 'dp.target_epsilon',
                 'dp.delta', 'dp.chunk_size', 'secagg.dropout_fraction', 'secagg.threshold',
                 'secagg.neighbours')
 TASK_OF_DATA = {'synthetic_cxr': 'chestxray14', 'nih_chestxray14': 'chestxray14',

@@ -1,1 +1,2 @@
-"""Server-side combination of hospital updates: FedAvg, server optimisers, secure aggregation, compression."""
+"""Server-side combination of hospital updates: FedAvg, server optimisers, secure aggregation,
+compression."""

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One GPU check of fedjax_med, sized for a 10-minute slot on one H100:
+#   1. the machine: nvidia-smi, Python and package versions, jax devices;
+#   2. a correctness smoke ON THE GPU: pytest tests/test_client.py tests/test_fedavg.py;
+#   3. the full benchmark (ResNet-18 @224 and the BraTS U-Net), with a time budget that ends it
+#      before the slot does; it rewrites its JSON after every measurement, so even a kill keeps
+#      what was measured.
+# Everything is logged under $OUT (default /tmp/fedjax_med_gpu_check):
+#   nvidia_smi.txt  env.txt  smoke.log  bench.log  bench_gpu.json
+#
+# Usage (from anywhere):  OUT=/some/dir bash launch/gpu_check.sh
+#   TOTAL_SECONDS=560   wall-clock budget of the whole script (default 560 s)
+#   SMOKE_SECONDS=100   cap of the pytest smoke
+#   PYTHON=python3      interpreter (needs jax with CUDA, flax, optax, ml_collections)
+# Missing pure-Python/abi3 packages can travel as wheels in ./.whl (see launch/README.md); they
+# are installed into /tmp/site first, without network.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+OUT=${OUT:-/tmp/fedjax_med_gpu_check}
+TOTAL_SECONDS=${TOTAL_SECONDS:-560}
+SMOKE_SECONDS=${SMOKE_SECONDS:-100}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+SECONDS=0
+
+echo "== wheels"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  ls .whl
+else
+  echo "(no .whl folder: using the installed packages)"
+fi
+
+echo "== nvidia-smi"
+nvidia-smi 2>&1 | tee "$OUT/nvidia_smi.txt"
+
+echo "== environment"
+"$PY" - <<'EOF' 2>&1 | tee "$OUT/env.txt"
+import importlib, platform, sys
+print('python', platform.python_version(), sys.executable)
+for name in ('jax', 'jaxlib', 'flax', 'optax', 'orbax.checkpoint', 'chex', 'numpy',
+             'ml_collections', 'cryptography', 'dp_accounting', 'tensorflow_datasets', 'pytest'):
+    try:
+        module = importlib.import_module(name)
+        print(f'{name:20s} {getattr(module, "__version__", "(no __version__)")}')
+    except Exception as e:
+        print(f'{name:20s} MISSING ({type(e).__name__}: {e})')
+import jax
+print('devices', jax.devices())
+print('device kind', jax.devices()[0].device_kind, '| backend', jax.default_backend())
+for name in ('fedjax_med.rounds', 'fedjax_med.aggregation.secagg_protocol',
+             'fedjax_med.privacy.fast_clip'):
+    try:
+        importlib.import_module(name)
+        print(f'import {name}: ok')
+    except Exception as e:
+        print(f'import {name}: FAILED ({type(e).__name__}: {e})')
+EOF
+
+echo "== smoke tests on the GPU (cap ${SMOKE_SECONDS} s)"
+if "$PY" -c 'import pytest' 2>/dev/null; then
+  # tests/conftest.py defaults JAX_PLATFORMS to cpu; point it at the GPU for this smoke.
+  JAX_PLATFORMS=cuda timeout "$SMOKE_SECONDS" "$PY" -m pytest -q -x -p no:cacheprovider \
+    tests/test_client.py tests/test_fedavg.py 2>&1 | tee "$OUT/smoke.log"
+  echo "smoke exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/smoke.log"
+else
+  echo "pytest is not installed: smoke skipped" | tee "$OUT/smoke.log"
+fi
+
+LEFT=$((TOTAL_SECONDS - SECONDS))
+if [ "$LEFT" -lt 60 ]; then
+  echo "only ${LEFT} s left: benchmark skipped" | tee "$OUT/bench.log"
+  exit 1
+fi
+# The benchmark checks its budget before each measurement; keep room for the last one to finish
+# (a ResNet-18 item compiles for up to a minute or two). A kill still leaves the JSON file.
+BUDGET=$((LEFT - 120))
+if [ "$BUDGET" -lt 30 ]; then BUDGET=30; fi
+echo "== benchmark (full; ${LEFT} s left, measurement budget ${BUDGET} s)"
+timeout --signal=INT --kill-after=10 "$((LEFT - 5))" \
+  "$PY" launch/benchmark.py --json="$OUT/bench_gpu.json" --budget_s="$BUDGET" \
+  2>&1 | tee "$OUT/bench.log"
+echo "benchmark exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" | tee -a "$OUT/bench.log"

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Train fedjax_med on ALL local GPUs with ONE process: the hospitals (client axis) are sharded
+# over the GPUs with NamedSharding(mesh, P('clients')) and the parameters replicated; XLA inserts
+# the all-reduce of the aggregation. K is padded up to a multiple of the GPU count with inert
+# hospitals (weight 0), so results do not depend on the number of GPUs (DESIGN.md, convention 2).
+#
+# Usage:
+#   launch/train_multi_gpu.sh CONFIG WORKDIR [--config.FIELD=VALUE ...]
+# Examples:
+#   launch/train_multi_gpu.sh configs/chestxray14.py /data/runs/cxr --config.data.manual_dir=/data/nih
+#   GPUS=0,1,2,3 launch/train_multi_gpu.sh configs/brats.py:synthetic /tmp/runs/brats
+#
+# Environment:
+#   GPUS=0,1,...                        GPUs to use (default: all visible)
+#   PYTHON=python                       interpreter with fedjax_med's dependencies
+#   XLA_PYTHON_CLIENT_MEM_FRACTION=.90  share of each GPU's memory JAX takes up front
+#
+# Several hosts (EXPERIMENTAL, see launch/README.md): run this script once per host with
+#   NUM_PROCESSES=<hosts> PROCESS_ID=<0..hosts-1> COORDINATOR_ADDRESS=<host0:port>
+#   ALLOW_EXPERIMENTAL_MULTIHOST=1
+# It then calls jax.distributed.initialize(...) before fedjax_med.main. train.py does not yet
+# gather sharded metrics across hosts nor restrict file writes to process 0, so this path is
+# refused unless ALLOW_EXPERIMENTAL_MULTIHOST=1.
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CONFIG=$1
+WORKDIR=$2
+shift 2
+if [ ! -e "${CONFIG%%:*}" ] && [ -e "$REPO/${CONFIG%%:*}" ]; then CONFIG="$REPO/$CONFIG"; fi
+PY=${PYTHON:-python}
+
+if [ -n "${GPUS:-}" ]; then export CUDA_VISIBLE_DEVICES=$GPUS; fi
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-.90}
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+mkdir -p "$WORKDIR"
+
+NUM_PROCESSES=${NUM_PROCESSES:-1}
+if [ "$NUM_PROCESSES" -le 1 ]; then
+  "$PY" -c 'import jax; print(f"fedjax_med: {jax.local_device_count()} local device(s):",
+                              jax.devices())' >&2
+  exec "$PY" -m fedjax_med.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
+fi
+
+if [ "${ALLOW_EXPERIMENTAL_MULTIHOST:-0}" != 1 ]; then
+  echo "NUM_PROCESSES=$NUM_PROCESSES: multi-host training is experimental (train.py reads" \
+       "per-hospital metrics with jax.device_get and every process writes checkpoints)." \
+       "Set ALLOW_EXPERIMENTAL_MULTIHOST=1 to try it; see launch/README.md." >&2
+  exit 2
+fi
+: "${COORDINATOR_ADDRESS:?set COORDINATOR_ADDRESS=host0:port on every host}"
+: "${PROCESS_ID:?set PROCESS_ID=0..NUM_PROCESSES-1 on every host}"
+# jax.distributed.initialize must run before any other JAX call; main.py does not call it, so a
+# small wrapper does and then hands over to fedjax_med.main's absl app.
+exec "$PY" -c '
+import os, sys
+import jax
+jax.distributed.initialize(coordinator_address=os.environ["COORDINATOR_ADDRESS"],
+                           num_processes=int(os.environ["NUM_PROCESSES"]),
+                           process_id=int(os.environ["PROCESS_ID"]))
+print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local, "
+      f"{jax.device_count()} global devices", file=sys.stderr)
+from absl import app
+from fedjax_med import main
+sys.argv[0] = "fedjax_med.main"
+app.run(main.main)
+' --config="$CONFIG" --workdir="$WORKDIR/process_$PROCESS_ID" "$@"

@@ -1,0 +1,112 @@
+"""fedjax_med.report on tiny smoke runs, and the integrated-gradients axioms of attribution.py."""
+
+import json
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import brats, chestxray14
+from fedjax_med import attribution, report, train
+
+
+def _train(module, workdir, **overrides):
+    config = module.get_config('smoke')
+    config.num_rounds = 2
+    config.checkpoint_every = 2
+    for key, value in overrides.items():
+        target = config
+        *parents, leaf = key.split('.')
+        for p in parents:
+            target = target[p]
+        target[leaf] = value
+    train.run(config, str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp('runs')
+    _train(chestxray14, root / 'cxr_fed')
+    _train(chestxray14, root / 'cxr_central', mode='centralized')
+    _train(brats, root / 'brats_fed')
+    return root
+
+
+def test_report_writes_figures_and_index(runs, tmp_path):
+    pngs = report.make_report([str(runs)], str(tmp_path), ig_steps=8, num_examples=2)
+    names = {os.path.basename(p) for p in pngs}
+    for expected in ('chestxray14_metric_vs_round.png', 'chestxray14_comm_utility.png',
+                     'chestxray14_hospital_fairness.png', 'chestxray14_attribution.png',
+                     'brats_metric_vs_round.png', 'brats_overlays.png'):
+        assert expected in names
+    assert 'chestxray14_privacy_utility.png' not in names  # no DP run: nothing to trade off
+    index = (tmp_path / 'index.html').read_text()
+    referenced = set(re.findall(r'<img src="([^"]+)"', index))
+    assert referenced == names
+    for name in names:
+        assert (tmp_path / name).stat().st_size > 1000
+    agreement = json.loads((tmp_path / 'attribution_agreement.json').read_text())
+    assert -1.0 <= agreement['mean_spearman'] <= 1.0
+    assert 0.0 <= agreement['mean_top10_iou'] <= 1.0
+    assert 'cxr_fed' in agreement['models'][0] and 'cxr_central' in agreement['models'][1]
+
+
+def test_report_command_line_on_one_run(runs, tmp_path):
+    report.main([str(runs / 'brats_fed'), '--out', str(tmp_path), '--no_models'])
+    assert (tmp_path / 'brats_metric_vs_round.png').exists()
+    assert 'brats_metric_vs_round.png' in (tmp_path / 'index.html').read_text()
+
+
+def test_load_run_reads_series_and_totals(runs):
+    run = report.load_run(str(runs / 'cxr_fed'))
+    rounds, values = run.series('eval/mean_auroc')
+    assert rounds.tolist() == [1.0, 2.0] and np.all((values >= 0) & (values <= 1))
+    assert run.algorithm == 'fedavg' and run.finished and run.total_bytes_per_hospital > 0
+    assert set(run.hospital_metrics()) == {f'hospital_{k}' for k in range(4)}
+
+
+def _tiny_model():
+    """A smooth nonlinear scalar function of an image: IG's quadrature converges fast."""
+    w = jax.random.normal(jax.random.key(0), (6, 6, 2))
+    v = jax.random.normal(jax.random.key(1), (6, 6, 2))
+    return lambda x: jnp.tanh(jnp.sum(w * x)) + jnp.sum(v * x**2)
+
+
+@pytest.mark.parametrize('steps, tolerance', [(8, 5e-2), (64, 1e-3)])
+def test_integrated_gradients_completeness(steps, tolerance):
+    f = _tiny_model()
+    x = jax.random.uniform(jax.random.key(2), (6, 6, 2))
+    baseline = 0.1 * jnp.ones_like(x)
+    ig = attribution.integrated_gradients(f, x, baseline, steps=steps, chunk_size=5)
+    gap = float(jnp.sum(ig) - (f(x) - f(baseline)))
+    assert abs(gap) <= tolerance * abs(float(f(x) - f(baseline)))
+
+
+def test_integrated_gradients_of_a_linear_model_is_exact():
+    w = jnp.arange(12.0).reshape(2, 3, 2)
+    x = jnp.ones((2, 3, 2))
+    ig = attribution.integrated_gradients(lambda z: jnp.sum(w * z), x, steps=2)
+    np.testing.assert_allclose(ig, w * x, rtol=1e-6)
+
+
+def test_model_integrated_gradients_batches_per_image_class():
+    w = jax.random.normal(jax.random.key(3), (4 * 4 * 1, 3))
+    apply_fn = lambda images: jnp.tanh(images.reshape(len(images), -1) @ w)
+    images = jax.random.uniform(jax.random.key(4), (2, 4, 4, 1))
+    ig = attribution.model_integrated_gradients(apply_fn, images, jnp.array([0, 2]), steps=128)
+    assert ig.shape == images.shape
+    expected = apply_fn(images)[jnp.arange(2), jnp.array([0, 2])]  # f(0) = tanh(0) = 0
+    np.testing.assert_allclose(ig.reshape(2, -1).sum(1), expected, rtol=1e-3, atol=1e-5)
+
+
+def test_agreement_scores():
+    a = jnp.arange(100.0).reshape(10, 10)
+    assert float(attribution.spearman(a, a)) == pytest.approx(1.0)
+    assert float(attribution.spearman(a, -a)) == pytest.approx(-1.0)
+    assert float(attribution.spearman(a, a**3)) == pytest.approx(1.0)  # ranks only
+    assert float(attribution.topk_overlap(a, a, 0.1)) == pytest.approx(1.0)
+    assert float(attribution.topk_overlap(a, -a, 0.1)) == pytest.approx(0.0)
