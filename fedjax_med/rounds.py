@@ -80,10 +80,26 @@ def map_clients(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Calla
 
 
 def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
-                     noise_multiplier: float) -> client_lib.GradientFn:
-    """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma*C)."""
+                     noise_multiplier: float, model=None) -> client_lib.GradientFn:
+    """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma*C): with
+    `dp.fast_clipping`, per-example norms from layer activations (privacy/fast_clip.py) and no
+    per-example gradients; otherwise vmap of grad over examples in chunks (privacy/dp_sgd.py)."""
     if dp.mode != 'sample':
         return client_lib.mean_gradient(apply_fn, task.per_example_loss)
+    if dp.fast_clipping:
+        from fedjax_med.privacy import fast_clip
+
+        if model is None or not fast_clip.supports_fast_clipping(model):
+            raise ValueError(f'config.dp.fast_clipping=True needs resnet18, resnet_small or '
+                             f'unet, got {type(model).__name__}; set it to False.')
+
+        def fast_grad_fn(params, batch, mask, key, expected_batch):
+            return fast_clip.dp_gradient_fast(
+                model, params, batch, mask, key, loss_fn=task.per_example_loss,
+                clip_norm=dp.clip_norm, noise_multiplier=noise_multiplier,
+                expected_batch_size=expected_batch)
+
+        return fast_grad_fn
     from fedjax_med.privacy import dp_sgd
 
     per_example = client_lib.per_example_loss_fn(apply_fn, task.per_example_loss)
@@ -98,23 +114,23 @@ def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
 
 
 def make_client_update(*, apply_fn, task: Task, config: ml_collections.ConfigDict,
-                       noise_multiplier: float = 0.0) -> Callable:
+                       noise_multiplier: float = 0.0, model=None) -> Callable:
     """One hospital's update with everything static bound: the function the round maps over
     the client axis (and the sequential baseline in launch/benchmark.py calls directly)."""
     return functools.partial(
         client_lib.local_update,
-        grad_fn=make_gradient_fn(apply_fn, task, config.dp, noise_multiplier),
+        grad_fn=make_gradient_fn(apply_fn, task, config.dp, noise_multiplier, model),
         optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
         prox_mu=config.local.prox_mu, unroll=config.local.unroll_steps)
 
 
 def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,
                    noise_multiplier: float = 0.0, expected_clients: float = 1.0,
-                   compressor=None) -> RoundFn:
+                   compressor=None, model=None) -> RoundFn:
     """Returns the jitted round for this configuration (see the module docstring)."""
     local_mode = config.mode == 'local'
     client_update = make_client_update(apply_fn=apply_fn, task=task, config=config,
-                                       noise_multiplier=noise_multiplier)
+                                       noise_multiplier=noise_multiplier, model=model)
     server = server_opt.server_optimizer(config.server)
     dp, sa = config.dp, config.secagg
     if dp.mode == 'client' or sa.enabled:

@@ -171,7 +171,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=task, config=config, mesh=mesh,
                                      noise_multiplier=privacy.noise_multiplier,
                                      expected_clients=privacy.expected_clients,
-                                     compressor=compressor)
+                                     compressor=compressor, model=model)
     bytes_down, bytes_up = comm.round_bytes(params, config) if federated else (0, 0)
     state = rounds.init_server_state(params, config, k_pad, mesh, compressor)
     eval_fn = evaluation.build_eval_fn(apply_fn, task)

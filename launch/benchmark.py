@@ -296,7 +296,7 @@ def build_round_setup(w: Workload, spec: RoundSpec, *, seed: int = 0) -> RoundSe
     noise = NOISE_MULTIPLIER if spec.dp != 'none' else 0.0
     round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=TASKS[w.task], config=config,
                                      mesh=mesh, noise_multiplier=noise,
-                                     expected_clients=float(spec.num_clients))
+                                     expected_clients=float(spec.num_clients), model=model)
     state = rounds.init_server_state(params, config, num_padded, mesh)
     secagg_inputs, protocol_s = (), None
     if spec.secagg:
@@ -345,7 +345,8 @@ class SequentialBaseline:
         c = setup.config
         self._update = jax.jit(rounds.make_client_update(
             apply_fn=setup.apply_fn, task=TASKS[c.task], config=c,
-            noise_multiplier=setup.noise_multiplier))
+            noise_multiplier=setup.noise_multiplier,
+            model=build_model(c.model, c.task)))
         self._server = server_opt.server_optimizer(c.server)
         self._server_step = jax.jit(functools.partial(server_opt.server_step, self._server))
         hi = setup.host_inputs

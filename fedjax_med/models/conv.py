@@ -10,7 +10,6 @@ at full speed in loops. On GPUs the numbers are identical; only the CPU schedule
 
 import functools
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -65,32 +64,34 @@ def _conv2d_bwd(strides, padding, residuals, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-class Conv(nn.Module):
-    """Drop-in for `flax.linen.Conv` (NHWC, 'SAME' or 'VALID', params 'kernel' HWIO and 'bias')
-    that uses `conv2d`, so its gradient runs fast inside loops on CPU."""
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         precision=None, preferred_element_type=None):
+    """`lax.conv_general_dilated` that takes `conv2d` for plain NHWC convolutions on CPU."""
+    plain = (jax.default_backend() == 'cpu' and lhs.ndim == 4 and feature_group_count == 1
+             and all(d == 1 for d in (lhs_dilation or (1, 1)))
+             and all(d == 1 for d in (rhs_dilation or (1, 1)))
+             and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMS)
+             and preferred_element_type is None)
+    if not plain:
+        return jax.lax.conv_general_dilated(
+            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count, precision=precision,
+            preferred_element_type=preferred_element_type)
+    if isinstance(padding, str):
+        if padding == 'SAME':
+            padding = [same_padding(n, k, s) for n, k, s in
+                       zip(lhs.shape[1:3], rhs.shape[:2], window_strides, strict=True)]
+        else:  # 'VALID'
+            padding = [(0, 0), (0, 0)]
+    padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return conv2d(lhs, rhs, tuple(int(s) for s in window_strides), padding)
 
-    features: int
-    kernel_size: tuple[int, int]
-    strides: tuple[int, int] = (1, 1)
-    padding: str = 'SAME'
-    use_bias: bool = True
-    dtype: jnp.dtype = jnp.float32
-    kernel_init: object = None
 
-    @nn.compact
-    def __call__(self, x):
-        kh, kw = self.kernel_size
-        init = self.kernel_init or nn.initializers.lecun_normal()
-        kernel = self.param('kernel', init, (kh, kw, x.shape[-1], self.features))
-        if self.padding == 'SAME':
-            pad = tuple(same_padding(n, k, s) for n, k, s in
-                        zip(x.shape[-3:-1], self.kernel_size, self.strides, strict=True))
-        else:
-            pad = ((0, 0), (0, 0))
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        batch_shape = x.shape[:-3]
-        y = conv2d(x.reshape(-1, *x.shape[-3:]), kernel, tuple(self.strides), pad)
-        y = y.reshape(*batch_shape, *y.shape[1:])
-        if self.use_bias:
-            y = y + self.param('bias', nn.initializers.zeros, (self.features,)).astype(self.dtype)
-        return y
+class LoopFriendlyConv:
+    """For `nn.Conv(conv_general_dilated_cls=LoopFriendlyConv)`: flax instantiates it and calls
+    the instance like `lax.conv_general_dilated`."""
+
+    def __call__(self, *args, **kwargs):
+        return conv_general_dilated(*args, **kwargs)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from fedjax_med.models.layers import group_norm
+from fedjax_med.models.layers import Conv, Dense, group_norm
 
 
 class BasicBlock(nn.Module):
@@ -22,17 +22,19 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        conv = lambda f, k, s, name: nn.Conv(
+        conv = lambda f, k, s, name: Conv(
             f, (k, k), (s, s), padding='SAME', use_bias=False, dtype=self.dtype, name=name)
+        # The norms' names (no GroupNorm_1) are those of earlier checkpoints and parameter trees.
+        norm = lambda name, **kw: group_norm(self.features, self.norm_groups, self.dtype,
+                                             name=name, **kw)
         y = conv(self.features, 3, self.strides, 'conv1')(x)
-        y = nn.relu(group_norm(self.features, self.norm_groups, self.dtype)(y))
+        y = nn.relu(norm('GroupNorm_0')(y))
         y = conv(self.features, 3, 1, 'conv2')(y)
         # Zero-init the last norm's scale so each block starts as the identity (Goyal et al. 2017).
-        y = nn.GroupNorm(num_groups=group_norm(self.features, self.norm_groups).num_groups,
-                         scale_init=nn.initializers.zeros, dtype=self.dtype)(y)
+        y = norm('GroupNorm_2', scale_init=nn.initializers.zeros)(y)
         if x.shape[-1] != self.features or self.strides != 1:
             x = conv(self.features, 1, self.strides, 'proj')(x)
-            x = group_norm(self.features, self.norm_groups, self.dtype)(x)
+            x = norm('GroupNorm_3')(x)
         return nn.relu(x + y)
 
 
@@ -51,12 +53,12 @@ class ResNet(nn.Module):
         del train  # GroupNorm behaves the same in training and evaluation
         x = x.astype(self.dtype)
         if self.stem_stride > 1:
-            x = nn.Conv(self.width, (7, 7), (2, 2), padding='SAME', use_bias=False,
+            x = Conv(self.width, (7, 7), (2, 2), padding='SAME', use_bias=False,
                         dtype=self.dtype, name='stem')(x)
             x = nn.relu(group_norm(self.width, self.norm_groups, self.dtype)(x))
             x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
         else:
-            x = nn.Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
+            x = Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
                         name='stem')(x)
             x = nn.relu(group_norm(self.width, self.norm_groups, self.dtype)(x))
         for i, blocks in enumerate(self.stage_sizes):
@@ -64,4 +66,4 @@ class ResNet(nn.Module):
                 strides = 2 if i > 0 and j == 0 else 1
                 x = BasicBlock(self.width * 2**i, strides, self.norm_groups, self.dtype)(x)
         x = jnp.mean(x, axis=(-3, -2))
-        return nn.Dense(self.num_outputs, dtype=jnp.float32, name='head')(x).astype(jnp.float32)
+        return Dense(self.num_outputs, dtype=jnp.float32, name='head')(x).astype(jnp.float32)

@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_med.models.layers import group_norm
+from fedjax_med.models.layers import Conv, group_norm
 
 
 class ConvBlock(nn.Module):
@@ -21,7 +21,7 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         for _ in range(2):
-            x = nn.Conv(self.features, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype)(x)
+            x = Conv(self.features, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype)(x)
             x = nn.relu(group_norm(self.features, self.norm_groups, self.dtype)(x))
         return x
 
@@ -50,5 +50,5 @@ class UNet(nn.Module):
             x = jax.image.resize(x, (*x.shape[:-3], *skip.shape[-3:-1], x.shape[-1]), 'nearest')
             x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype)(
                 jnp.concatenate([x, skip], axis=-1))
-        return nn.Conv(self.num_outputs, (1, 1), dtype=jnp.float32, name='head')(x).astype(
+        return Conv(self.num_outputs, (1, 1), dtype=jnp.float32, name='head')(x).astype(
             jnp.float32)
