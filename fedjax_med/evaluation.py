@@ -1,13 +1,12 @@
 """Jitted, batched evaluation of one model or of one model per hospital.
 
 A split is padded to whole batches ([num_batches, batch, ...] plus an example mask) once, on the
-device; `lax.map` runs the batches and the host adds up the statistics (`tasks.combine_stats`).
+device; `lax.map` runs the batches and the host adds up the statistics (`unbatch_stats`).
 """
 
 import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from fedjax_med.tasks import Task
@@ -85,7 +84,3 @@ def split_hospitals(stats) -> list[dict]:
 
 def param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-def params_bytes(params, dtype=jnp.float32) -> int:
-    return param_count(params) * jnp.dtype(dtype).itemsize

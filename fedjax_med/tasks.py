@@ -10,7 +10,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from fedjax_med import metrics
@@ -81,13 +80,3 @@ TASKS = {
     'chestxray14': Task('chestxray14', 'mean_auroc', _cxr_loss, _cxr_stats, _cxr_finalize),
     'brats': Task('brats', 'mean_dice', _brats_loss, _brats_stats, _brats_finalize),
 }
-
-
-def combine_stats(chunks: list[dict]) -> dict:
-    """Adds up per-batch statistics; per-example arrays (probs, labels, mask) are concatenated."""
-    out = {}
-    for key in chunks[0]:
-        values = [np.asarray(c[key]) for c in chunks]
-        out[key] = np.concatenate(values) if values[0].ndim and key in (
-            'probs', 'labels', 'mask') else np.sum(values, axis=0)
-    return out
