@@ -261,7 +261,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         cum = {'up': cum['up'] + up * n_up, 'down': cum['down'] + down * n_up}
         row.update({'comm/bytes_up': up, 'comm/bytes_down': down,
                     'comm/cum_bytes_up_per_client': cum['up'] / max(num_clients, 1),
-                    'comm/cum_bytes_down_per_client': cum['down'] / max(num_clients, 1)})
+                    'comm/cum_bytes_down_per_client': cum['down'] / max(num_clients, 1),
+                    # float32 update size / what a hospital actually sends (payload + protocol)
+                    'comm/compression_ratio': 4 * num_params / up if up else None})
         jax.block_until_ready(state)
         row['time/round_s'] = time.perf_counter() - t0
         writer.write(row)

@@ -59,6 +59,7 @@ def test_secagg_run_matches_plain_run_and_logs_protocol_bytes(tmp_path, dropout)
         results[enabled] = train.run(c, str(tmp_path / f'sa{enabled}'))
     plain, masked = results[False], results[True]
     assert masked['comm/bytes_up'] > plain['comm/bytes_up']  # protocol messages are counted
+    assert plain['comm/compression_ratio'] == 1.0 and masked['comm/compression_ratio'] < 1.0
     if dropout == 0:
         # Same model up to fixed-point rounding (resolution clip / 2^20 per coordinate).
         assert abs(masked['eval/mean_auroc'] - plain['eval/mean_auroc']) < 0.01
@@ -86,3 +87,19 @@ def test_fast_clipping_run_equals_naive_dp_sgd_run(tmp_path):
 
     for x, y in zip(jax.tree.leaves(a['params']), jax.tree.leaves(b['params']), strict=True):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_quantised_updates_report_their_exact_size(tmp_path):
+    from fedjax_med.aggregation import compression
+
+    c = chestxray14.get_config('smoke')
+    c.num_rounds = 1
+    c.compression.kind = 'quantize'
+    c.compression.bits = 8
+    s = train.run(c, str(tmp_path / 'q8'))
+    n = s['summary/num_params']
+    # 8-bit levels plus a float32 (min, step) pair per parameter leaf.
+    assert n < s['comm/bytes_up'] < n + 8 * 64
+    assert s['comm/compression_ratio'] == pytest.approx(4 * n / s['comm/bytes_up'])
+    assert 3.5 < s['comm/compression_ratio'] < 4.0
+    assert compression.bytes_per_update({'w': np.zeros(1000)}, kind='quantize', bits=8) == 1008
