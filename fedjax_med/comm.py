@@ -43,8 +43,9 @@ def secagg_round(config: ml_collections.ConfigDict, round_index: int, participat
                  num_clients: int):
     """Runs the host half of SecAgg(+) for this round.
 
-    Returns (device inputs, mean protocol bytes up, mean protocol bytes down, participating):
-    a seeded `dropout_fraction` of the participants drop after key agreement and never send.
+    Returns (device inputs, mean protocol bytes up, mean protocol bytes down) per participating
+    hospital: a seeded `dropout_fraction` of the participants drop after key agreement and never
+    send their masked update.
     """
     sa = config.secagg
     rng = np.random.default_rng([config.seed, round_index, 3])
@@ -58,4 +59,4 @@ def secagg_round(config: ml_collections.ConfigDict, round_index: int, participat
     sent = participating.astype(bool)
     up = float(np.mean(setup.bytes_up[sent])) if sent.any() else 0.0
     down = float(np.mean(setup.bytes_down[sent])) if sent.any() else 0.0
-    return setup.device_inputs(), up, down, participating
+    return setup.device_inputs(), up, down

@@ -109,8 +109,8 @@ class PrivacySetup:
                 'here. To train on knowingly, raise config.dp.target_epsilon (the guarantee '
                 'becomes the larger value).')
 
-    def record(self, round_steps: np.ndarray, clip_norm: float) -> None:
-        del clip_norm
+    def record(self, round_steps: np.ndarray) -> None:
+        """Adds one round: the local DP-SGD steps each hospital ran (0 if it sat out)."""
         self.rounds_done += 1
         if self.mode == 'sample':
             self.accountant.record(round_steps)

@@ -19,6 +19,7 @@ from absl import logging
 
 from fedjax_med import checkpoint as ckpt_lib
 from fedjax_med import evaluation, parallel, rounds
+from fedjax_med.aggregation import fedavg
 from fedjax_med.data import batching
 from fedjax_med.models import build_model
 from fedjax_med.state import RoundInputs
@@ -182,6 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         eval_global = jax.jit(eval_fn)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0)
     schedule = lr_schedule(lc, config.num_rounds)
+    aggregator = fedavg.aggregator(config.server.aggregator)
 
     # ---------------------------------------------------------------------------------------------
     # Resume
@@ -225,20 +227,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         else:
             batches = batching.shuffle_batches(sampler_sizes, lc.batch_size, lc.epochs,
                                                num_steps, rng_for)
-        agg_weights = (sizes if config.server.aggregator == 'weighted' else np.ones(k_pad))
+        weights = aggregator.weights(sizes.astype(np.float32), participating.astype(np.float32))
         secagg_inputs, protocol_up, protocol_down = (), 0, 0
         if config.secagg.enabled:
-            secagg_inputs, protocol_up, protocol_down, participating = comm.secagg_round(
+            secagg_inputs, protocol_up, protocol_down = comm.secagg_round(
                 config, r, participating, num_clients)
         inputs = RoundInputs(
             indices=batches.indices, mask=batches.mask, step_active=batches.step_active,
-            weights=(agg_weights * participating).astype(np.float32),
+            weights=weights,
             expected_batch=expected_batch, client_ids=np.arange(k_pad, dtype=np.int32),
             learning_rate=np.float32(schedule(r)), secagg=secagg_inputs)
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
         state, m = round_fn(state, client_data, inputs, rounds.round_key(config.seed, r))
         m = jax.device_get(m)
-        privacy.record(round_steps[:num_clients], float(state.clip_norm))
+        privacy.record(round_steps[:num_clients])
         train_loss = float(m['train/loss'])
         if not math.isfinite(train_loss):
             raise FloatingPointError(
