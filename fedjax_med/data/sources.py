@@ -205,8 +205,8 @@ def _summary(task: str, cfg: ml_collections.ConfigDict, train: list[Arrays], tes
         from fedjax_med.data import mri
         label_names = list(mri.REGIONS)
         # Slices containing each region: a compact, comparable per-hospital histogram.
-        count = lambda d: (d['label'].reshape(len(d['label']), -1, 3).max(1)).sum(0).astype(
-            np.int64)
+        # max over the pixel axes (an empty split has no pixels to reshape over)
+        count = lambda d: d['label'].max(axis=(1, 2), initial=0).sum(0).astype(np.int64)
     info = {
         'task': task,
         'name': cfg.name,
