@@ -34,15 +34,20 @@ OUT = 'out'  # name of each layer's output perturbation
 Dtype = Any
 
 
+def _recorded(module: nn.Module, inputs: jax.Array, apply) -> jax.Array:
+    """`apply(inputs)`, recording the input and perturbing the output (not during init)."""
+    if module.is_initializing():
+        return apply(inputs)
+    module.sow(DP_ACTS, 'inputs', inputs)
+    return module.perturb(OUT, apply(inputs))
+
+
 class Dense(nn.Dense):
     """`nn.Dense` that records its input and perturbs its output for fast DP clipping."""
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        if self.is_initializing():
-            return super().__call__(inputs)
-        self.sow(DP_ACTS, 'inputs', inputs)
-        return self.perturb(OUT, super().__call__(inputs))
+        return _recorded(self, inputs, super().__call__)
 
 
 class Conv(nn.Conv):
@@ -56,10 +61,7 @@ class Conv(nn.Conv):
 
     @nn.compact
     def __call__(self, inputs: jax.Array) -> jax.Array:
-        if self.is_initializing():
-            return super().__call__(inputs)
-        self.sow(DP_ACTS, 'inputs', inputs)
-        return self.perturb(OUT, super().__call__(inputs))
+        return _recorded(self, inputs, super().__call__)
 
 
 class GroupNorm(nn.Module):
