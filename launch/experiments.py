@@ -6,6 +6,8 @@
                                   # cores with a warm compilation cache, ~4 min cold
   python launch/experiments.py --suite=paper --workdir=runs/grid --tasks=brats \
       --algorithms=centralized,fedavg --partitions=iid,dirichlet0.1 --dp_epsilons=4.5  # a slice
+  python launch/experiments.py --suite=paper --workdir=runs/small --seeds=1 --num_rounds=10 \
+      --dp_algorithms=centralized,fedavg --set=data.num_train=1500   # a reduced-scale grid
 
 Grid (per task, per seed):
   algorithms   centralized (all hospitals' data pooled), fedavg, fedprox (mu = 0.01),
@@ -74,7 +76,13 @@ _PARTITIONS = flags.DEFINE_list('partitions', None,
                                 '(iid, dirichlet0.1, dirichlet1).')
 _DP_EPSILONS = flags.DEFINE_list('dp_epsilons', None,
                                  'DP targets instead of the suite\'s (empty string: no DP runs).')
+_DP_ALGORITHMS = flags.DEFINE_list('dp_algorithms', None,
+                                   'Algorithms that also run with DP (default: the suite\'s).')
 _NUM_ROUNDS = flags.DEFINE_integer('num_rounds', None, 'Override every run\'s num_rounds.')
+_SET = flags.DEFINE_list('set', [],
+                         'Config overrides for every run, FIELD=VALUE with dotted fields, e.g. '
+                         '--set=data.num_train=1500,local.epochs=2 (applied before the grid\'s '
+                         'own settings).')
 _REPORT = flags.DEFINE_bool('report', True, 'Also write the report figures and index.html.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Only list the runs of the grid.')
 _JAX_CACHE = flags.DEFINE_string('jax_cache_dir', None,
@@ -100,6 +108,7 @@ class Suite:
     seeds: int
     num_clients: int | None  # None keeps the config's
     num_rounds: int | None
+    overrides: tuple[tuple[str, str], ...] = ()  # (dotted field, value) for every run
 
 
 SUITES = {
@@ -154,6 +163,8 @@ def make_config(spec: RunSpec, suite: Suite, data_dir: str | None):
     config = CONFIG_MODULES[spec.task].get_config('' if data_dir else suite.variant)
     if data_dir:
         config.data.data_dir = data_dir
+    for field, value in suite.overrides:
+        apply_override(config, field, value)
     mode, prox_mu = ALGORITHMS[spec.algorithm]
     config.mode = mode
     config.local.prox_mu = prox_mu
@@ -175,6 +186,28 @@ def make_config(spec: RunSpec, suite: Suite, data_dir: str | None):
         config.dp.target_epsilon = 0.0
         config.local.sampling = 'shuffle'
     return config
+
+
+def apply_override(config, field: str, value: str) -> None:
+    """Sets config.<field> (dotted) from text, converted to the field's current type."""
+    *parents, leaf = field.split('.')
+    node = config
+    for name in parents:
+        node = node.get(name) if hasattr(node, 'get') else None
+    if node is None or not hasattr(node, 'get') or leaf not in node:
+        raise app.UsageError(f'--set: unknown config field {field!r}; see configs/base.py for '
+                             'the fields.')
+    kind = type(node[leaf])
+    try:
+        if kind is bool:
+            if value.lower() not in ('true', 'false', '1', '0'):
+                raise ValueError(value)
+            converted = value.lower() in ('true', '1')
+        else:
+            converted = kind(value)
+    except ValueError:
+        raise app.UsageError(f'--set: {field}={value!r} is not a valid {kind.__name__}.') from None
+    node[leaf] = converted
 
 
 def device_description() -> str:
@@ -340,8 +373,23 @@ def suite_from_flags() -> Suite:
         changes['partitions'] = tuple(known[p] for p in _PARTITIONS.value)
     if _DP_EPSILONS.value is not None:
         changes['dp_epsilons'] = tuple(float(e) for e in _DP_EPSILONS.value if e)
+    if _DP_ALGORITHMS.value is not None:
+        changes['dp_algorithms'] = tuple(_DP_ALGORITHMS.value)
+    overrides = []
+    for item in _SET.value:
+        field, sep, value = item.partition('=')
+        if not sep:
+            raise app.UsageError(f'--set: {item!r} is not FIELD=VALUE.')
+        overrides.append((field.strip(), value.strip()))
+    changes['overrides'] = tuple(overrides)
+    for task in changes['tasks']:  # a bad override is an error now, not after hours of runs
+        if task in CONFIG_MODULES:
+            config = CONFIG_MODULES[task].get_config(suite.variant)
+            for field, value in overrides:
+                apply_override(config, field, value)
     suite = dataclasses.replace(suite, **changes)
-    for field, known in (('tasks', CONFIG_MODULES), ('algorithms', ALGORITHMS)):
+    for field, known in (('tasks', CONFIG_MODULES), ('algorithms', ALGORITHMS),
+                         ('dp_algorithms', ALGORITHMS)):
         unknown = set(getattr(suite, field)) - set(known)
         if unknown:
             raise app.UsageError(f'--{field}: unknown {sorted(unknown)}; use {sorted(known)}.')

@@ -60,3 +60,20 @@ def test_smoke_suite_writes_results_and_resumes(tmp_path):
     out = _launch(tmp_path)
     assert '0 run(s) trained, 4 already finished (skipped)' in out
     assert summary.stat().st_mtime == mtime
+
+
+def test_dp_algorithms_and_config_overrides_narrow_the_grid():
+    def dry(*extra):
+        return subprocess.run([sys.executable, SCRIPT, '--workdir=unused', '--suite=smoke',
+                               '--dry_run', *extra], capture_output=True, text=True, cwd=REPO,
+                              timeout=120)
+
+    result = dry('--dp_algorithms=fedavg', '--set=data.num_train=64,local.epochs=2')
+    runs = result.stdout.split()
+    assert len(runs) == 10, result.stdout + result.stderr
+    assert 'brats/fedavg-eps4.5-iid-seed0' in runs
+    assert not any('centralized-eps' in r for r in runs)
+    bad = dry('--set=data.num_trains=64')
+    assert bad.returncode != 0 and "unknown config field 'data.num_trains'" in bad.stderr
+    bad = dry('--set=local.epochs=two')
+    assert bad.returncode != 0 and "local.epochs='two' is not a valid float" in bad.stderr
