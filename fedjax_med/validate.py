@@ -31,8 +31,9 @@ CHOICES = {
 POSITIVE = ('num_rounds', 'local.unroll_steps', 'data.resolution', 'data.num_clients',
             'local.batch_size',
             'local.epochs', 'local.learning_rate', 'eval_every', 'eval_batch_size',
-            'checkpoint_every', 'checkpoints_to_keep', 'model.width', 'model.depth')
-NON_NEGATIVE = ('clients_per_round', 'clients_in_parallel', 'local.prox_mu',
+            'checkpoint_every', 'checkpoints_to_keep', 'model.width', 'model.depth',
+            'data.patches_per_case')
+NON_NEGATIVE = ('clients_per_round', 'clients_in_parallel', 'local.prox_mu', 'data.patch_size',
                 'dp.noise_multiplier', 'dp.target_epsilon',
                 'dp.delta', 'dp.chunk_size', 'secagg.dropout_fraction', 'secagg.threshold',
                 'secagg.neighbours')
@@ -46,6 +47,36 @@ def _get(config, dotted):
     for part in dotted.split('.'):
         value = value[part]
     return value
+
+
+def _patch_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """2-D slices or 3-D patches: what the U-Net sees must halve cleanly at every level."""
+    data, problems = config.data, []
+    levels = 2 ** (config.model.depth - 1)
+    patch = data.patch_size
+    if patch <= 0:
+        if config.model.name == 'unet' and data.resolution % levels:
+            problems.append(f'config.data.resolution={data.resolution} must be divisible by '
+                            f'2**(model.depth-1)={levels} for the U-Net.')
+        return problems
+    if config.task != 'brats':
+        problems.append(f'config.data.patch_size={patch} cuts 3-D patches from BraTS volumes; '
+                        f'config.task={config.task!r} has none. Set config.data.patch_size=0.')
+    if config.model.name != 'unet':
+        problems.append(f'config.data.patch_size={patch} needs the 3-D-capable U-Net; set '
+                        f"config.model.name='unet' (got {config.model.name!r}).")
+    if patch % levels:
+        problems.append(f'config.data.patch_size={patch} must be a multiple of '
+                        f'2**(model.depth-1)={levels} for the U-Net; use e.g. '
+                        f'{max(levels, patch // levels * levels)}.')
+    if patch > data.resolution:
+        problems.append(f'config.data.patch_size={patch} exceeds the volume size '
+                        f'config.data.resolution={data.resolution}; use a patch_size <= '
+                        f'{data.resolution} or a larger resolution.')
+    if not 0.0 <= data.tumour_patch_fraction <= 1.0:
+        problems.append(f'config.data.tumour_patch_fraction={data.tumour_patch_fraction} must '
+                        'be in [0, 1].')
+    return problems
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -76,9 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.task == 'chestxray14' and config.model.name == 'unet':
         problems.append("config.model.name='unet' is a segmentation model; use 'resnet18' or "
                         "'resnet_small' for config.task='chestxray14'.")
-    if config.model.name == 'unet' and config.data.resolution % 2 ** (config.model.depth - 1):
-        problems.append(f'config.data.resolution={config.data.resolution} must be divisible by '
-                        f'2**(model.depth-1)={2 ** (config.model.depth - 1)} for the U-Net.')
+    problems += _patch_problems(config)
     dp = config.dp
     if dp.mode == 'sample' and config.local.sampling != 'poisson':
         problems.append("config.dp.mode='sample' needs config.local.sampling='poisson' (the "

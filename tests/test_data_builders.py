@@ -225,8 +225,13 @@ def test_brats_builder_orientation_labels_zscore(tmp_path, version, prefix, ext)
         assert (image[tumour].mean(0) > image[shown & ~tumour].mean(0)).all()
 
 
-def test_msd_builder_channel_order_and_label_mapping(tmp_path):
-    root = tmp_path / 'Task01_BrainTumour'
+def write_msd(root):
+    """One MSD Task01 case (BRATS_001) in its 4-D layout, plus a listed case that is absent.
+
+    Returns the BraTS-convention truth (mods, seg, brain) of `_case_volumes(0)`; the stored FLAIR
+    is mods[0] (each modality k is stored scaled by k + 1, in a shuffled channel order).
+    """
+    root = root / 'Task01_BrainTumour'
     (root / 'imagesTr').mkdir(parents=True)
     (root / 'labelsTr').mkdir()
     # Deliberately not FLAIR, T1w, t1gd, T2w: the reader must follow dataset.json.
@@ -249,6 +254,11 @@ def test_msd_builder_channel_order_and_label_mapping(tmp_path):
                      {'image': './imagesTr/BRATS_002.nii.gz',
                       'label': './labelsTr/BRATS_002.nii.gz'}],  # absent: skipped
     }))
+    return mods, seg_brats, brain
+
+
+def test_msd_builder_channel_order_and_label_mapping(tmp_path):
+    mods, seg_brats, brain = write_msd(tmp_path)
     builder = tfds_io.make_builder('msd_brain', data_dir=str(tmp_path / 'tfds'), resolution=16)
     tfds_io.ensure_built(builder, str(tmp_path))
     assert len(builder.info.metadata['skipped_cases']) == 1

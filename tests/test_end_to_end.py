@@ -146,3 +146,18 @@ def test_baselines_run_through_the_same_round(tmp_path, mode):
     assert 0 <= float(dice) <= 1 and 0 <= float(own) <= 1
     assert int(float(bytes_up)) == 0  # nothing is communicated without a federation
     assert int(clients) == (1 if mode == 'centralized' else 3)
+
+
+def test_a_checkpoint_that_predates_a_field_resumes_only_with_its_old_behaviour():
+    from fedjax_med.checkpoint import config_differences
+
+    current = {'data': {'name': 'synthetic_brats', 'patch_size': 0, 'synthetic_signal': 2.5},
+               'dp': {'fast_clipping': False}}
+    saved = {'data': {'name': 'synthetic_brats'}, 'dp': {}}
+    # patch_size 0 and fast_clipping False are what the old run did; the old CXR twin had the
+    # findings' signal at 1, so asking for 2.5 is a different run.
+    assert config_differences(saved, current) == [
+        'data.synthetic_signal: checkpoint has 1.0, config has 2.5']
+    current['data']['patch_size'] = 64
+    assert 'data.patch_size: checkpoint has 0, config has 64' in config_differences(
+        saved, current)

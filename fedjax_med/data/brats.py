@@ -1,11 +1,20 @@
 """TFDS builder for brain-tumour MRI: BraTS 2020, BraTS 2021 and MSD Task01_BrainTumour.
 
-Each labelled case becomes 2-D axial slices: the four modalities (FLAIR, T1, T1ce, T2), each
-z-scored inside the brain mask (non-zero voxels of the skull-stripped scans) and 0 outside, plus the
-WT/TC/ET region targets made from the release's own label convention (`mri.seg_to_regions`).
-Volumes are reoriented with `nib.as_closest_canonical` (RAS+), so slices are axial whatever the
-stored axis order. Slices are shown with anterior at the top (rows) and the patient's left at the
-left (columns).
+Each labelled case is read as the four modalities (FLAIR, T1, T1ce, T2), each z-scored inside the
+brain mask (non-zero voxels of the skull-stripped scans) and 0 outside, plus the WT/TC/ET region
+targets made from the release's own label convention (`mri.seg_to_regions`). Volumes are
+reoriented with `nib.as_closest_canonical` (RAS+), so slices are axial whatever the stored axis
+order. Slices are shown with anterior at the top (rows) and the patient's left at the left
+(columns). Two modes (`BratsConfig(volumes=...)`):
+
+- 2-D (default): one example per axial slice, resized to R x R.
+- 3-D (`volumes=True`, config names end in `_vol`): one example per case, the whole volume
+  [Z', R, R, 4] as float16 with its labels [Z', R, R] and regions [Z', R, R, 3] as uint8 (zlib).
+  Axial planes are resized to R x R as in 2-D; the axial axis, cropped to the slices with brain, is
+  resampled to Z' slices so that voxels keep the physical aspect of the scan (BraTS, 240 x 240 at
+  1 mm, at R = 128: 1.875 mm voxels, Z' of about 75 from about 140 slices with brain).
+  `sources.load_federated` cuts 3-D patches from these volumes (`data.patch_size`,
+  `data/patches.py`), one case in memory at a time.
 
 Layouts (in the manual dir, searched recursively):
 - 'brats2020' / 'brats2021': one folder per case, `<case>_{flair,t1,t1ce,t2,seg}.nii[.gz]`, labels
@@ -16,9 +25,6 @@ Layouts (in the manual dir, searched recursively):
 A case with a missing modality, missing segmentation or mismatched shapes is skipped; skipped cases
 are counted and reported at the end (and stored in the dataset metadata). Everything is one 'train'
 split (only training cases are labelled); load_federated splits it by case.
-
-3-D patches are not streamed: the builder stores 2-D slices. A 3-D variant would store each case
-as one float16 [Z, R, R, 4] volume and sample patches in the batching layer.
 """
 
 from __future__ import annotations
@@ -50,27 +56,36 @@ Then: python -m fedjax_med.data.build --dataset=brats2020|brats2021|msd_brain --
 
 
 class BratsConfig(tfds.core.BuilderConfig):
-    """Which release (`release`), the stored in-plane resolution, and which slices are kept.
+    """Which release (`release`), the stored in-plane resolution, 2-D slices or 3-D volumes, and
+    which slices are kept.
 
-    brain_slices_only drops axial slices without brain; empty_slice_stride keeps every k-th brain
-    slice without tumour (k > 1 oversamples tumour slices relative to the rest).
+    brain_slices_only drops axial slices without brain (3-D: crops the volume to them);
+    empty_slice_stride keeps every k-th brain slice without tumour (k > 1 oversamples tumour slices
+    relative to the rest; 2-D only, 3-D patches oversample tumour when they are cut).
     """
 
     def __init__(self, *, version: str = 'brats2020', resolution: int = 128,
-                 brain_slices_only: bool = True, empty_slice_stride: int = 1, **kwargs):
+                 brain_slices_only: bool = True, empty_slice_stride: int = 1,
+                 volumes: bool = False, **kwargs):
         if version not in VERSIONS:
             raise ValueError(f'Unknown BraTS version {version!r}; use one of {VERSIONS}.')
+        if volumes and empty_slice_stride != 1:
+            raise ValueError(f'empty_slice_stride={empty_slice_stride} thins 2-D slices; 3-D '
+                             'volumes keep every slice. Set it to 1 with volumes=True.')
         name = f'{version}_r{resolution}'
         if not brain_slices_only:
             name += '_all'
         if empty_slice_stride != 1:
             name += f'_e{empty_slice_stride}'
-        super().__init__(name=name, description=f'{version}, {resolution}px axial slices',
-                         **kwargs)
+        if volumes:
+            name += '_vol'
+        kind = '3-D volumes' if volumes else 'axial slices'
+        super().__init__(name=name, description=f'{version}, {resolution}px {kind}', **kwargs)
         self.release = version
         self.resolution = resolution
         self.brain_slices_only = brain_slices_only
         self.empty_slice_stride = empty_slice_stride
+        self.volumes = volumes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,7 +163,8 @@ class CaseError(ValueError):
 
 
 def load_case(case: dict, version: str, msd_order: list[int] | None = None):
-    """Returns (volume float32 [X, Y, Z, 4] z-scored in brain, seg int [X, Y, Z], brain [X,Y,Z])."""
+    """Returns (volume float32 [X, Y, Z, 4] z-scored in brain, seg int [X, Y, Z], brain [X,Y,Z],
+    voxel size float [3] in mm along X, Y, Z)."""
     if case.get('seg') is None:
         raise CaseError('missing segmentation')
     if version == 'msd_brain':
@@ -167,13 +183,14 @@ def load_case(case: dict, version: str, msd_order: list[int] | None = None):
         if len(shapes) != 1:
             raise CaseError(f'modality shapes differ: {sorted(shapes)}')
         volume = np.stack(channels, axis=-1)
-    seg, _ = mri.load_canonical(case['seg'])
+    seg, affine = mri.load_canonical(case['seg'])
     seg = np.rint(seg).astype(np.int64)
     if seg.shape != volume.shape[:3]:
         raise CaseError(f'segmentation shape {seg.shape} != image shape {volume.shape[:3]}')
     brain = np.any(volume != 0, axis=-1)
     volume = mri.zscore_in_mask(volume[None], brain[None])[0]
-    return volume, seg, brain
+    spacing = np.sqrt(np.sum(np.square(affine[:3, :3]), axis=0))
+    return volume, seg, brain, spacing
 
 
 def _resize(plane: np.ndarray, resolution: int, nearest: bool) -> np.ndarray:
@@ -208,17 +225,78 @@ def case_slices(volume, seg, brain, *, version: str, resolution: int, brain_slic
         yield z, np.stack(planes, -1).astype(np.float16), label.astype(np.uint8), regions
 
 
+def _resize_axial(stack: np.ndarray, depth: int, nearest: bool) -> np.ndarray:
+    """Resamples axis 0 of [Z, ...] to `depth` with PIL's filter (as `_resize` in-plane): one
+    image [Z, everything else], so the other axes are left exactly as they are."""
+    flat = stack.reshape(stack.shape[0], -1)
+    im = Image.fromarray(flat.astype(np.uint8 if nearest else np.float32),
+                         mode='L' if nearest else 'F')
+    im = im.resize((flat.shape[1], depth),
+                   Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
+    return np.asarray(im).reshape(depth, *stack.shape[1:])
+
+
+def case_volume(volume, seg, brain, spacing, *, version: str, resolution: int,
+                brain_slices_only: bool) -> dict[str, np.ndarray | int]:
+    """One case as a 3-D volume of axial planes (see the module docstring).
+
+    Returns the volume features: 'image' float16 [Z', R, R, 4], 'seg' uint8 [Z', R, R] (the
+    release's labels), 'label' uint8 [Z', R, R, 3] (WT/TC/ET), 'first_slice' (the first canonical
+    axial slice kept) and 'spacing' float32 [3] (voxel size in mm along Z', rows, columns).
+    """
+    with_brain = np.flatnonzero(brain.any(axis=(0, 1)))
+    if not len(with_brain):
+        raise CaseError('no brain voxels (all modalities are zero)')
+    first, last = (with_brain[0], with_brain[-1]) if brain_slices_only else (
+        0, volume.shape[2] - 1)
+    zs = range(first, last + 1)
+    planes = np.stack([np.stack([_resize(to_display(volume[:, :, z, c]), resolution, False)
+                                 for c in range(4)], -1) for z in zs])
+    labels = np.stack([_resize(to_display(seg[:, :, z]), resolution, True) for z in zs])
+    # Displayed rows run along Y, columns along X.
+    row_mm = volume.shape[1] * spacing[1] / resolution
+    col_mm = volume.shape[0] * spacing[0] / resolution
+    depth = max(1, int(round(len(zs) * spacing[2] / ((row_mm + col_mm) / 2))))
+    planes = _resize_axial(planes, depth, nearest=False)
+    labels = _resize_axial(labels, depth, nearest=True)
+    convention = 'msd' if version == 'msd_brain' else 'brats'
+    regions = mri.seg_to_regions(labels, convention).astype(np.uint8)
+    return {'image': planes.astype(np.float16), 'seg': labels.astype(np.uint8),
+            'label': regions, 'first_slice': int(first),
+            'spacing': np.array([len(zs) * spacing[2] / depth, row_mm, col_mm], np.float32)}
+
+
 class Brats(tfds.core.GeneratorBasedBuilder):
-    """Brain-tumour MRI slices with WT/TC/ET targets (BraTS 2020, 2021, MSD Task01)."""
+    """Brain-tumour MRI slices or volumes with WT/TC/ET targets (BraTS 2020, 2021, MSD Task01)."""
 
     name = 'brats'
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-    BUILDER_CONFIGS = [BratsConfig(version=v, resolution=r) for v in VERSIONS for r in (128, 64)]
+    BUILDER_CONFIGS = ([BratsConfig(version=v, resolution=r) for v in VERSIONS for r in (128, 64)]
+                       + [BratsConfig(version=v, resolution=128, volumes=True) for v in VERSIONS])
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
+        if self.builder_config.volumes:
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description='Multi-modal brain-tumour MRI as 3-D volumes (one per case).',
+                features=tfds.features.FeaturesDict({
+                    'image': tfds.features.Tensor(shape=(None, r, r, 4), dtype=np.float16,
+                                                  encoding='zlib'),
+                    'seg': tfds.features.Tensor(shape=(None, r, r), dtype=np.uint8,
+                                                encoding='zlib'),
+                    'label': tfds.features.Tensor(shape=(None, r, r, 3), dtype=np.uint8,
+                                                  encoding='zlib'),
+                    'case_id': tfds.features.Text(),
+                    'patient_id': np.int64,
+                    'first_slice': np.int32,
+                    'spacing': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+                }),
+                homepage='https://www.synapse.org/brats',
+                metadata=tfds.core.MetadataDict(),
+            )
         return tfds.core.DatasetInfo(
             builder=self,
             description='Multi-modal brain-tumour MRI as 2-D axial slices.',
@@ -254,11 +332,19 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         skipped = []
         for case in cases:
             try:
-                volume, seg, brain = load_case(case, cfg.release, msd_order)
+                volume, seg, brain, spacing = load_case(case, cfg.release, msd_order)
+                if cfg.volumes:
+                    features = case_volume(volume, seg, brain, spacing, version=cfg.release,
+                                           resolution=cfg.resolution,
+                                           brain_slices_only=cfg.brain_slices_only)
             except (CaseError, OSError, ValueError) as e:
                 skipped.append(f'{case["case_id"]} ({e})')
                 continue
             pid = case_number(case['case_id'])
+            if cfg.volumes:
+                yield case['case_id'], {**features, 'case_id': case['case_id'],
+                                        'patient_id': pid}
+                continue
             for z, image, label, regions in case_slices(
                     volume, seg, brain, version=cfg.release, resolution=cfg.resolution,
                     brain_slices_only=cfg.brain_slices_only,

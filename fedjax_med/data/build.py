@@ -3,6 +3,7 @@
   python -m fedjax_med.data.build --dataset=nih_chestxray14 --manual_dir=/data/nih \
       --data_dir=~/tensorflow_datasets --resolution=224
   python -m fedjax_med.data.build --dataset=synthetic_cxr --data_dir=/tmp/tfds --num_examples=500
+  python -m fedjax_med.data.build --dataset=brats2021 --volumes --manual_dir=/data/brats  # 3-D
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ _SLICES = flags.DEFINE_integer('slices_per_case', 16, 'Synthetic BraTS: slices p
 _BRAIN_ONLY = flags.DEFINE_bool('brain_slices_only', True, 'BraTS: drop slices without brain.')
 _EMPTY_STRIDE = flags.DEFINE_integer('empty_slice_stride', 1,
                                      'BraTS: keep every k-th slice without tumour.')
+_VOLUMES = flags.DEFINE_bool('volumes', False,
+                             'BraTS: store one 3-D volume per case (for data.patch_size > 0).')
 
 _DEFAULT_RESOLUTION = {'nih_chestxray14': 224, 'brats2020': 128, 'brats2021': 128,
                        'msd_brain': 128}
@@ -34,11 +37,15 @@ _DEFAULT_RESOLUTION = {'nih_chestxray14': 224, 'brats2020': 128, 'brats2021': 12
 def main(argv: list[str]) -> None:
     del argv
     name = _DATASET.value
-    builder = tfds_io.make_builder(
-        name, data_dir=_DATA_DIR.value,
-        resolution=_RESOLUTION.value or _DEFAULT_RESOLUTION.get(name, 64),
-        num_examples=_NUM_EXAMPLES.value, seed=_SEED.value, slices_per_case=_SLICES.value,
-        brain_slices_only=_BRAIN_ONLY.value, empty_slice_stride=_EMPTY_STRIDE.value)
+    try:
+        builder = tfds_io.make_builder(
+            name, data_dir=_DATA_DIR.value,
+            resolution=_RESOLUTION.value or _DEFAULT_RESOLUTION.get(name, 64),
+            num_examples=_NUM_EXAMPLES.value, seed=_SEED.value, slices_per_case=_SLICES.value,
+            brain_slices_only=_BRAIN_ONLY.value, empty_slice_stride=_EMPTY_STRIDE.value,
+            volumes=_VOLUMES.value)
+    except ValueError as e:  # settings that do not fit the dataset, e.g. --volumes for NIH
+        sys.exit(f'error: {e}')
     try:
         tfds_io.ensure_built(builder, _MANUAL_DIR.value)
     except FileNotFoundError as e:

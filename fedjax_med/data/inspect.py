@@ -3,9 +3,10 @@
   python -m fedjax_med.data.inspect --config=configs/chestxray14.py:synthetic --workdir=/tmp/insp
 
 Prints each hospital's train/test sizes, patients and label histogram, and writes into --workdir
-  samples.png   a few training images per hospital (BraTS: FLAIR with WT/TC/ET contours)
-  label_mix.png hospital x label heat map (fraction of training examples -- BraTS: slices -- with
-                the label), the counts written in the cells
+  samples.png   a few training images per hospital (BraTS: FLAIR with WT/TC/ET contours; 3-D
+                patches by their axial slice with the most tumour)
+  label_mix.png hospital x label heat map (fraction of training examples -- BraTS: slices or 3-D
+                patches -- with the label), the counts written in the cells
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fedjax_med.data import sources  # noqa: E402
+from fedjax_med.data import mri, sources  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the PNGs go.')
@@ -93,12 +94,17 @@ def plot_samples(ds: sources.FederatedDataset, path: str, per_hospital: int) -> 
                 continue
             i = picks[j]
             if ds.task == 'brats':
-                ax.imshow(data['image'][i, ..., 0], cmap='gray')
+                image, label = data['image'][i], data['label'][i]
+                if image.ndim == 4:  # a 3-D patch: its axial slice with the most tumour
+                    dz = mri.largest_tumour_slice(label)
+                    image, label = image[dz], label[dz]
+                    z = f"{data['patch_origin'][i, 0] + dz}" if 'patch_origin' in data else '?'
+                else:
+                    z = data['slice_index'][i] if 'slice_index' in data else '?'
+                ax.imshow(image[..., 0], cmap='gray')
                 for r, color in zip(range(3), ('yellow', 'red', 'cyan'), strict=True):
-                    if data['label'][i, ..., r].any():
-                        ax.contour(data['label'][i, ..., r], [0.5], colors=color,
-                                   linewidths=0.8)
-                z = data['slice_index'][i] if 'slice_index' in data else '?'
+                    if label[..., r].any():
+                        ax.contour(label[..., r], [0.5], colors=color, linewidths=0.8)
                 ax.set_title(f"case {data['patient_id'][i]} z{z}", fontsize=6)
             else:
                 ax.imshow(data['image'][i, ..., 0], cmap='gray', vmin=0, vmax=1)

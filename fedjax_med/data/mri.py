@@ -55,3 +55,10 @@ def load_canonical(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     import nibabel as nib
     image = nib.as_closest_canonical(nib.load(os.fspath(path)))
     return np.asarray(image.dataobj, dtype=np.float32), image.affine
+
+
+def largest_tumour_slice(regions: np.ndarray) -> int:
+    """Axial slice of a 3-D patch or volume's regions [D, H, W, 3] with the most whole-tumour
+    voxels (the middle slice when there is no tumour): the one to show of a 3-D example."""
+    area = np.asarray(regions)[..., 0].reshape(regions.shape[0], -1).sum(1)
+    return int(area.argmax()) if area.max() > 0 else regions.shape[0] // 2

@@ -24,7 +24,8 @@ Strategies (`partition_examples(strategy=...)`):
   smallest hospital).
 
 `apply_acquisition_shift` gives each hospital a fixed scanner "look": X-ray gamma, contrast,
-brightness, blur and noise; MRI per-modality scale and offset, a smooth bias field and noise.
+brightness, blur and noise; MRI per-modality scale and offset, a smooth bias field and noise (on
+2-D slices, or on 3-D patches at their place in the volume).
 """
 
 from __future__ import annotations
@@ -339,14 +340,20 @@ def acquisition_params(hospital_index: int, task: str, seed: int) -> dict[str, n
     raise ValueError(f"Unknown task {task!r}; use 'chestxray14' or 'brats'.")
 
 
-def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str,
-                            seed: int) -> np.ndarray:
+def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str, seed: int, *,
+                            origins: np.ndarray | None = None,
+                            volume_shapes: np.ndarray | None = None) -> np.ndarray:
     """Applies hospital `hospital_index`'s fixed acquisition "look" to images [n, H, W, C].
 
     Deterministic in (images, hospital_index, task, seed). X-rays (values in [0, 1]): gamma,
     contrast, brightness, Gaussian blur, noise, clipped to [0, 1]. MRI (z-scored, background 0):
     per-modality scale and offset, a smooth multiplicative bias field and noise, inside the head
     only (background stays 0).
+
+    MRI 3-D patches [n, D, H, W, C] get the same in-plane bias field as 2-D slices, evaluated where
+    each patch lies in its volume: `origins` [n, 3] (z, y, x of the patch's first voxel) and
+    `volume_shapes` [n, 3] (as `data/patches.py` records them). Without them each patch is treated
+    as a whole volume.
     """
     p = acquisition_params(hospital_index, task, seed)
     images = np.asarray(images, np.float32)
@@ -360,11 +367,27 @@ def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str,
         out = _gaussian_blur(out, p['blur_sigma'] * res / 64)
         out = out + p['noise'] * rng.standard_normal(out.shape).astype(np.float32)
         return np.clip(out, 0.0, 1.0).astype(np.float32)
-    g = np.linspace(-1.0, 1.0, res, dtype=np.float32)
-    y, x = np.meshgrid(g, np.linspace(-1.0, 1.0, images.shape[2], dtype=np.float32),
-                       indexing='ij')
+    y, x = _in_plane_coordinates(images.shape, origins, volume_shapes)
     bias = 1.0 + p['bias'][0] * x + p['bias'][1] * y + p['bias'][2] * (x * x + y * y - 0.5)
     head = np.any(images != 0, axis=-1, keepdims=True)
-    out = (images * p['scale'] + p['offset']) * bias[None, :, :, None]
+    out = (images * p['scale'] + p['offset']) * bias[..., None]
     out = out + p['noise'] * rng.standard_normal(out.shape).astype(np.float32)
     return np.where(head, out, 0.0).astype(np.float32)
+
+
+def _in_plane_coordinates(shape: tuple[int, ...], origins: np.ndarray | None,
+                          volume_shapes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(y, x) in [-1, 1] over the rows and columns of each image's slice or volume, broadcastable
+    against images [n, H, W, C] ([H, W]) or patches [n, D, H, W, C] ([n, 1, H, W])."""
+    if len(shape) == 4:
+        g = lambda size: np.linspace(-1.0, 1.0, size, dtype=np.float32)
+        return np.meshgrid(g(shape[1]), g(shape[2]), indexing='ij')
+    n, _, h, w = shape[:4]
+    if origins is None:
+        origins = np.zeros((n, 3), np.int64)
+        volume_shapes = np.tile(np.asarray(shape[1:4], np.int64), (n, 1))
+    origins = np.asarray(origins, np.float32)
+    sizes = np.maximum(np.asarray(volume_shapes, np.float32) - 1.0, 1.0)
+    rows = -1.0 + 2.0 * (origins[:, 1, None] + np.arange(h, dtype=np.float32)) / sizes[:, 1, None]
+    cols = -1.0 + 2.0 * (origins[:, 2, None] + np.arange(w, dtype=np.float32)) / sizes[:, 2, None]
+    return rows[:, None, :, None], cols[:, None, None, :]

@@ -13,9 +13,10 @@ patient-wise train/test split inside each hospital -> each hospital's acquisitio
     into data_dir first.
   resolution: image side in pixels (a real dataset is built once per resolution: one TFDS
     builder config each).
-  num_train, num_test: synthetic only, examples over all hospitals (for BraTS: slices; cases are
-    ceil(total / slices_per_case)). Each hospital holds out about num_test / (num_train + num_test)
-    of its patients as its test split, so the global test set has about num_test examples.
+  num_train, num_test: synthetic only, examples over all hospitals (for BraTS: slices, or patches
+    in 3-D; cases are ceil(total / slices_per_case), or ceil(total / patches_per_case)). Each
+    hospital holds out about num_test / (num_train + num_test) of its patients as its test split,
+    so the global test set has about num_test examples.
   num_clients: K hospitals.
   partition: 'iid' | 'dirichlet' | 'pathological' | 'quantity' | 'natural' (see partition.py).
   dirichlet_alpha: Dirichlet concentration of the label skew (smaller = more skewed).
@@ -26,7 +27,13 @@ patient-wise train/test split inside each hospital -> each hospital's acquisitio
   test_fraction: real datasets without an official test list: fraction of each hospital's
     examples (whole patients) held out as its test split.
 Optional fields (read with defaults, so configs need not define them):
+  synthetic_signal (2.5): synthetic CXR, strength of the findings' signatures (1 = subtle).
   slices_per_case (16): synthetic BraTS, axial slices per case.
+  patch_size (0): BraTS, 0 for 2-D axial slices; P > 0 for 3-D patches of P^3 voxels cut from
+    whole volumes (synthetic: cubes of resolution^3 voxels; real: the builder's 3-D mode, see
+    brats.py), with foreground oversampling (see patches.py).
+  patches_per_case (8), tumour_patch_fraction (0.5): BraTS 3-D, patches cut from each case and
+    the fraction of them centred on a tumour voxel.
   synthetic_via_tfds (False): build the synthetic twin as a TFDS dataset in data_dir and read it
     back through its array_record data source (same path as the real datasets) instead of
     generating it in memory.
@@ -68,8 +75,9 @@ TASK_OF = {
 
 @dataclasses.dataclass
 class FederatedDataset:
-    """K hospitals' arrays. Every dict has 'image' float32 [n, H, W, C], 'label' float32 (CXR:
-    [n, 14] multi-hot; BraTS: [n, H, W, 3] WT/TC/ET), 'patient_id' int64 [n] and metadata."""
+    """K hospitals' arrays. Every dict has 'image' float32 [n, H, W, C] (BraTS 3-D patches:
+    [n, P, P, P, 4]), 'label' float32 (CXR: [n, 14] multi-hot; BraTS: [n, H, W, 3] or
+    [n, P, P, P, 3] WT/TC/ET), 'patient_id' int64 [n] and metadata."""
 
     task: str
     clients_train: list[Arrays]
@@ -94,15 +102,27 @@ def _concat(parts: list[Arrays]) -> Arrays:
 def _synthetic_cxr(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
     total = int(cfg.num_train) + int(cfg.num_test)
     rows = synthetic.sample_cxr_metadata(total, seed)
-    examples = synthetic.synthetic_cxr(total, int(cfg.resolution), seed, rows)
+    examples = synthetic.synthetic_cxr(
+        total, int(cfg.resolution), seed, rows,
+        signal=float(cfg.get('synthetic_signal', synthetic.DEFAULT_CXR_SIGNAL)))
     return examples, {'provenance': 'synthetic twin; labels, patient ids, views, ages and sexes '
                                     'drawn from the real NIH ChestX-ray14 metadata'}
 
 
 def _synthetic_brats(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
+    total = int(cfg.num_train) + int(cfg.num_test)
+    patch_size = int(cfg.get('patch_size', 0))
+    if patch_size:
+        per_case = int(cfg.get('patches_per_case', 8))
+        examples = synthetic.synthetic_brats_patches(
+            math.ceil(total / per_case), int(cfg.resolution), patch_size, per_case,
+            float(cfg.get('tumour_patch_fraction', 0.5)), seed)
+        return examples, {'provenance': f'synthetic twin of BraTS (labels 0/1/2/4 -> WT/TC/ET), '
+                                        f'{patch_size}^3 patches of {int(cfg.resolution)}^3 '
+                                        'volumes'}
     slices = int(cfg.get('slices_per_case', 16))
-    cases = math.ceil((int(cfg.num_train) + int(cfg.num_test)) / slices)
-    examples = synthetic.synthetic_brats(cases, int(cfg.resolution), slices, seed)
+    examples = synthetic.synthetic_brats(math.ceil(total / slices), int(cfg.resolution), slices,
+                                         seed)
     return examples, {'provenance': 'synthetic twin of BraTS (labels 0/1/2/4 -> WT/TC/ET)'}
 
 
@@ -181,8 +201,11 @@ def load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federat
     for h, (tr, te) in enumerate(zip(train_idx, test_idx, strict=True)):
         train, test = _take(examples, tr), _take(examples, te)
         if cfg.feature_skew:
-            train['image'] = partition.apply_acquisition_shift(train['image'], h, task, seed)
-            test['image'] = partition.apply_acquisition_shift(test['image'], h, task, seed)
+            for split in (train, test):
+                # 3-D patches carry their place in the volume, for a bias field over the head.
+                split['image'] = partition.apply_acquisition_shift(
+                    split['image'], h, task, seed, origins=split.get('patch_origin'),
+                    volume_shapes=split.get('volume_shape'))
         for split in (train, test):
             split['hospital'] = np.full(len(split['patient_id']), h, np.int64)
         clients_train.append(train)
@@ -204,14 +227,16 @@ def _summary(task: str, cfg: ml_collections.ConfigDict, train: list[Arrays], tes
     else:
         from fedjax_med.data import mri
         label_names = list(mri.REGIONS)
-        # Slices containing each region: a compact, comparable per-hospital histogram.
-        # max over the pixel axes (an empty split has no pixels to reshape over)
-        count = lambda d: d['label'].max(axis=(1, 2), initial=0).sum(0).astype(np.int64)
+        # Slices (3-D: patches) containing each region: a compact, comparable per-hospital
+        # histogram. max over the pixel axes (an empty split has no pixels to reshape over)
+        count = lambda d: d['label'].max(axis=tuple(range(1, d['label'].ndim - 1)),
+                                         initial=0).sum(0).astype(np.int64)
     info = {
         'task': task,
         'name': cfg.name,
         'label_names': label_names,
         'resolution': int(cfg.resolution),
+        'patch_size': int(cfg.get('patch_size', 0)),
         'channels': int(train[0]['image'].shape[-1]),
         'partition': cfg.partition,
         'num_clients': len(train),

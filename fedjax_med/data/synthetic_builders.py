@@ -1,9 +1,11 @@
 """TFDS builders of the synthetic twins, so the synthetic data can take the same array_record path
 as the real datasets (`data_config.synthetic_via_tfds`). No manual download, no TensorFlow.
 
-One config per (resolution, size, seed): `SyntheticCxrConfig(resolution=64, num_examples=2500,
+One config per (resolution, size, seed): `SyntheticConfig(resolution=64, num_examples=2500,
 seed=0)`. CXR images are stored as 8-bit PNG (so values are quantised to 1/255), BraTS slices as
-float16; each builder has a single 'train' split that load_federated partitions like any other.
+float16; `SyntheticConfig(volumes=True)` stores each synthetic BraTS case as one float16 volume
+[R, R, R, 4] with uint8 regions, which load_federated cuts into 3-D patches like the real volumes.
+Each builder has a single 'train' split that load_federated partitions like any other.
 """
 
 from __future__ import annotations
@@ -18,16 +20,19 @@ from fedjax_med.data import nih_metadata, synthetic
 
 
 class SyntheticConfig(tfds.core.BuilderConfig):
-    """Image side, number of examples (CXR images / BraTS cases) and generator seed."""
+    """Image side, number of examples (CXR images / BraTS cases), generator seed, and for BraTS
+    the slices per case or whole volumes (`volumes`)."""
 
     def __init__(self, *, resolution: int = 64, num_examples: int = 2500, seed: int = 0,
-                 slices_per_case: int = 16, **kwargs):
-        super().__init__(name=f'r{resolution}_n{num_examples}_s{seed}_z{slices_per_case}',
+                 slices_per_case: int = 16, volumes: bool = False, **kwargs):
+        layout = 'vol' if volumes else f'z{slices_per_case}'
+        super().__init__(name=f'r{resolution}_n{num_examples}_s{seed}_{layout}',
                          description='synthetic twin', **kwargs)
         self.resolution = resolution
         self.num_examples = num_examples
         self.seed = seed
         self.slices_per_case = slices_per_case
+        self.volumes = volumes
 
 
 def _png(image: np.ndarray) -> bytes:
@@ -81,7 +86,7 @@ class SyntheticCxr(tfds.core.GeneratorBasedBuilder):
 
 
 class SyntheticBrats(tfds.core.GeneratorBasedBuilder):
-    """Synthetic multi-modal brain-tumour slices (num_examples = cases)."""
+    """Synthetic multi-modal brain-tumour slices or volumes (num_examples = cases)."""
 
     name = 'synthetic_brats'
     VERSION = tfds.core.Version('1.0.0')
@@ -89,6 +94,20 @@ class SyntheticBrats(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         r = self.builder_config.resolution
+        if self.builder_config.volumes:
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description='Synthetic twin of BraTS, one 3-D volume per case.',
+                features=tfds.features.FeaturesDict({
+                    'image': tfds.features.Tensor(shape=(r, r, r, 4), dtype=np.float16,
+                                                  encoding='zlib'),
+                    'label': tfds.features.Tensor(shape=(r, r, r, 3), dtype=np.uint8,
+                                                  encoding='zlib'),
+                    'case_id': np.int64,
+                    'patient_id': np.int64,
+                    'grade': np.int32,
+                }),
+            )
         return tfds.core.DatasetInfo(
             builder=self,
             description='Synthetic twin of BraTS.',
@@ -110,6 +129,15 @@ class SyntheticBrats(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self):
         cfg = self.builder_config
+        if cfg.volumes:
+            for case in synthetic.synthetic_brats_volumes(cfg.num_examples, cfg.resolution,
+                                                          cfg.seed):
+                yield case['case_id'], {
+                    'image': case['image'].astype(np.float16),
+                    'label': case['label'].astype(np.uint8),
+                    **{k: case[k] for k in ('case_id', 'patient_id', 'grade')},
+                }
+            return
         data = synthetic.synthetic_brats(cfg.num_examples, cfg.resolution, cfg.slices_per_case,
                                          cfg.seed)
         for i in range(len(data['image'])):

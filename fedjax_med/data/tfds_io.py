@@ -1,9 +1,11 @@
 """Making, building and reading the TFDS datasets of fedjax_med (array_record, no TensorFlow).
 
 `make_builder(name, ...)` returns the builder for a `data.name`, `ensure_built` prepares it once
-into the data dir (from the manual dir for real datasets), and `read_all` reads every split through
-`builder.as_data_source()` into numpy arrays in the `FederatedDataset` conventions. `load_arrays`
-is what `sources.load_federated` calls for built datasets.
+into the data dir (from the manual dir for real datasets), and `read_split` reads a split through
+`builder.as_data_source()` into numpy arrays in the `FederatedDataset` conventions. BraTS in 3-D
+(`data.patch_size > 0`) is built as one volume per case and `read_patches` cuts each volume into
+patches as it is read (`data/patches.py`), so only one volume is in memory at a time.
+`load_arrays` is what `sources.load_federated` calls for built datasets.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from fedjax_med.data import brats, nih_chestxray14, synthetic_builders
+from fedjax_med.data import brats, nih_chestxray14, patches, synthetic_builders
 
 REAL = ('nih_chestxray14', 'brats2020', 'brats2021', 'msd_brain')
 SYNTHETIC = ('synthetic_cxr', 'synthetic_brats')
@@ -32,20 +34,25 @@ def _instantiate(cls: type, config: tfds.core.BuilderConfig, **kw) -> tfds.core.
 
 def make_builder(name: str, *, data_dir: str | None, resolution: int, num_examples: int = 2500,
                  seed: int = 0, slices_per_case: int = 16, brain_slices_only: bool = True,
-                 empty_slice_stride: int = 1) -> tfds.core.DatasetBuilder:
-    """The builder of dataset `name` (a `data.name`) with its config for these settings."""
+                 empty_slice_stride: int = 1, volumes: bool = False) -> tfds.core.DatasetBuilder:
+    """The builder of dataset `name` (a `data.name`) with its config for these settings
+    (`volumes`: BraTS, real or synthetic, as one 3-D volume per case)."""
     kw: dict[str, Any] = {'data_dir': data_dir or None, 'file_format': 'array_record'}
     if name == 'nih_chestxray14':
         cfg = nih_chestxray14.NihChestXray14Config(resolution=resolution)
         return _instantiate(nih_chestxray14.NihChestXray14, cfg, **kw)
+    if volumes and name not in (*brats.VERSIONS, 'synthetic_brats'):
+        raise ValueError(f'{name} has no 3-D volumes; only BraTS data ({brats.VERSIONS}, '
+                         "'synthetic_brats') can be built with volumes=True.")
     if name in brats.VERSIONS:
         cfg = brats.BratsConfig(version=name, resolution=resolution,
                                 brain_slices_only=brain_slices_only,
-                                empty_slice_stride=empty_slice_stride)
+                                empty_slice_stride=empty_slice_stride, volumes=volumes)
         return _instantiate(brats.Brats, cfg, **kw)
     if name in SYNTHETIC:
         cfg = synthetic_builders.SyntheticConfig(resolution=resolution, num_examples=num_examples,
-                                                 seed=seed, slices_per_case=slices_per_case)
+                                                 seed=seed, slices_per_case=slices_per_case,
+                                                 volumes=volumes)
         cls = (synthetic_builders.SyntheticCxr if name == 'synthetic_cxr'
                else synthetic_builders.SyntheticBrats)
         return _instantiate(cls, cfg, **kw)
@@ -92,6 +99,32 @@ def read_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.nd
             for k, v in columns.items()}
 
 
+def read_patches(builder: tfds.core.DatasetBuilder, split: str, *, patch_size: int,
+                 patches_per_case: int, tumour_fraction: float, seed: int,
+                 max_cases: int = 0) -> dict[str, np.ndarray]:
+    """Patches of every case of a volume split (`make_builder(..., volumes=True)`), stacked.
+
+    Volumes are read and cut one at a time (`patches.patches_from_cases`, seeded per case by
+    (seed, patient_id)); the stored 'seg' volume is dropped. `max_cases` > 0 reads only a seeded
+    subset of that many cases.
+    """
+    source = builder.as_data_source(split=split)
+    indices = np.arange(len(source))
+    if 0 < max_cases < len(indices):
+        rng = np.random.default_rng([seed, 0xCA5E])
+        indices = np.sort(rng.choice(indices, max_cases, replace=False))
+
+    def cases():
+        for i in indices:
+            example = source[int(i)]
+            yield {k: _to_python(v) for k, v in example.items()
+                   if k in ('image', 'label') or np.ndim(v) < 2}
+
+    return patches.patches_from_cases(cases(), patch_size=patch_size,
+                                      patches_per_case=patches_per_case,
+                                      tumour_fraction=tumour_fraction, seed=seed)
+
+
 def to_model_arrays(task: str, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stored dtypes -> the FederatedDataset conventions (float32 images/labels, int64 ids)."""
     out = dict(raw)
@@ -114,27 +147,38 @@ def load_arrays(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, np
     carries an official test split (NIH with its split lists), and an info dict.
     """
     name = cfg.name
-    slices = int(cfg.get('slices_per_case', 16))
+    task = 'chestxray14' if name in ('nih_chestxray14', 'synthetic_cxr') else 'brats'
+    patch_size = int(cfg.get('patch_size', 0)) if task == 'brats' else 0
+    per_case = int(cfg.get('patches_per_case', 8)) if patch_size else int(
+        cfg.get('slices_per_case', 16))
     if name == 'synthetic_brats':
-        num_examples = -(-(int(cfg.num_train) + int(cfg.num_test)) // slices)
+        num_examples = -(-(int(cfg.num_train) + int(cfg.num_test)) // per_case)
     else:
         num_examples = int(cfg.num_train) + int(cfg.num_test)
     builder = make_builder(name, data_dir=cfg.data_dir, resolution=int(cfg.resolution),
-                           num_examples=num_examples, seed=seed, slices_per_case=slices,
+                           num_examples=num_examples, seed=seed,
+                           slices_per_case=int(cfg.get('slices_per_case', 16)),
                            brain_slices_only=bool(cfg.get('brain_slices_only', True)),
-                           empty_slice_stride=int(cfg.get('empty_slice_stride', 1)))
+                           empty_slice_stride=int(cfg.get('empty_slice_stride', 1)),
+                           volumes=patch_size > 0)
     ensure_built(builder, cfg.manual_dir)
-    task = 'chestxray14' if name in ('nih_chestxray14', 'synthetic_cxr') else 'brats'
     splits = sorted(builder.info.splits.keys())
-    parts = {s: to_model_arrays(task, read_split(builder, s)) for s in splits}
+    max_cases = int(cfg.get('max_cases', 0))
+    if patch_size:
+        read = lambda s: read_patches(
+            builder, s, patch_size=patch_size, patches_per_case=per_case,
+            tumour_fraction=float(cfg.get('tumour_patch_fraction', 0.5)), seed=seed,
+            max_cases=max_cases)
+    else:
+        read = lambda s: read_split(builder, s)
+    parts = {s: to_model_arrays(task, read(s)) for s in splits}
     metadata = builder.info.metadata or {}
     official = bool(metadata.get('official_split', False))
     if official:
         for s, arrays in parts.items():
             arrays['is_official_test'] = np.full(len(arrays['label']), s == 'test')
     examples = {k: np.concatenate([parts[s][k] for s in splits]) for k in parts[splits[0]]}
-    max_cases = int(cfg.get('max_cases', 0))
-    if task == 'brats' and max_cases > 0:
+    if task == 'brats' and max_cases > 0 and not patch_size:
         cases = np.unique(examples['patient_id'])
         keep = np.random.default_rng([seed, 0xCA5E]).choice(
             cases, min(max_cases, len(cases)), replace=False)
