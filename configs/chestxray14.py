@@ -6,7 +6,8 @@ Variants (`--config=configs/chestxray14.py:VARIANT`):
              epochs, Adam with an exponentially decaying learning rate, sample-level DP-SGD
              calibrated to epsilon = 4.0 per hospital. Needs the built dataset
              (python -m fedjax_med.data.build --dataset=nih_chestxray14 --manual_dir=DIR).
-  synthetic  the built-in synthetic twin on CPU: small ResNet at 32 px, five non-IID hospitals.
+  synthetic  the built-in synthetic twin on CPU: small ResNet at 32 px, five non-IID hospitals,
+             20 rounds of 3 local epochs (about 3 minutes on 2 cores).
   smoke      seconds: tiny everything, checkpoint every round (tests, CI).
   dp         synthetic + sample-level DP-SGD at epsilon = 3.
 
@@ -47,15 +48,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.data.num_train = 3000
         c.data.num_test = 1000
         c.model.name = 'resnet_small'
-        c.model.width = 16
+        c.model.width = 8
         c.model.depth = 3
         c.num_rounds = 20
-        # Two local epochs: FedAvg over five non-IID hospitals moves the model by about the
-        # mean of their updates, so one epoch per round leaves it far behind centralised
-        # training after 20 rounds (AUROC 0.77 vs 0.93); two close much of that gap.
-        c.local.epochs = 2.0
+        # FedAvg over five non-IID hospitals moves the model by about the mean of their updates,
+        # i.e. by one hospital's worth of steps per round, while centralised training takes all
+        # hospitals' steps. Three local epochs at a high Adam learning rate let federated
+        # training converge within 20 rounds (one epoch at 3e-3: AUROC 0.77 vs 0.93
+        # centralised); a width-8 ResNet keeps the round cheap on a CPU.
+        c.local.epochs = 3.0
         c.local.batch_size = 32
-        c.local.learning_rate = 3e-3
+        c.local.learning_rate = 1e-2
         c.local.schedule = 'cosine'
         c.eval_every = 2
         c.checkpoint_every = 5
