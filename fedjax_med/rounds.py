@@ -5,8 +5,9 @@ options) and returns `round_fn(state, client_data, inputs, key) -> (state, metri
 
   1. every hospital's local update, `client.local_update` vmapped over the client axis;
   2. optional update compression (per-hospital state, e.g. top-k error feedback);
-  3. aggregation: FedAvg weighted mean, client-level DP (clip + noise), or secure aggregation
-     (fixed-point encoding + pairwise masks, summed modulo 2^32);
+  3. aggregation: `config.server.aggregator` (FedAvg weighted mean, or the robust
+     coordinate-wise median / trimmed mean), client-level DP (clip + noise), or secure
+     aggregation (fixed-point encoding + pairwise masks, summed modulo 2^32);
   4. the server optimiser step.
 
 The client axis of `client_data` and `inputs` is sharded over the mesh; parameters are
@@ -135,6 +136,7 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
     client_update = make_client_update(apply_fn=apply_fn, task=task, config=config,
                                        noise_multiplier=noise_multiplier, model=model)
     server = server_opt.server_optimizer(config.server)
+    aggregator = fedavg.aggregator(config.server.aggregator, config.server.trim_fraction)
     dp, sa = config.dp, config.secagg
     if dp.mode == 'client' or sa.enabled:
         from fedjax_med.aggregation import secure
@@ -216,7 +218,7 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
                 mean_delta = jax.tree.map(lambda s: s / jnp.maximum(summed['weight'], 1e-12),
                                           summed['delta'])
             else:
-                mean_delta = fedavg.weighted_mean(deltas, inputs.weights)
+                mean_delta = aggregator.combine(deltas, inputs.weights)
             params, opt_state = server_opt.server_step(server, state.params, state.opt_state,
                                                        mean_delta)
             metrics['train/update_norm'] = optax.tree.norm(mean_delta)

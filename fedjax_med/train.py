@@ -183,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         eval_global = jax.jit(eval_fn)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0)
     schedule = lr_schedule(lc, config.num_rounds)
-    aggregator = fedavg.aggregator(config.server.aggregator)
+    aggregator = fedavg.aggregator(config.server.aggregator, config.server.trim_fraction)
 
     # ---------------------------------------------------------------------------------------------
     # Resume

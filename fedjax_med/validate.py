@@ -6,6 +6,8 @@ a bad run fails in a second rather than after an hour.
 
 import ml_collections
 
+from fedjax_med.aggregation.fedavg import AGGREGATORS
+from fedjax_med.aggregation.robust import ROBUST_AGGREGATORS
 from fedjax_med.aggregation.server_opt import SERVER_OPTIMIZERS
 from fedjax_med.client import CLIENT_OPTIMIZERS
 from fedjax_med.models import COMPUTE_DTYPES, MODELS
@@ -22,7 +24,7 @@ CHOICES = {
     'local.schedule': ('constant', 'cosine', 'exponential'),
     'local.sampling': ('shuffle', 'poisson'),
     'server.optimizer': SERVER_OPTIMIZERS,
-    'server.aggregator': ('weighted', 'uniform'),
+    'server.aggregator': AGGREGATORS,
     'dp.mode': ('none', 'sample', 'client'),
     'dp.accountant': ('rdp', 'pld'),
     'compression.kind': ('none', 'quantize', 'topk'),
@@ -79,6 +81,29 @@ def _patch_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """A robust aggregator sorts each hospital's update, so it needs them in the clear and
+    un-noised; without a federation (centralized, local) the aggregator is never used."""
+    sc, problems = config.server, []
+    if not 0.0 <= sc.trim_fraction < 0.5:
+        problems.append(f'config.server.trim_fraction={sc.trim_fraction!r} must be in [0, 0.5) '
+                        '(the fraction dropped from each end of every coordinate); e.g. 0.1.')
+    if config.mode != 'federated' or sc.aggregator not in ROBUST_AGGREGATORS:
+        return problems
+    if config.secagg.enabled:
+        problems.append(f"config.server.aggregator={sc.aggregator!r} needs each hospital's update "
+                        'in the clear, but config.secagg.enabled=True shows the server only their '
+                        "sum. Use config.server.aggregator='weighted' or 'uniform' with secure "
+                        'aggregation, or set config.secagg.enabled=False.')
+    if config.dp.mode == 'client':
+        problems.append(f'config.server.aggregator={sc.aggregator!r} cannot run under '
+                        "config.dp.mode='client': client-level DP noises the sum of clipped "
+                        'updates and the privacy accounting covers only that noised sum. Use '
+                        "config.server.aggregator='weighted' or 'uniform' with client-level DP, "
+                        "or config.dp.mode='sample' or 'none' with a robust aggregator.")
+    return problems
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ValueError with one message per problem found (all of them at once)."""
     problems = []
@@ -108,6 +133,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append("config.model.name='unet' is a segmentation model; use 'resnet18' or "
                         "'resnet_small' for config.task='chestxray14'.")
     problems += _patch_problems(config)
+    problems += _aggregator_problems(config)
     dp = config.dp
     if dp.mode == 'sample' and config.local.sampling != 'poisson':
         problems.append("config.dp.mode='sample' needs config.local.sampling='poisson' (the "

@@ -1,2 +1,2 @@
-"""Server-side combination of hospital updates: FedAvg, server optimisers, secure aggregation,
-compression."""
+"""Server-side combination of hospital updates: FedAvg, robust aggregators (median, trimmed mean),
+server optimisers, secure aggregation, compression."""

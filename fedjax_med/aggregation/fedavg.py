@@ -1,13 +1,20 @@
-"""FedAvg aggregation over the client axis: a weighted mean of stacked hospital updates.
+"""FedAvg aggregation over the client axis (a weighted mean of stacked hospital updates), and
+`aggregator(name)`: how the server weighs and combines updates, FedAvg or robust (robust.py).
 
-Written as a plain reduction over axis 0; when the client axis is sharded over devices, XLA turns
-it into the cross-device all-reduce.
+The mean is a plain reduction over axis 0; when the client axis is sharded over devices, XLA
+turns it into the cross-device all-reduce.
 """
 
+import functools
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from fedjax_med.aggregation import robust
+
+AGGREGATORS = ('weighted', 'uniform', *robust.ROBUST_AGGREGATORS)
 
 
 def weighted_mean(stacked, weights: jax.Array):
@@ -18,16 +25,27 @@ def weighted_mean(stacked, weights: jax.Array):
 
 
 class Aggregator(NamedTuple):
-    """init/apply pair: `weights(num_examples, participating)` -> aggregation weights [K]."""
+    """`weights(num_examples, participating)` -> aggregation weights [K] (host, once a round; 0 =
+    not taking part) and `combine(stacked, weights)` -> the aggregated update (in the round)."""
 
     name: str
-    weights: callable
+    weights: Callable
+    combine: Callable
 
 
-def aggregator(name: str) -> Aggregator:
-    """'weighted' (by training examples, McMahan et al. 2017) or 'uniform' (each hospital alike)."""
+def aggregator(name: str, trim_fraction: float = 0.1) -> Aggregator:
+    """'weighted' (by training examples, McMahan et al. 2017), 'uniform' (each hospital alike),
+    or the unweighted robust 'median' / 'trimmed_mean' (`trim_fraction` from each end)."""
+    taking_part = lambda num_examples, participating: participating
     if name == 'weighted':
-        return Aggregator(name, lambda num_examples, participating: num_examples * participating)
+        return Aggregator(name, lambda num_examples, participating: num_examples * participating,
+                          weighted_mean)
     if name == 'uniform':
-        return Aggregator(name, lambda num_examples, participating: participating)
-    raise ValueError(f'config.server.aggregator={name!r}: use one of weighted, uniform.')
+        return Aggregator(name, taking_part, weighted_mean)
+    if name == 'median':
+        return Aggregator(name, taking_part, robust.coordinate_median)
+    if name == 'trimmed_mean':
+        robust.check_trim_fraction(trim_fraction)
+        return Aggregator(name, taking_part,
+                          functools.partial(robust.trimmed_mean, trim_fraction=trim_fraction))
+    raise ValueError(f'config.server.aggregator={name!r}: use one of {", ".join(AGGREGATORS)}.')
