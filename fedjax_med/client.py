@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fedjax_med.data import storage
+
 # (params, batch, mask [B], key, expected_batch) -> (gradient pytree, aux metrics with 'loss')
 GradientFn = Callable[..., tuple[Any, dict]]
 # (params, images [B, ...]) -> logits
@@ -74,7 +76,8 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
 
     Args:
       global_params: the model the server broadcast this round.
-      data: this hospital's training arrays, leading axis over its (padded) examples.
+      data: this hospital's training arrays in their storage dtypes (data/storage.py), leading
+        axis over its (padded) examples; a step decodes only the batch it gathers.
       indices, mask: int32/float32 [S, B]: which examples each step uses, and which are real.
       step_active: bool [S]: steps beyond this hospital's share are skipped (no state change).
       expected_batch: DP-SGD denominator (ignored by the non-private gradient).
@@ -94,7 +97,7 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
 
         def run(carry):
             params, opt_state, sums = carry
-            batch = jax.tree.map(lambda a: a[idx], data)
+            batch = gather_batch(data, idx)
             grads, aux = grad_fn(params, batch, m, jax.random.fold_in(key, step_index),
                                  expected_batch)
             if prox_mu:
@@ -121,8 +124,14 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
     return ClientOutput(delta=delta, num_steps=jnp.sum(step_active), metrics=sums)
 
 
+def gather_batch(data: dict, idx: jax.Array) -> dict:
+    """Examples `idx` of a hospital's stored arrays, decoded to float32 model inputs. Decoding
+    after the gather keeps the whole training set compact on the device."""
+    return storage.decode(jax.tree.map(lambda a: a[idx], data))
+
+
 def _aux_keys(grad_fn, params, data, indices, mask, expected_batch, key) -> list[str]:
     """Names of the extra scalar metrics a gradient function reports (found by abstract eval)."""
-    batch = jax.tree.map(lambda a: a[indices[0]], data)
+    batch = gather_batch(data, indices[0])
     aux = jax.eval_shape(lambda: grad_fn(params, batch, mask[0], key, expected_batch)[1])
     return sorted(k for k in aux if k != 'loss')

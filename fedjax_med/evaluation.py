@@ -1,7 +1,8 @@
 """Jitted, batched evaluation of one model or of one model per hospital.
 
 A split is padded to whole batches ([num_batches, batch, ...] plus an example mask) once, on the
-device; `lax.map` runs the batches and the host adds up the statistics (`unbatch_stats`).
+device, in its storage dtypes (data/storage.py); `lax.map` decodes and runs one batch at a time
+and the host adds up the statistics (`unbatch_stats`).
 """
 
 import math
@@ -9,11 +10,13 @@ import math
 import jax
 import numpy as np
 
+from fedjax_med.data import storage
 from fedjax_med.tasks import Task
 
 
 def batch_split(split: dict, batch_size: int, *, shrink: bool = True) -> dict:
-    """{'image', 'label'} arrays [N, ...] -> [nb, bs, ...] plus 'mask' [nb, bs] (numpy).
+    """{'image', 'label'} arrays [N, ...] -> [nb, bs, ...] (same dtypes) plus float32 'mask'
+    [nb, bs] (numpy).
 
     With `shrink`, a split smaller than one batch gets a smaller batch (less padding).
     """
@@ -22,8 +25,8 @@ def batch_split(split: dict, batch_size: int, *, shrink: bool = True) -> dict:
     nb = max(1, math.ceil(n / bs))
     out = {}
     for key in ('image', 'label'):
-        x = np.asarray(split[key], np.float32)
-        padded = np.zeros((nb * bs, *x.shape[1:]), np.float32)
+        x = np.asarray(split[key])
+        padded = np.zeros((nb * bs, *x.shape[1:]), x.dtype)
         padded[:n] = x
         out[key] = padded.reshape(nb, bs, *x.shape[1:])
     mask = np.zeros(nb * bs, np.float32)
@@ -54,6 +57,7 @@ def build_eval_fn(apply_fn, task: Task):
 
     def evaluate(params, split):
         def one_batch(b):
+            b = storage.decode(b)
             return task.eval_stats(apply_fn(params, b['image']), b['label'], b['mask'])
 
         return jax.lax.map(one_batch, split)

@@ -36,6 +36,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from fedjax_med.data import storage
+
 MAIN_METRIC = {'chestxray14': 'mean_auroc', 'brats': 'mean_dice'}
 METRIC_NAME = {'mean_auroc': 'mean AUROC', 'mean_dice': 'mean Dice'}
 # The paper's headline bounds, drawn as reference lines.
@@ -443,7 +445,8 @@ def load_model(run: Run) -> Callable:
 
 
 def load_test_split(run: Run) -> dict:
-    """The run's global test split, re-created from its config (same seed, same hospitals)."""
+    """The run's global test split, re-created from its config (same seed, same hospitals), in
+    its storage dtypes: decode (`storage.decode`) only the examples a figure shows."""
     import ml_collections
 
     from fedjax_med.data import sources
@@ -478,7 +481,8 @@ def plot_brats_overlays(runs: Sequence[Run], out_dir: str, num_examples: int = 3
     test = load_test_split(chosen[0])
     wt_area = test['label'][..., 0].reshape(len(test['label']), -1).sum(1)
     idx = np.argsort(-wt_area)[:num_examples]  # the largest tumours show all three regions
-    images, labels = test['image'][idx], test['label'][idx]
+    shown = storage.decode({'image': test['image'][idx], 'label': test['label'][idx]})
+    images, labels = shown['image'], shown['label']
     predictions = [np.asarray(load_model(r)(images)) > 0 for r in chosen]
     if images.ndim == 5:
         from fedjax_med.data import mri
@@ -527,7 +531,8 @@ def plot_cxr_attribution(runs: Sequence[Run], out_dir: str, num_examples: int = 
     test = load_test_split(chosen[0])
     positive = np.flatnonzero(test['label'].sum(1) > 0)
     idx = (positive if len(positive) else np.arange(len(test['label'])))[:num_examples]
-    images, labels = jnp.asarray(test['image'][idx]), test['label'][idx]
+    shown = storage.decode({'image': test['image'][idx], 'label': test['label'][idx]})
+    images, labels = jnp.asarray(shown['image']), shown['label']
     models = [load_model(r) for r in chosen]
     probs = np.asarray(models[0](images))
     # Explain a finding the image has; without one, the model's top finding.

@@ -44,12 +44,13 @@ def pool_clients(splits: list[dict]) -> dict:
 
 
 def pad_examples(splits: list[dict], num_padded_clients: int) -> dict:
-    """Per-hospital training arrays -> {'image': [K, n_max, ...], 'label': ...} (zero padded)."""
+    """Per-hospital training arrays -> {'image': [K, n_max, ...], 'label': ...} (zero padded),
+    kept in their storage dtypes: the round decodes each gathered batch (data/storage.py)."""
     n_max = max(len(s['image']) for s in splits)
     out = {}
     for key in ('image', 'label'):
         first = np.asarray(splits[0][key])
-        arr = np.zeros((num_padded_clients, n_max, *first.shape[1:]), np.float32)
+        arr = np.zeros((num_padded_clients, n_max, *first.shape[1:]), first.dtype)
         for k, s in enumerate(splits):
             arr[k, : len(s[key])] = s[key]
         out[key] = arr

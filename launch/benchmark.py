@@ -24,9 +24,10 @@ fixed (`scaling_devices`), compile times, peak device memory, the device and the
 All ratio measurements use a one-device mesh, so they compare like with like; the device sweep
 is the only place where several devices are used.
 
-Data are random arrays generated on the device with the shapes of the real tasks; throughput
-does not depend on their values. Each measurement catches its own errors (e.g. out of memory at
-K=64), records them under 'errors' and the run goes on. A time budget (`--budget_s`) skips the
+Data are random arrays generated on the device with the shapes and storage dtypes (uint8 X-rays,
+float16 MRI, uint8 labels) of the real tasks; throughput does not depend on their values. Each
+measurement catches its own errors (e.g. out of memory at K=64), records them under 'errors' and
+the run goes on. A time budget (`--budget_s`) skips the
 remaining, lower-priority measurements rather than overrunning a fixed GPU slot; the JSON file is
 rewritten after every measurement, so a killed run still leaves what it measured.
 
@@ -64,6 +65,7 @@ import numpy as np  # noqa: E402
 from configs import base  # noqa: E402
 from fedjax_med import parallel, rounds  # noqa: E402
 from fedjax_med.aggregation import server_opt  # noqa: E402
+from fedjax_med.data import storage  # noqa: E402
 from fedjax_med.models import NUM_OUTPUTS, build_model  # noqa: E402
 from fedjax_med.state import RoundInputs  # noqa: E402
 from fedjax_med.tasks import TASKS  # noqa: E402
@@ -232,14 +234,20 @@ def num_outputs_shape(w: Workload) -> tuple[int, ...]:
 
 
 def make_client_data(w: Workload, num_padded: int, num_examples: int, mesh, seed: int) -> dict:
-    """Random {'image': [K, N, H, W, C], 'label': [K, N, ...]}, generated on the devices."""
+    """Random {'image': [K, N, H, W, C], 'label': [K, N, ...]}, generated on the devices in the
+    storage dtypes training keeps there (data/storage.py), so a round decodes its batches too."""
     image_shape = (num_padded, num_examples, w.resolution, w.resolution, w.channels)
     label_shape = (num_padded, num_examples, *num_outputs_shape(w))
+    image_dtype = storage.IMAGE_DTYPES[w.task]
 
     def generate(key):
         ki, kl = jax.random.split(key)
-        return {'image': jax.random.normal(ki, image_shape, jnp.float32),
-                'label': jax.random.bernoulli(kl, 0.3, label_shape).astype(jnp.float32)}
+        if image_dtype == np.uint8:
+            image = jax.random.bits(ki, image_shape, jnp.uint8)
+        else:
+            image = jax.random.normal(ki, image_shape, jnp.float32).astype(image_dtype)
+        return {'image': image,
+                'label': jax.random.bernoulli(kl, 0.3, label_shape).astype(storage.LABEL_DTYPE)}
 
     sharding = parallel.client_sharding(mesh)
     return jax.jit(generate, out_shardings=sharding)(jax.random.key(seed))

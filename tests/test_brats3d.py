@@ -342,7 +342,8 @@ def test_builder_volume_mode_on_real_layouts(tmp_path, version):
     everything = [ds.clients_train[0], ds.clients_test[0]]
     assert sum(len(s['image']) for s in everything) == 3 * len(truth)
     for split in everything:
-        assert split['image'].shape[1:] == (8, 8, 8, 4) and split['image'].dtype == np.float32
+        assert split['image'].shape[1:] == (8, 8, 8, 4) and split['image'].dtype == np.float16
+        assert split['label'].dtype == np.uint8
         local = split['centre'] - split['patch_origin']
         centred = np.flatnonzero(split['tumour_centred'] == 1)
         assert (split['label'][centred, *local[centred].T, 0] == 1).all()
@@ -363,7 +364,9 @@ def test_synthetic_volumes_via_tfds_give_the_in_memory_patches(tmp_path):
     m, v = order(mem.test), order(via.test)
     np.testing.assert_array_equal(mem.test['patch_origin'][m], via.test['patch_origin'][v])
     np.testing.assert_array_equal(mem.test['label'][m], via.test['label'][v])
-    np.testing.assert_allclose(mem.test['image'][m], via.test['image'][v], atol=1e-2)
+    assert mem.test['image'].dtype == via.test['image'].dtype == np.float16
+    np.testing.assert_allclose(mem.test['image'][m].astype(np.float32),
+                               via.test['image'][v].astype(np.float32), atol=1e-2)
 
 
 def test_largest_tumour_slice():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fedjax_med.data import brats, mri, nih_metadata, sources, tfds_io
+from fedjax_med.data import brats, mri, nih_metadata, sources, storage, tfds_io
 
 HEADER = ('Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,{sex},View Position,'
           'OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n')
@@ -124,7 +124,12 @@ def test_load_federated_nih_uses_official_test(tmp_path):
     assert ds.task == 'chestxray14' and ds.info['official_split']
     assert sorted(ds.test['patient_id']) == [2, 6, 7]
     assert sum(len(d['label']) for d in ds.clients_train) == 5
-    assert ds.test['image'].dtype == np.float32 and ds.test['image'].max() <= 1.0
+    assert ds.test['image'].dtype == np.uint8 and ds.test['label'].dtype == np.uint8
+    # The PNG pixels are decoded to [0, 1] for the acquisition shift (not shifted as 0..255 and
+    # saturated), so the shifted images stay close to the stored ones.
+    raw = sources.load_federated(ml_collections.ConfigDict(dict(cfg, feature_skew=False)), seed=0)
+    shifted, stored = (storage.decode_images(d.test['image']) for d in (ds, raw))
+    assert abs(shifted.mean() - stored.mean()) < 0.15 and (ds.test['image'] == 255).mean() < 0.2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +306,9 @@ def test_synthetic_via_tfds_matches_in_memory_path(tmp_path):
         order_m = np.lexsort([mem.test[within], mem.test['patient_id']])
         order_v = np.lexsort([via.test[within], via.test['patient_id']])
         tol = 1 / 255 if name == 'synthetic_cxr' else 1e-2  # PNG / float16 storage
-        np.testing.assert_allclose(mem.test['image'][order_m], via.test['image'][order_v],
-                                   atol=tol)
+        assert mem.test['image'].dtype == via.test['image'].dtype
+        np.testing.assert_allclose(storage.decode_images(mem.test['image'][order_m]),
+                                   storage.decode_images(via.test['image'][order_v]), atol=tol)
         np.testing.assert_array_equal(mem.test['label'][order_m], via.test['label'][order_v])
     assert 'tensorflow' not in sys.modules
 

@@ -29,8 +29,9 @@ def _check_common(ds, k):
             if i != j:
                 assert not (train_p[i] | test_p[i]) & (train_p[j] | test_p[j])
     assert len(ds.test['label']) == sum(len(d['label']) for d in ds.clients_test)
+    image_dtype = {'chestxray14': np.uint8, 'brats': np.float16}[ds.task]  # compact storage
     for d in [*ds.clients_train, *ds.clients_test, ds.test]:
-        assert d['image'].dtype == np.float32 and d['label'].dtype == np.float32
+        assert d['image'].dtype == image_dtype and d['label'].dtype == np.uint8
         assert d['patient_id'].dtype == np.int64
         assert all(len(v) == len(d['label']) for v in d.values())
 

@@ -1,6 +1,8 @@
 """Datasets (TFDS builders, synthetic twins), hospital partitions and client batching.
 
   sources.py            load_federated(data_config, seed) -> FederatedDataset (the entry point)
+  storage.py            compact storage dtypes (uint8 X-rays and labels, float16 MRI) and the
+                        one decode to float32 inputs, used inside the jitted round and evaluation
   synthetic.py          synthetic_cxr / synthetic_brats: in-memory synthetic twins (numpy)
   partition.py          patient-wise iid / dirichlet / pathological / quantity / natural
                         partitions, train/test split, per-hospital acquisition shift

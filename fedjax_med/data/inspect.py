@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from fedjax_med.data import mri, sources  # noqa: E402
+from fedjax_med.data import mri, sources, storage  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (get_config(arg)).')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Where the PNGs go.')
@@ -93,8 +93,9 @@ def plot_samples(ds: sources.FederatedDataset, path: str, per_hospital: int) -> 
             if j >= len(picks):
                 continue
             i = picks[j]
+            shown = storage.decode({'image': data['image'][i], 'label': data['label'][i]})
+            image, label = shown['image'], shown['label']
             if ds.task == 'brats':
-                image, label = data['image'][i], data['label'][i]
                 if image.ndim == 4:  # a 3-D patch: its axial slice with the most tumour
                     dz = mri.largest_tumour_slice(label)
                     image, label = image[dz], label[dz]
@@ -107,8 +108,8 @@ def plot_samples(ds: sources.FederatedDataset, path: str, per_hospital: int) -> 
                         ax.contour(label[..., r], [0.5], colors=color, linewidths=0.8)
                 ax.set_title(f"case {data['patient_id'][i]} z{z}", fontsize=6)
             else:
-                ax.imshow(data['image'][i, ..., 0], cmap='gray', vmin=0, vmax=1)
-                found = [_ABBREV.get(names[c], names[c]) for c in np.flatnonzero(data['label'][i])]
+                ax.imshow(image[..., 0], cmap='gray', vmin=0, vmax=1)
+                found = [_ABBREV.get(names[c], names[c]) for c in np.flatnonzero(label)]
                 ax.set_title(','.join(found) or 'none', fontsize=6)
             if j == 0:
                 ax.text(-0.1, 0.5, ds.client_names[h], transform=ax.transAxes, rotation=90,

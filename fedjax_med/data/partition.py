@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_med.data import storage
+
 STRATEGIES = ('iid', 'dirichlet', 'pathological', 'quantity', 'natural')
 
 
@@ -345,6 +347,10 @@ def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str, 
                             volume_shapes: np.ndarray | None = None) -> np.ndarray:
     """Applies hospital `hospital_index`'s fixed acquisition "look" to images [n, H, W, C].
 
+    Works in float32 and returns float32: images in a storage dtype (uint8 X-rays read from a
+    built dataset, float16 MRI) are decoded first (`storage.decode_images`); the caller rounds
+    the result to the storage dtype, as the hospital's scanner would.
+
     Deterministic in (images, hospital_index, task, seed). X-rays (values in [0, 1]): gamma,
     contrast, brightness, Gaussian blur, noise, clipped to [0, 1]. MRI (z-scored, background 0):
     per-modality scale and offset, a smooth multiplicative bias field and noise, inside the head
@@ -356,7 +362,7 @@ def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str, 
     as a whole volume.
     """
     p = acquisition_params(hospital_index, task, seed)
-    images = np.asarray(images, np.float32)
+    images = storage.decode_images(np.asarray(images))
     if len(images) == 0:
         return images
     rng = np.random.default_rng([seed, hospital_index, 0xAC92])

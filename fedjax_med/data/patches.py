@@ -108,7 +108,8 @@ def patches_from_cases(cases: Iterable[dict], *, patch_size: int, patches_per_ca
     (int) and any other per-case scalars (ids, grade), which every patch of the case repeats.
     Volumes are dropped once cut, so a stream of cases needs memory for one volume at a time.
 
-    Returns the `sample_patches` arrays (image as float32, label as float32) plus the per-case
+    Returns the `sample_patches` arrays (image and label in the cases' dtypes: float16 and uint8
+    from a built dataset, which `load_federated` keeps on the device) plus the per-case
     scalars, 'patch_index' (0..patches_per_case-1 within the case), 'volume_shape' int64 [n, 3]
     and 'has_tumor' (1 if the patch holds a WT voxel).
     """
@@ -118,8 +119,6 @@ def patches_from_cases(cases: Iterable[dict], *, patch_size: int, patches_per_ca
         drawn = sample_patches(volume, np.asarray(case['label']), patch_size=patch_size,
                                num_patches=patches_per_case, tumour_fraction=tumour_fraction,
                                rng=case_rng(seed, case['patient_id']))
-        drawn['image'] = drawn['image'].astype(np.float32)
-        drawn['label'] = drawn['label'].astype(np.float32)
         drawn['patch_index'] = np.arange(patches_per_case, dtype=np.int64)
         drawn['volume_shape'] = np.tile(np.asarray(volume.shape[:3], np.int64),
                                         (patches_per_case, 1))

@@ -3,7 +3,7 @@
 Pipeline: examples (synthetic twin generated in memory, or a built TFDS dataset read through its
 array_record data source) -> patient-wise partition into K hospitals (`partition.py`) ->
 patient-wise train/test split inside each hospital -> each hospital's acquisition shift (when
-`feature_skew`) -> `FederatedDataset`.
+`feature_skew`) -> compact storage dtypes -> `FederatedDataset`.
 
 `data_config` fields (configs/base.py holds the defaults):
   name: 'synthetic_cxr' | 'nih_chestxray14' | 'synthetic_brats' | 'brats2020' | 'brats2021' |
@@ -49,6 +49,15 @@ hospital's test split is the official test images of its patients and `test` is 
 list; otherwise every hospital splits its own patients by `test_fraction`.
 
 Every split dict also carries 'hospital' (int64, the hospital index) besides the dataset's metadata.
+
+Array dtypes (`storage.py`): the splits stay compact, on the host and on the device, and are
+decoded to float32 only batch by batch inside the jitted round and evaluation.
+  'image'  CXR: uint8 [n, H, W, 1], pixel v standing for v / 255 in [0, 1] (`storage.CXR_SCALE`);
+           BraTS: float16 [n, H, W, 4] or [n, P, P, P, 4], z-scored in the head, 0 outside.
+  'label'  uint8: CXR multi-hot [n, 14]; BraTS WT/TC/ET masks [n, H, W, 3] or [n, P, P, P, 3].
+The synthetic twins are generated in float32 and real datasets are read in their stored dtypes;
+each hospital split is brought to the storage dtypes after its acquisition shift (a synthetic CXR
+image is rounded once, to within 0.5 / 255 of its float value).
 """
 
 from __future__ import annotations
@@ -60,7 +69,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from fedjax_med.data import nih_metadata, partition, synthetic
+from fedjax_med.data import nih_metadata, partition, storage, synthetic
 
 Arrays = dict[str, np.ndarray]
 TASK_OF = {
@@ -75,9 +84,10 @@ TASK_OF = {
 
 @dataclasses.dataclass
 class FederatedDataset:
-    """K hospitals' arrays. Every dict has 'image' float32 [n, H, W, C] (BraTS 3-D patches:
-    [n, P, P, P, 4]), 'label' float32 (CXR: [n, 14] multi-hot; BraTS: [n, H, W, 3] or
-    [n, P, P, P, 3] WT/TC/ET), 'patient_id' int64 [n] and metadata."""
+    """K hospitals' arrays in their storage dtypes (see the module docstring): every dict has
+    'image' [n, H, W, C] (BraTS 3-D patches: [n, P, P, P, 4]), 'label' uint8 (CXR: [n, 14]
+    multi-hot; BraTS: [n, H, W, 3] or [n, P, P, P, 3] WT/TC/ET), 'patient_id' int64 [n] and
+    metadata. `storage.decode` gives the float32 model inputs."""
 
     task: str
     clients_train: list[Arrays]
@@ -199,17 +209,20 @@ def load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federat
 
     clients_train, clients_test = [], []
     for h, (tr, te) in enumerate(zip(train_idx, test_idx, strict=True)):
-        train, test = _take(examples, tr), _take(examples, te)
-        if cfg.feature_skew:
-            for split in (train, test):
+        splits = []
+        for split in (_take(examples, tr), _take(examples, te)):
+            if cfg.feature_skew:
                 # 3-D patches carry their place in the volume, for a bias field over the head.
                 split['image'] = partition.apply_acquisition_shift(
                     split['image'], h, task, seed, origins=split.get('patch_origin'),
                     volume_shapes=split.get('volume_shape'))
-        for split in (train, test):
+            # Rounded only now, after the shift in float: the hospital's scanner writes the
+            # 8-bit images (a real dataset read as uint8 is decoded for the shift).
+            split = storage.encode(task, split)
             split['hospital'] = np.full(len(split['patient_id']), h, np.int64)
-        clients_train.append(train)
-        clients_test.append(test)
+            splits.append(split)
+        clients_train.append(splits[0])
+        clients_test.append(splits[1])
     del examples
 
     client_names = [f'hospital_{h}' for h in range(k)]

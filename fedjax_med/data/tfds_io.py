@@ -125,14 +125,11 @@ def read_patches(builder: tfds.core.DatasetBuilder, split: str, *, patch_size: i
                                       tumour_fraction=tumour_fraction, seed=seed)
 
 
-def to_model_arrays(task: str, raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stored dtypes -> the FederatedDataset conventions (float32 images/labels, int64 ids)."""
+def to_model_arrays(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read arrays -> the FederatedDataset conventions: int64 ids and 1-D integer columns. Images
+    and labels keep the dtypes they were stored in (uint8 PNG pixels, float16 MRI, uint8
+    labels), which are the storage dtypes of `storage.py`: nothing is inflated to float32."""
     out = dict(raw)
-    if task == 'chestxray14':
-        out['image'] = raw['image'].astype(np.float32) / 255.0
-    else:
-        out['image'] = raw['image'].astype(np.float32)
-    out['label'] = raw['label'].astype(np.float32)
     out['patient_id'] = raw['patient_id'].astype(np.int64)
     for k, v in out.items():
         if np.issubdtype(v.dtype, np.integer) and v.ndim == 1:
@@ -171,7 +168,7 @@ def load_arrays(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, np
             max_cases=max_cases)
     else:
         read = lambda s: read_split(builder, s)
-    parts = {s: to_model_arrays(task, read(s)) for s in splits}
+    parts = {s: to_model_arrays(read(s)) for s in splits}
     metadata = builder.info.metadata or {}
     official = bool(metadata.get('official_split', False))
     if official:
