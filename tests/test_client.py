@@ -144,3 +144,15 @@ def test_round_compiles_once_across_participation_patterns():
     for r, weights in enumerate([[1.0, 1.0, 1.0], [0.0, 1.0, 1.0], [1.0, 0.0, 0.0]]):
         state, _ = fn(state, client_data, inputs(weights), jax.random.key(r))
     assert fn.num_traces == 1
+
+
+def test_a_round_makes_no_host_round_trips():
+    # Once its inputs are on the device, a round runs without any implicit host<->device
+    # transfer: data gathering, local steps, aggregation and the server step all stay on device.
+    fn, state, client_data, inputs, _, _ = round_setup()
+    round_inputs, key = inputs([8.0, 4.0, 1.0]), jax.random.key(1)
+    state, _ = fn(state, client_data, round_inputs, key)  # compile outside the guard
+    with jax.transfer_guard('disallow'):
+        state, metrics = fn(state, client_data, round_inputs, key)
+        jax.block_until_ready((state, metrics))
+    assert int(jax.device_get(state.round)) == 2
