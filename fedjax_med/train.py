@@ -9,6 +9,7 @@ import json
 import math
 import os
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,17 @@ def sample_participants(config, round_index: int, num_clients: int) -> np.ndarra
     chosen = np.zeros(num_clients, bool)
     chosen[rng.choice(num_clients, m, replace=False)] = True
     return chosen
+
+
+class PreparedRound(NamedTuple):
+    """A round's inputs on the device and the host facts the loop logs about it."""
+
+    inputs: RoundInputs
+    round_steps: np.ndarray    # local steps each (padded) hospital runs
+    num_participants: int
+    poisson_overflow: int      # Poisson draws cut to the maximum batch (logged when > 0)
+    protocol_up: int           # SecAgg protocol bytes per hospital, up / down
+    protocol_down: int
 
 
 class MetricsWriter:
@@ -211,17 +223,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     last = history[-1] if history else {}
     end = config.num_rounds if stop_after is None else min(config.num_rounds, start + stop_after)
     times = []
-    for r in range(start, end):
-        t0 = time.perf_counter()
+
+    def prepare(r: int) -> PreparedRound | str:
+        """Round r's host work (who takes part, the privacy budget check, index arrays, SecAgg
+        set-up) with its inputs sent to the device; a message instead if the budget would be
+        exceeded."""
         participating = np.zeros(k_pad, bool)
         participating[:num_clients] = sample_participants(config, r, num_clients)
         round_steps = np.where(participating, steps, 0)
         stop_reason = privacy.check_budget(round_steps[:num_clients])
         if stop_reason:
-            print(stop_reason, flush=True)
-            break
+            return stop_reason
         sampler_sizes = np.where(participating, sizes, 0)
-        rng_for = lambda k, r=r: np.random.default_rng([config.seed, r, HOST_BATCHES, k])
+        rng_for = lambda k: np.random.default_rng([config.seed, r, HOST_BATCHES, k])
         if lc.sampling == 'poisson':
             batches = batching.poisson_batches(sampler_sizes, lc.batch_size, lc.epochs,
                                                num_steps, max_batch, rng_for)
@@ -239,9 +253,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
             expected_batch=expected_batch, client_ids=np.arange(k_pad, dtype=np.int32),
             learning_rate=np.float32(schedule(r)), secagg=secagg_inputs)
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
-        state, m = round_fn(state, client_data, inputs, rounds.round_key(config.seed, r))
+        return PreparedRound(inputs, round_steps, int(participating[:num_clients].sum()),
+                             batches.overflow, protocol_up, protocol_down)
+
+    # Dispatch is asynchronous: round r+1's host work runs while round r computes, so the device
+    # does not wait for index arrays, accounting or SecAgg set-up between rounds.
+    upcoming = prepare(start) if start < end else None
+    for r in range(start, end):
+        t0 = time.perf_counter()
+        current = upcoming
+        if isinstance(current, str):
+            print(current, flush=True)
+            break
+        state, m = round_fn(state, client_data, current.inputs, rounds.round_key(config.seed, r))
+        privacy.record(current.round_steps[:num_clients])
+        upcoming = prepare(r + 1) if r + 1 < end else None
         m = jax.device_get(m)
-        privacy.record(round_steps[:num_clients])
         train_loss = float(m['train/loss'])
         if not math.isfinite(train_loss):
             raise FloatingPointError(
@@ -251,16 +278,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         row = {'round': r + 1, 'train/loss': train_loss,
                'train/update_norm': float(m.get('train/update_norm', np.nan)),
                'train/param_norm': float(m['train/param_norm'])}
-        if batches.overflow:
-            row['privacy/poisson_overflow'] = batches.overflow
+        if current.poisson_overflow:
+            row['privacy/poisson_overflow'] = current.poisson_overflow
         # -- evaluation -------------------------------------------------------------------------
         if (r + 1) % config.eval_every == 0 or r + 1 == config.num_rounds:
             row.update(_evaluate(task, state.params, eval_global, eval_own, test_global,
                                  hospital_test, hospital_names, local_mode))
         row.update(privacy.metrics())
-        n_up = int(participating[:num_clients].sum())
-        up = (bytes_up + protocol_up) if federated else 0
-        down = (bytes_down + protocol_down) if federated else 0
+        n_up = current.num_participants
+        up = (bytes_up + current.protocol_up) if federated else 0
+        down = (bytes_down + current.protocol_down) if federated else 0
         cum = {'up': cum['up'] + up * n_up, 'down': cum['down'] + down * n_up}
         row.update({'comm/bytes_up': up, 'comm/bytes_down': down,
                     'comm/cum_bytes_up_per_client': cum['up'] / max(num_clients, 1),
