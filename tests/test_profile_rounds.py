@@ -1,4 +1,4 @@
-"""launch/profile_rounds.py: the trace summary on hand-made events, and on a real traced run."""
+"""fedjax_med/profiling.py on hand-made events; launch/profile_rounds.py on a real trace."""
 
 import os
 import subprocess
@@ -6,10 +6,8 @@ import sys
 
 import pytest
 
+from fedjax_med import profiling
 from tests.conftest import REPO
-
-sys.path.insert(0, os.path.join(REPO, 'launch'))
-import profile_rounds  # noqa: E402
 
 
 def span(name, ts, dur, tid=1):
@@ -26,7 +24,7 @@ def test_summary_splits_each_round_into_round_other_and_host_time():
         span('PjitFunction(round_fn)', 150, 20),
         span('host work', 170, 30),
     ]
-    rows = profile_rounds.summarize(events)
+    rows = profiling.summarize(events)
     assert len(rows) == 3
     first = rows[0]
     assert first['round_exec_ms'] == pytest.approx(0.065)  # dispatch 0..10, execution to 65
@@ -36,7 +34,7 @@ def test_summary_splits_each_round_into_round_other_and_host_time():
     assert first['other_programs'] == ['evaluate']
     assert rows[1]['wall_ms'] == pytest.approx(0.050) and rows[1]['other_programs'] == []
     with pytest.raises(ValueError, match="No call of 'round_fn'"):
-        profile_rounds.summarize([span('PjitFunction(evaluate)', 0, 1)])
+        profiling.summarize([span('PjitFunction(evaluate)', 0, 1)])
 
 
 def test_a_real_trace_of_smoke_rounds_is_summarised(tmp_path):
