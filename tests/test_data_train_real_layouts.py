@@ -2,6 +2,7 @@
 (`train.run`), exactly as a user's downloaded data would."""
 
 import numpy as np
+import pytest
 
 from configs import brats, chestxray14
 from fedjax_med import train
@@ -23,12 +24,14 @@ def test_nih_layout_builds_and_trains_one_round(tmp_path):
     assert 'eval/mean_auroc' in s
 
 
-def test_brats2021_layout_builds_and_trains_one_round(tmp_path):
+@pytest.mark.parametrize('version,prefix,ext', [('brats2021', 'BraTS2021_', '.nii.gz'),
+                                                ('brats2020', 'BraTS20_Training_', '.nii')])
+def test_brats_layouts_build_and_train_one_round(tmp_path, version, prefix, ext):
     manual = tmp_path / 'brats'
     manual.mkdir()
-    write_brats(manual, 'BraTS2021_', '.nii.gz')
+    write_brats(manual, prefix, ext)
     c = brats.get_config('smoke')
-    c.data.name = 'brats2021'
+    c.data.name = version
     c.data.manual_dir = str(manual)
     c.data.data_dir = str(tmp_path / 'tfds')
     c.data.num_clients = 2
