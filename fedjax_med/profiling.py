@@ -1,13 +1,13 @@
 """Reading a `jax.profiler` Perfetto trace of training rounds: where each round's time goes.
 
-`summarize(load_trace(dir))` splits the time from one call of the jitted round function to the
-next into the round program, other device programs (evaluation, metric reductions) and host-only
-time (no device program running: the device is idle). Used by launch/profile_rounds.py.
+`summarize(load_trace(dir))` takes the time from one dispatch of the jitted round function to the
+next and splits it into device-busy time (some device program running: the round, evaluation,
+metric reductions) and device-idle time (the device waits for the host: index arrays, accounting,
+logging, checkpoints). Used by launch/profile_rounds.py.
 
-The executable spans come from the PjRt client's events on the host thread that calls jax
-(`PjitFunction(<name>)` brackets each call; execute events started inside it extend it when
-execution outlives dispatch); on a CPU backend the device IS the host, so read "host only" as
-"time not spent in XLA programs".
+Dispatch is asynchronous, so a call's `PjitFunction(<name>)` span on the host thread ends long
+before its program does; device activity comes from the executor's own events instead (see
+`device_spans`). On a CPU backend the "device" is a pool of host threads.
 """
 
 from __future__ import annotations
@@ -34,23 +34,25 @@ def load_trace(trace_dir: str) -> list[dict]:
 
 
 def jit_calls(events: Sequence[dict]) -> list[tuple[str, float, float]]:
-    """(function name, start us, end us) of every call of a jitted function, in time order.
-
-    A call is the `PjitFunction(name)` span plus, when execution outlives dispatch (asynchronous
-    backends), the executable run it started, up to the end of the last execute event that began
-    inside the dispatch span."""
-    calls = sorted((e['ts'], e['ts'] + e['dur'], e['name'][len('PjitFunction('):-1])
-                   for e in events if e['name'].startswith('PjitFunction('))
-    runs = sorted((e['ts'], e['ts'] + e['dur']) for e in events
-                  if e['name'].startswith(('ThunkExecutor::Execute', 'ExecuteHelper',
-                                           'CommonPjRtLoadedExecutable::Execute')))
+    """(function name, dispatch start us, dispatch end us) of every call of a jitted function, in
+    time order (a nested span of the same call counts once)."""
     out = []
-    for start, end, name in calls:
+    for start, end, name in sorted((e['ts'], e['ts'] + e['dur'], e['name'][len('PjitFunction('):-1])
+                                   for e in events if e['name'].startswith('PjitFunction(')):
         if out and out[-1][0] == name and start <= out[-1][2]:
-            continue  # a nested span of the same call
-        last = max((r_end for r_start, r_end in runs if start <= r_start <= end), default=end)
-        out.append((name, start, max(end, last)))
+            continue
+        out.append((name, start, end))
     return out
+
+
+def device_spans(events: Sequence[dict]) -> list[tuple[float, float]]:
+    """When a device program was running: on CPU the XLA thunk executor's runs (they happen on
+    worker threads, after an asynchronous dispatch has returned); on GPU/TPU every event of a
+    process other than the host's (the device streams)."""
+    host_pids = {e.get('pid') for e in events if e['name'].startswith('PjitFunction(')}
+    return [(e['ts'], e['ts'] + e['dur']) for e in events
+            if e['name'].startswith('ThunkExecutor::Execute (wait')
+            or (host_pids and e.get('pid') not in host_pids)]
 
 
 def _covered(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
@@ -65,34 +67,40 @@ def _covered(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
 
 
 def summarize(events: Sequence[dict]) -> list[dict]:
-    """Per traced round (from one round's start to the next round's start, or the trace end):
-    round / other executable time, host-only time and the busy fraction, in milliseconds."""
+    """Per traced round, from one dispatch of the round function to the next (or the trace end):
+    wall time, time some device program ran (the round itself, evaluation, reductions), the rest
+    (the device idle: host work such as index arrays, accounting, logging, checkpoints), in ms,
+    and which jitted functions were dispatched in that window."""
     calls = jit_calls(events)
-    starts = [(s, e) for n, s, e in calls if n == ROUND_FN]
+    starts = [s for n, s, _ in calls if n == ROUND_FN]
     if not starts:
         names = sorted({n for n, _, _ in calls})
         raise ValueError(f'No call of {ROUND_FN!r} in the trace (jitted calls seen: {names}).')
+    busy_spans = device_spans(events)
     trace_end = max(e['ts'] + e['dur'] for e in events)
     rows = []
-    for i, (start, end) in enumerate(starts):
-        window_end = starts[i + 1][0] if i + 1 < len(starts) else trace_end
-        others = [(s, e) for n, s, e in calls if n != ROUND_FN and start <= s < window_end]
-        wall = window_end - start
-        other = _covered(others, start, window_end)
-        round_exec = end - start
-        rows.append({'round_exec_ms': round_exec / 1e3, 'other_exec_ms': other / 1e3,
-                     'host_only_ms': max(wall - round_exec - other, 0.0) / 1e3,
-                     'wall_ms': wall / 1e3, 'busy': (round_exec + other) / wall if wall else 1.0,
-                     'other_programs': sorted({n for n, s, _ in calls
-                                               if n != ROUND_FN and start <= s < window_end})})
+    for i, start in enumerate(starts):
+        end = starts[i + 1] if i + 1 < len(starts) else trace_end
+        wall = end - start
+        busy = _covered(busy_spans, start, end)
+        rows.append({'wall_ms': wall / 1e3, 'device_busy_ms': busy / 1e3,
+                     'device_idle_ms': (wall - busy) / 1e3, 'busy': busy / wall if wall else 1.0,
+                     'programs': sorted({n for n, s, _ in calls if start <= s < end})})
     return rows
 
 
+def _names(programs: Sequence[str], keep: int = 4) -> str:
+    """The round and evaluation first, then others, at most `keep` names and a count."""
+    ordered = sorted(programs, key=lambda n: ({ROUND_FN: 0, 'evaluate': 1}.get(n, 2), n))
+    more = len(ordered) - keep
+    return ', '.join(ordered[:keep]) + (f' +{more} more' if more > 0 else '')
+
+
 def format_rows(rows: Sequence[dict]) -> str:
-    lines = ['| round | round exec ms | other exec ms | host only ms | wall ms | busy | other '
-             'programs |', '|---|---:|---:|---:|---:|---:|---|']
+    lines = ['| round | wall ms | device busy ms | device idle ms | busy | jitted calls |',
+             '|---|---:|---:|---:|---:|---|']
     for i, r in enumerate(rows):
-        lines.append(f'| {i + 1} | {r["round_exec_ms"]:.1f} | {r["other_exec_ms"]:.1f} | '
-                     f'{r["host_only_ms"]:.1f} | {r["wall_ms"]:.1f} | {r["busy"]:.2f} | '
-                     f'{", ".join(r["other_programs"]) or "–"} |')
+        lines.append(f'| {i + 1} | {r["wall_ms"]:.1f} | {r["device_busy_ms"]:.1f} | '
+                     f'{r["device_idle_ms"]:.1f} | {r["busy"]:.2f} | '
+                     f'{_names(r["programs"])} |')
     return '\n'.join(lines)

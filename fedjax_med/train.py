@@ -195,7 +195,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     else:
         eval_global = jax.jit(eval_fn)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0)
+    # Every round's client learning rate, computed once (not a device call per round).
     schedule = lr_schedule(lc, config.num_rounds)
+    lr_by_round = np.array([schedule(r) for r in range(config.num_rounds)], np.float32)
     aggregator = fedavg.aggregator(config.server.aggregator, config.server.trim_fraction)
 
     # ---------------------------------------------------------------------------------------------
@@ -251,7 +253,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
             indices=batches.indices, mask=batches.mask, step_active=batches.step_active,
             weights=weights,
             expected_batch=expected_batch, client_ids=np.arange(k_pad, dtype=np.int32),
-            learning_rate=np.float32(schedule(r)), secagg=secagg_inputs)
+            learning_rate=lr_by_round[r], secagg=secagg_inputs)
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
         return PreparedRound(inputs, round_steps, int(participating[:num_clients].sum()),
                              batches.overflow, protocol_up, protocol_down)
