@@ -14,8 +14,8 @@ materialising per-example gradients. Neither collection is written during `init`
 counts stay those of the plain layers) nor when not requested (`sow` and `perturb` are then
 no-ops), so ordinary training pays nothing.
 
-GroupNorm, never BatchNorm: BatchNorm mixes examples, which breaks per-example DP, and its running
-statistics misbehave on non-IID data.
+GroupNorm, never batch normalisation: that mixes the examples of a batch, which breaks
+per-example DP, and its running statistics misbehave on non-IID data.
 """
 
 import math

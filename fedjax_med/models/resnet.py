@@ -1,7 +1,7 @@
 """ResNets with GroupNorm for multi-label chest X-ray classification.
 
 `ResNet(stage_sizes=(2, 2, 2, 2), width=64)` is ResNet-18 (He et al. 2016, basic blocks) with every
-BatchNorm replaced by GroupNorm, the usual choice for DP-SGD and federated training.
+batch normalisation replaced by GroupNorm, the usual choice for DP-SGD and federated training.
 """
 
 from collections.abc import Sequence

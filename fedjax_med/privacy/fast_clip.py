@@ -212,8 +212,8 @@ def _forward_norms_and_vjp(model: nn.Module, variables: PyTree, images: jax.Arra
         return loss_fn(logits, labels), state[layers.DP_ACTS]
 
     losses, vjp, acts = jax.vjp(losses_and_acts, variables, zeros, has_aux=True)
-    # Examples only meet in the sum (GroupNorm, never BatchNorm; BatchNorm's parameters would
-    # fail the layer check), so each example's slice is the gradient of its own loss.
+    # Examples only meet in the sum (GroupNorm, never batch normalisation, whose parameters
+    # would fail the layer check), so each example's slice is the gradient of its own loss.
     _, out_grads = vjp(jnp.ones_like(losses))
     # Each layer sows one activation: key (*path, name) -> tuple of the values sown.
     acts = {key[:-1]: value for key, value in traverse_util.flatten_dict(acts).items()}
