@@ -5,13 +5,13 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from configs import brats, chestxray14
 from fedjax_med import evaluation, rounds, train
 from fedjax_med.data import partition, sources, storage
+from tests.test_data_sources import _config
 
 CXR_TOLERANCE = 0.5 / 255 + 1e-6  # rounding to the nearest of 256 levels, plus float32 error
 
@@ -53,13 +53,9 @@ def test_decode_under_jit_matches_numpy():
 
 
 def _data_config(name, **kw):
-    c = ml_collections.ConfigDict(dict(
-        name=name, data_dir='', manual_dir='', resolution=16, num_train=120, num_test=40,
-        num_clients=2, partition='iid', dirichlet_alpha=0.5, findings_per_client=3,
-        quantity_sigma=1.0, natural_column='view', feature_skew=True, test_fraction=0.2,
-        slices_per_case=4))
-    c.update(kw)
-    return c
+    """test_data_sources' config, smaller: two IID hospitals."""
+    return _config(name, **{'num_train': 120, 'num_test': 40, 'num_clients': 2,
+                            'partition': 'iid', 'slices_per_case': 4, **kw})
 
 
 def _float_pipeline(monkeypatch, cfg):
