@@ -10,6 +10,7 @@ import math
 import jax
 import numpy as np
 
+from fedjax_med import parallel
 from fedjax_med.data import storage
 from fedjax_med.tasks import Task
 
@@ -76,7 +77,7 @@ def unbatch_stats(stats: dict) -> dict:
 
 def per_hospital(eval_fn, *, params_axis, data_axis):
     """Jitted vmap of `eval_fn` over hospitals (params and/or data carry the client axis)."""
-    return jax.jit(jax.vmap(eval_fn, in_axes=(params_axis, data_axis)))
+    return parallel.jit(jax.vmap(eval_fn, in_axes=(params_axis, data_axis)))
 
 
 def split_hospitals(stats) -> list[dict]:

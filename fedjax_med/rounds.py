@@ -28,6 +28,7 @@ import optax
 
 from fedjax_med import client as client_lib
 from fedjax_med.aggregation import fedavg, server_opt
+from fedjax_med import parallel
 from fedjax_med.parallel import client_sharding, replicated
 from fedjax_med.state import RoundInputs, ServerState
 from fedjax_med.tasks import Task
@@ -228,7 +229,7 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
         return new_state, metrics
 
     state_sharding = _state_sharding(mesh, local_mode)
-    result.fn = jax.jit(round_fn, donate_argnums=(0,), out_shardings=(state_sharding, None))
+    result.fn = parallel.jit(round_fn, donate_argnums=(0,), out_shardings=(state_sharding, None))
     return result
 
 

@@ -193,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         eval_global = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=None)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=0)
     else:
-        eval_global = jax.jit(eval_fn)
+        eval_global = parallel.jit(eval_fn)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0)
     # Every round's client learning rate, computed once (not a device call per round).
     schedule = lr_schedule(lc, config.num_rounds)

@@ -351,12 +351,12 @@ class SequentialBaseline:
 
     def __init__(self, setup: RoundSetup):
         c = setup.config
-        self._update = jax.jit(rounds.make_client_update(
+        self._update = parallel.jit(rounds.make_client_update(
             apply_fn=setup.apply_fn, task=TASKS[c.task], config=c,
             noise_multiplier=setup.noise_multiplier,
             model=build_model(c.model, c.task)))
         self._server = server_opt.server_optimizer(c.server)
-        self._server_step = jax.jit(functools.partial(server_opt.server_step, self._server))
+        self._server_step = parallel.jit(functools.partial(server_opt.server_step, self._server))
         hi = setup.host_inputs
         self.weights = np.asarray(hi.weights, np.float32)
         self.clients = [k for k in range(len(self.weights)) if self.weights[k] > 0]

@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import sys
 
 import nbformat
 from nbclient import NotebookClient
@@ -31,6 +32,9 @@ def _execute(name, tmp_path, monkeypatch):
     monkeypatch.setenv('FEDJAX_MED_NOTEBOOK_SMOKE', '1')
     monkeypatch.setenv('FEDJAX_MED_NOTEBOOK_WORKDIR', str(tmp_path / 'runs'))
     monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+    # Shell cells (`!python -m fedjax_med...`) use this interpreter even when its environment
+    # is not activated.
+    monkeypatch.setenv('PATH', os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
     nb = nbformat.read(os.path.join(REPO, 'colab', name), as_version=4)
     # Run from the repository root, where `configs` is importable (pip install puts it on path).
     NotebookClient(nb, timeout=300, kernel_name='python3',
