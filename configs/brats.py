@@ -59,6 +59,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.dp.fast_clipping = True  # 0.59x non-private speed vs 0.17x (BENCHMARKS.md)
         c.eval_every = 5
         c.checkpoint_every = 5
+        # One hospital at a time inside the jitted round: vmapping convolutions over hospitals
+        # with different weights makes them grouped convolutions (2.2x slower than dense ones on
+        # an H100 for ResNet-18 at 224 px, BENCHMARKS.md), and it holds one hospital's
+        # activations instead of all of them.
+        c.clients_in_parallel = 1
     elif variant in ('synthetic', 'dp'):
         c.data.name = 'synthetic_brats'
         c.data.resolution = 32
@@ -111,6 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_every = 5
         c.eval_batch_size = 8  # 64^3 patches: activations, not data, bound the batch
         c.checkpoint_every = 5
+        c.clients_in_parallel = 1  # as in 'paper'
     else:
         raise ValueError(f'Unknown variant {arg!r} of configs/brats.py; use one of '
                          "'' (paper), 'synthetic', 'smoke', 'dp', 'patch3d'.")

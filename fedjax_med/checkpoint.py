@@ -19,7 +19,8 @@ import orbax.checkpoint as ocp
 # rounds already run). Any other difference is an error: the resumed run would not be the run
 # that was checkpointed.
 RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
-                    'checkpoints_to_keep', 'data.data_dir', 'data.manual_dir')
+                    'checkpoints_to_keep', 'data.data_dir', 'data.manual_dir',
+                    'clients_in_parallel')  # how hospitals are scheduled, not what they compute
 
 
 class Checkpointer:

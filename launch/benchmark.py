@@ -95,6 +95,9 @@ class Workload:
     depth: int = 3        # resnet_small stages / unet levels
     norm_groups: int = 8
     dp_chunk_size: int = 0  # config.dp.chunk_size of the DP-SGD measurement (0 = whole batch)
+    # config.clients_in_parallel of every round: 0 = the automatic choice (vmap on accelerators,
+    # one hospital at a time on CPU), 1 = one at a time inside the jitted round, n = chunks of n.
+    clients_in_parallel: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +124,14 @@ MODES = {
 
 WORKLOADS = {
     'full': {
+        # As configs/chestxray14.py and configs/brats.py train them: one hospital at a time
+        # inside the round (vmapping a 224-px ResNet-18 over hospitals makes its convolutions
+        # grouped ones, 2.2x slower than dense on an H100; BENCHMARKS.md).
         'resnet18': Workload('resnet18', 'chestxray14', 224, 1, batch=64, steps=2, width=64,
-                             depth=4, norm_groups=32, dp_chunk_size=16),
+                             depth=4, norm_groups=32, dp_chunk_size=16, clients_in_parallel=1),
         'unet': Workload('unet', 'brats', 128, 4, batch=16, steps=2, width=32, depth=4,
-                         norm_groups=8),
+                         norm_groups=8, clients_in_parallel=1),
+        # Many small hospitals: the case the vectorised client axis is for.
         'resnet_small': Workload('resnet_small', 'chestxray14', 64, 1, batch=32, steps=2,
                                  width=16, depth=3, norm_groups=8),
     },
@@ -149,6 +156,7 @@ PLANS = {
     'full': [('resnet18', i) for i in ('federated', 'dp', 'vmap', 'secagg', 'bf16')]
             + [('unet', i) for i in ('dp', 'vmap', 'bf16')]
             + [('resnet18', i) for i in ('dp_fast', 'scaling_k')]
+            + [('resnet_small', i) for i in ('vmap', 'federated')]
             + [('unet', i) for i in ('dp_fast', 'federated', 'secagg')]
             + [('resnet18', 'devices')],
     'quick': [('resnet_small', i) for i in ITEMS],
@@ -189,6 +197,7 @@ def make_config(w: Workload, spec: RoundSpec):
     c.model.name, c.model.width, c.model.depth = w.model, w.width, w.depth
     c.model.norm_groups = w.norm_groups
     c.model.compute_dtype = spec.dtype
+    c.clients_in_parallel = w.clients_in_parallel
     c.local.batch_size = w.batch
     if spec.dp != 'none':
         c.dp.mode = 'sample'
@@ -790,6 +799,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument('--width', type=int, help='resnet_small / unet width')
     p.add_argument('--depth', type=int, help='resnet_small stages / unet levels')
     p.add_argument('--dp_chunk_size', type=int, help='config.dp.chunk_size of the DP round')
+    p.add_argument('--clients_in_parallel', type=int,
+                   help='config.clients_in_parallel of every round (0 = vmap on accelerators, '
+                        '1 on CPU; 1 = one hospital at a time inside the round; n = chunks of n)')
     p.add_argument('--fed_k', type=int, help='hospitals of the federated/DP/SecAgg/bf16 rounds')
     p.add_argument('--vmap_k', type=int, help='hospitals of the vmap-vs-sequential comparison')
     p.add_argument('--scaling_k', default='', help='comma-separated K values of the K sweep')
@@ -815,7 +827,8 @@ def configure(args: argparse.Namespace) -> tuple[str, Mode, dict[str, Workload],
             reps=args.reps or mode.reps,
             budget_s=args.budget_s if args.budget_s is not None else mode.budget_s)
     overrides = {name: getattr(args, name) for name in
-                 ('resolution', 'batch', 'steps', 'width', 'depth', 'dp_chunk_size')
+                 ('resolution', 'batch', 'steps', 'width', 'depth', 'dp_chunk_size',
+                  'clients_in_parallel')
                  if getattr(args, name) is not None}
     presets = WORKLOADS[mode_name]
     models = [m for m in args.model.split(',') if m]

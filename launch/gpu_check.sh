@@ -2,15 +2,20 @@
 # One GPU check of fedjax_med, sized for a 10-minute slot on one H100:
 #   1. the machine: nvidia-smi, Python and package versions, jax devices;
 #   2. a correctness smoke ON THE GPU: pytest tests/test_client.py tests/test_fedavg.py;
-#   3. the full benchmark (ResNet-18 @224 and the BraTS U-Net), with a time budget that ends it
-#      before the slot does; it rewrites its JSON after every measurement, so even a kill keeps
-#      what was measured.
+#   3. the full benchmark (ResNet-18 @224 and the BraTS U-Net one hospital at a time inside the
+#      round, as their configs train; then many small ResNets vectorised), with a time budget
+#      that ends it before the slot does; it rewrites its JSON after every measurement, so even
+#      a kill keeps what was measured;
+#   4. with the time left (COMPARE_SECONDS), ResNet-18 rounds with the hospitals vmapped
+#      (`--clients_in_parallel=0`, K=8 for vmap-vs-sequential), the comparison behind the
+#      configs' choice.
 # Everything is logged under $OUT (default /tmp/fedjax_med_gpu_check):
-#   nvidia_smi.txt  env.txt  smoke.log  bench.log  bench_gpu.json
+#   nvidia_smi.txt  env.txt  smoke.log  bench.log  bench_gpu.json  compare.log  bench_gpu_vmap.json
 #
 # Usage (from anywhere):  OUT=/some/dir bash launch/gpu_check.sh
 #   TOTAL_SECONDS=560   wall-clock budget of the whole script (default 560 s)
 #   SMOKE_SECONDS=100   cap of the pytest smoke
+#   COMPARE_SECONDS=150 kept for step 4 (0 skips it)
 #   PYTHON=python3      interpreter (needs jax with CUDA, flax, optax, ml_collections)
 # Missing pure-Python/abi3 packages can travel as wheels in ./.whl (see launch/README.md); they
 # are installed into /tmp/site first, without network.
@@ -20,6 +25,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT:-/tmp/fedjax_med_gpu_check}
 TOTAL_SECONDS=${TOTAL_SECONDS:-560}
 SMOKE_SECONDS=${SMOKE_SECONDS:-100}
+COMPARE_SECONDS=${COMPARE_SECONDS:-150}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -71,7 +77,7 @@ else
   echo "pytest is not installed: smoke skipped" | tee "$OUT/smoke.log"
 fi
 
-LEFT=$((TOTAL_SECONDS - SECONDS))
+LEFT=$((TOTAL_SECONDS - SECONDS - COMPARE_SECONDS))
 if [ "$LEFT" -lt 60 ]; then
   echo "only ${LEFT} s left: benchmark skipped" | tee "$OUT/bench.log"
   exit 1
@@ -85,3 +91,13 @@ timeout --signal=INT --kill-after=10 "$((LEFT - 5))" \
   "$PY" launch/benchmark.py --json="$OUT/bench_gpu.json" --budget_s="$BUDGET" \
   2>&1 | tee "$OUT/bench.log"
 echo "benchmark exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" | tee -a "$OUT/bench.log"
+
+LEFT=$((TOTAL_SECONDS - SECONDS))
+if [ "$COMPARE_SECONDS" -gt 0 ] && [ "$LEFT" -ge 60 ]; then
+  echo "== ResNet-18 with the hospitals vmapped (${LEFT} s left)"
+  timeout --signal=INT --kill-after=10 "$((LEFT - 5))" \
+    "$PY" launch/benchmark.py --model=resnet18 --only=federated,vmap,secagg --clients_in_parallel=0 \
+    --vmap_k=8 --json="$OUT/bench_gpu_vmap.json" --budget_s="$((LEFT - 60))" \
+    2>&1 | tee "$OUT/compare.log"
+  echo "comparison exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" | tee -a "$OUT/compare.log"
+fi

@@ -40,11 +40,14 @@ TINY = dict(model='resnet_small', task='chestxray14', resolution=8, channels=1, 
             width=4, depth=1, norm_groups=2)
 
 
-@pytest.mark.parametrize('dp', ['none', 'sgd'])
-def test_sequential_loop_matches_vectorised_round(bench, dp, fast_compile):
+@pytest.mark.parametrize('dp,clients_in_parallel', [('none', 0), ('sgd', 0), ('none', 2),
+                                                     ('none', 3)])
+def test_sequential_loop_matches_vectorised_round(bench, dp, clients_in_parallel, fast_compile):
     """K=3 hospitals, 2 local Adam steps, FedAvg: the Python loop over a jitted single-hospital
-    update with host aggregation gives the vectorised round's parameters (DP: same noise too)."""
-    workload = bench.Workload(**TINY)
+    update with host aggregation gives the round's parameters (DP: same noise too), whether the
+    round maps the hospitals one at a time (0: the automatic choice on CPU), vmaps chunks of two,
+    or vmaps all three at once."""
+    workload = bench.Workload(**TINY, clients_in_parallel=clients_in_parallel)
     setup = bench.build_round_setup(workload, bench.RoundSpec(3, 2, dp=dp), seed=1)
     key = bench.rounds.round_key(0, 0)
     seq = bench.SequentialBaseline(setup)
@@ -59,6 +62,19 @@ def test_sequential_loop_matches_vectorised_round(bench, dp, fast_compile):
     assert max(moved) > 1e-4  # the round really trained
     for a, b in zip(jax.tree.leaves(seq_params), jax.tree.leaves(vec_params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_clients_in_parallel_flag_reaches_every_round(bench):
+    args = bench.parse_args(['--tiny', '--clients_in_parallel=1'])
+    _, _, workloads, _, child_flags = bench.configure(args)
+    assert {w.clients_in_parallel for w in workloads.values()} == {1}
+    assert '--clients_in_parallel=1' in child_flags
+    config = bench.make_config(workloads['resnet_small'], bench.RoundSpec(2, 1))
+    assert config.clients_in_parallel == 1
+    # Full mode: the large models as their configs train them, the small one vmapped.
+    full = bench.WORKLOADS['full']
+    assert (full['resnet18'].clients_in_parallel, full['unet'].clients_in_parallel,
+            full['resnet_small'].clients_in_parallel) == (1, 1, 0)
 
 
 def test_round_inputs_cover_the_work(bench):
