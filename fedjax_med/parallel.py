@@ -86,3 +86,43 @@ def compiler_options() -> dict[str, str] | None:
 def jit(fn, **kwargs):
     """`jax.jit` with `compiler_options()`."""
     return jax.jit(fn, compiler_options=compiler_options(), **kwargs)
+
+
+# -------------------------------------------------------------------------------------------------
+# Several processes (one per host; `launch/train_multi_gpu.sh`)
+# -------------------------------------------------------------------------------------------------
+
+def initialize_distributed(coordinator_address: str | None = None,
+                           num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Joins a multi-process run; call before any other JAX call. Every process then sees all
+    processes' devices in `jax.devices()`, and `make_mesh` spans them. Arguments left None are
+    detected by `jax.distributed.initialize` (SLURM, Open MPI, ...). CPU backends exchange
+    collectives through gloo (the test suite runs two CPU processes this way)."""
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
+
+
+def is_primary() -> bool:
+    """The process that writes files and prints (process 0; the only one in most runs)."""
+    return jax.process_index() == 0
+
+
+def to_host(tree):
+    """Numpy copies of device arrays, including arrays split over other processes' devices (those
+    are gathered: every process must call this at the same point)."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+
+    return jax.tree.map(fetch, tree)
+
+
+def to_mesh(tree, sharding):
+    """Places host or single-device values with a sharding that may span processes (every
+    process passes the same values)."""
+    return jax.device_put(jax.tree.map(np.asarray, tree), sharding)

@@ -284,4 +284,4 @@ def init_server_state(params, config: ml_collections.ConfigDict, num_clients_pad
     state = ServerState(params=params, opt_state=opt_state, round=jnp.zeros((), jnp.int32),
                         clip_norm=jnp.asarray(config.dp.clip_norm, jnp.float32),
                         client_state=client_state)
-    return jax.device_put(state, _state_sharding(mesh, config.mode == 'local'))
+    return parallel.to_mesh(state, _state_sharding(mesh, config.mode == 'local'))

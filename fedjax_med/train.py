@@ -83,16 +83,20 @@ class PreparedRound(NamedTuple):
 class MetricsWriter:
     """metrics.jsonl: one JSON object per round; rewritten from the checkpoint on resume."""
 
-    def __init__(self, workdir: str, history: list[dict]):
+    def __init__(self, workdir: str, history: list[dict], *, write: bool = True):
         self.path = os.path.join(workdir, 'metrics.jsonl')
         self.history = list(history)
-        with open(self.path, 'w') as f:
-            f.writelines(json.dumps(h) + '\n' for h in self.history)
+        self.enabled = write  # False on every process but the first of a multi-process run
+        if self.enabled:
+            with open(self.path, 'w') as f:
+                f.writelines(json.dumps(h) + '\n' for h in self.history)
 
     def write(self, row: dict) -> None:
         # NaN (e.g. AUROC of a label absent from a split) is not JSON: write null.
         row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
         self.history.append(row)
+        if not self.enabled:
+            return
         with open(self.path, 'a') as f:
             f.write(json.dumps(row) + '\n')
             f.flush()
@@ -119,10 +123,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     # Config
     # ---------------------------------------------------------------------------------------------
     validate(config)
+    # With several processes (multi-host) every process runs this function on the same inputs;
+    # process 0 alone writes files and prints.
+    primary = parallel.is_primary()
+    say = (lambda *a: print(*a, flush=True)) if primary else (lambda *a: None)
     os.makedirs(workdir, exist_ok=True)
     config_dict = json.loads(config.to_json_best_effort())
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-        json.dump(config_dict, f, indent=2, sort_keys=True)
+    if primary:
+        with open(os.path.join(workdir, 'config.json'), 'w') as f:
+            json.dump(config_dict, f, indent=2, sort_keys=True)
     task = TASKS[config.task]
     federated, local_mode = config.mode == 'federated', config.mode == 'local'
 
@@ -140,10 +149,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     k_pad = parallel.padded_num_clients(num_clients, mesh)
     sizes = np.array([len(s['image']) for s in train_splits] + [0] * (k_pad - num_clients))
     client_data = parallel.put_clients(pad_examples(train_splits, k_pad), mesh)
-    test_global = jax.device_put(evaluation.batch_split(data.test, config.eval_batch_size))
+    test_global = parallel.put_replicated(
+        evaluation.batch_split(data.test, config.eval_batch_size), mesh)
     hospital_test = evaluation.stack_splits(data.clients_test, config.eval_batch_size)
     if local_mode:
         hospital_test = parallel.put_clients(parallel.pad_client_axis(hospital_test, k_pad), mesh)
+    else:
+        hospital_test = parallel.put_replicated(hospital_test, mesh)
     logging.info('Hospitals: %s; training examples per training client: %s; test: %d',
                  hospital_names, sizes[:num_clients].tolist(), len(data.test['image']))
 
@@ -156,8 +168,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     params = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), sample_image)
     num_params = evaluation.param_count(params)
     logging.info('Model %s: %s parameters', config.model.name, f'{num_params:,}')
-    print(f'Model {config.model.name}: {num_params:,} parameters; {num_clients} training '
-          f'client(s) on {mesh.devices.size} device(s)', flush=True)
+    say(f'Model {config.model.name}: {num_params:,} parameters; {num_clients} training '
+        f'client(s) on {mesh.devices.size} device(s)'
+        + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''))
 
     # ---------------------------------------------------------------------------------------------
     # Local steps per round and privacy
@@ -216,8 +229,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
                              + '\nUse a new --workdir, or restore those values to resume.')
         start, history, cum = host['round'], host['history'], host['cum_bytes']
         privacy.load_state_dict(host['privacy'])
-        print(f'Resumed from round {start} in {workdir}', flush=True)
-    writer = MetricsWriter(workdir, history)
+        say(f'Resumed from round {start} in {workdir}')
+    writer = MetricsWriter(workdir, history, write=primary)
+    # The round key, made replicated on the mesh (which may span processes).
+    round_key = jax.jit(rounds.round_key, static_argnums=0,
+                        out_shardings=parallel.replicated(mesh))
 
     # ---------------------------------------------------------------------------------------------
     # Rounds
@@ -265,12 +281,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         t0 = time.perf_counter()
         current = upcoming
         if isinstance(current, str):
-            print(current, flush=True)
+            say(current)
             break
-        state, m = round_fn(state, client_data, current.inputs, rounds.round_key(config.seed, r))
+        state, m = round_fn(state, client_data, current.inputs, round_key(config.seed, r))
         privacy.record(current.round_steps[:num_clients])
         upcoming = prepare(r + 1) if r + 1 < end else None
-        m = jax.device_get(m)
+        m = parallel.to_host(m)
         train_loss = float(m['train/loss'])
         if not math.isfinite(train_loss):
             raise FloatingPointError(
@@ -304,10 +320,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         eta = np.mean(times[-5:]) * (config.num_rounds - r - 1)
         main = row.get(f'eval/{task.main_metric}')
         eps = row.get('privacy/epsilon')
-        print(f'round {r + 1:4d}/{config.num_rounds} | loss {train_loss:.4f}'
-              + (f' | {task.main_metric} {main:.4f}' if main is not None else '')
-              + (f' | eps {eps:.3f}' if eps is not None else '')
-              + f' | {row["time/round_s"]:.2f} s/round | ETA {_fmt_time(eta)}', flush=True)
+        say(f'round {r + 1:4d}/{config.num_rounds} | loss {train_loss:.4f}'
+            + (f' | {task.main_metric} {main:.4f}' if main is not None else '')
+            + (f' | eps {eps:.3f}' if eps is not None else '')
+            + f' | {row["time/round_s"]:.2f} s/round | ETA {_fmt_time(eta)}')
         # -- checkpoint -------------------------------------------------------------------------
         if (r + 1) % config.checkpoint_every == 0 or r + 1 == end:
             checkpointer.save(r + 1, state, {
@@ -324,8 +340,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     summary['summary/num_devices'] = int(mesh.devices.size)
     summary['summary/num_training_clients'] = num_clients
     summary['summary/round_traces'] = round_fn.num_traces
-    with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-        json.dump(summary, f, indent=2)
+    if primary:
+        with open(os.path.join(workdir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=2)
     return summary
 
 
@@ -335,15 +352,17 @@ def _evaluate(task, params, eval_global, eval_own, test_global, hospital_test, n
     row = {}
     if local_mode:
         # Each hospital's own model: on the global test split (averaged) and on its own split.
-        per = evaluation.split_hospitals(eval_global(params, test_global))[: len(names)]
+        per = evaluation.split_hospitals(parallel.to_host(eval_global(params, test_global)))[
+            : len(names)]
         results = [task.finalize(s) for s in per]
         for key in results[0]:
             row[f'eval/{key}'] = float(np.nanmean([res[key] for res in results]))
     else:
-        results = task.finalize(evaluation.unbatch_stats(jax.device_get(
+        results = task.finalize(evaluation.unbatch_stats(parallel.to_host(
             eval_global(params, test_global))))
         row.update({f'eval/{k}': v for k, v in results.items()})
-    own = evaluation.split_hospitals(eval_own(params, hospital_test))[: len(names)]
+    own = evaluation.split_hospitals(parallel.to_host(eval_own(params, hospital_test)))[
+        : len(names)]
     own_main = []
     for name, stats in zip(names, own, strict=True):
         value = task.finalize(stats)[task.main_metric]

@@ -15,12 +15,10 @@
 #   PYTHON=python                       interpreter with fedjax_med's dependencies
 #   XLA_PYTHON_CLIENT_MEM_FRACTION=.90  share of each GPU's memory JAX takes up front
 #
-# Several hosts (EXPERIMENTAL, see launch/README.md): run this script once per host with
+# Several hosts: run this script once per host, on a WORKDIR all hosts share, with
 #   NUM_PROCESSES=<hosts> PROCESS_ID=<0..hosts-1> COORDINATOR_ADDRESS=<host0:port>
-#   ALLOW_EXPERIMENTAL_MULTIHOST=1
-# It then calls jax.distributed.initialize(...) before fedjax_med.main. train.py does not yet
-# gather sharded metrics across hosts nor restrict file writes to process 0, so this path is
-# refused unless ALLOW_EXPERIMENTAL_MULTIHOST=1.
+# The hospitals are sharded over every host's GPUs; process 0 writes metrics and reports and
+# Orbax coordinates the checkpoint writes (see launch/README.md).
 set -euo pipefail
 if [ $# -lt 2 ]; then
   sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
@@ -46,26 +44,10 @@ if [ "$NUM_PROCESSES" -le 1 ]; then
   exec "$PY" -m fedjax_med.main --config="$CONFIG" --workdir="$WORKDIR" "$@"
 fi
 
-if [ "${ALLOW_EXPERIMENTAL_MULTIHOST:-0}" != 1 ]; then
-  echo "NUM_PROCESSES=$NUM_PROCESSES: multi-host training is experimental (train.py reads" \
-       "per-hospital metrics with jax.device_get and every process writes checkpoints)." \
-       "Set ALLOW_EXPERIMENTAL_MULTIHOST=1 to try it; see launch/README.md." >&2
-  exit 2
-fi
 : "${COORDINATOR_ADDRESS:?set COORDINATOR_ADDRESS=host0:port on every host}"
 : "${PROCESS_ID:?set PROCESS_ID=0..NUM_PROCESSES-1 on every host}"
-# jax.distributed.initialize must run before any other JAX call; main.py does not call it, so a
-# small wrapper does and then hands over to fedjax_med.main's absl app.
-exec "$PY" -c '
-import os, sys
-import jax
-jax.distributed.initialize(coordinator_address=os.environ["COORDINATOR_ADDRESS"],
-                           num_processes=int(os.environ["NUM_PROCESSES"]),
-                           process_id=int(os.environ["PROCESS_ID"]))
-print(f"process {jax.process_index()}/{jax.process_count()}: {jax.local_device_count()} local, "
-      f"{jax.device_count()} global devices", file=sys.stderr)
-from absl import app
-from fedjax_med import main
-sys.argv[0] = "fedjax_med.main"
-app.run(main.main)
-' --config="$CONFIG" --workdir="$WORKDIR/process_$PROCESS_ID" "$@"
+# Every host runs the same command on the same (shared) workdir; fedjax_med.main joins the run
+# with jax.distributed.initialize before any other JAX call, and process 0 writes the files.
+exec "$PY" -m fedjax_med.main --config="$CONFIG" --workdir="$WORKDIR" \
+  --num_processes="$NUM_PROCESSES" --process_id="$PROCESS_ID" \
+  --coordinator_address="$COORDINATOR_ADDRESS" "$@"
