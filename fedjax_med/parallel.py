@@ -7,6 +7,7 @@ hospitals (no data, weight 0), so the result does not depend on how many devices
 
 import functools
 import math
+import os
 
 import jax
 import numpy as np
@@ -72,8 +73,9 @@ def round_inputs_sharding(mesh: Mesh, inputs):
 @functools.cache
 def compiler_options() -> dict[str, str] | None:
     """XLA options of every program fedjax_med compiles: `CPU_COMPILER_OPTIONS` on a CPU backend
-    whose jaxlib knows them (checked once by compiling a tiny program), otherwise none."""
-    if jax.default_backend() != 'cpu':
+    whose jaxlib knows them (checked once by compiling a tiny program), otherwise none.
+    FEDJAX_MED_XLA_DEFAULTS=1 in the environment keeps XLA's defaults (for comparisons)."""
+    if jax.default_backend() != 'cpu' or os.environ.get('FEDJAX_MED_XLA_DEFAULTS') == '1':
         return None
     try:
         jax.jit(lambda x: x.sum(), compiler_options=CPU_COMPILER_OPTIONS).lower(
