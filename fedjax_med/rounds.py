@@ -11,7 +11,9 @@ options) and returns `round_fn(state, client_data, inputs, key) -> (state, metri
   4. the server optimiser step.
 
 The client axis of `client_data` and `inputs` is sharded over the mesh; parameters are
-replicated. Sums over the client axis are plain reductions and XLA inserts the collectives.
+replicated. Each device runs only its own hospitals' local updates (`map_clients`: a `shard_map`
+over the client axis), and sums over the client axis are plain reductions for which XLA inserts
+the all-reduces.
 In 'local' mode each hospital keeps its own parameters (leading client axis) and step 3-4 become
 params_k += delta_k.
 """
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from jax.sharding import PartitionSpec as P
 
 from fedjax_med import client as client_lib
 from fedjax_med.aggregation import fedavg, server_opt
@@ -61,9 +64,25 @@ def _clients_in_parallel(n: int) -> int:
     return 1 if jax.default_backend() == 'cpu' else 0
 
 
-def map_clients(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Callable:
+def map_clients(fn: Callable, in_axes: tuple, clients_in_parallel: int, mesh=None) -> Callable:
     """`fn` over the client axis: vmap (clients_in_parallel=0) or `lax.map` in chunks of
-    `clients_in_parallel` hospitals. Either way it is one program with the same results."""
+    `clients_in_parallel` hospitals. Either way it is one program with the same results.
+
+    With a mesh of several devices, each device maps only its own hospitals (`shard_map` over
+    the 'clients' axis); left to itself, XLA's partitioner would gather every hospital's data to
+    every device for a `lax.map` and compute all of them everywhere.
+    """
+    local = _map_local(fn, in_axes, clients_in_parallel)
+    if mesh is None or mesh.devices.size == 1:
+        return local
+    specs = tuple(P() if ax is None else P(parallel.CLIENTS) for ax in in_axes)
+    # check_vma=False: the local-step scan starts from the shared (replicated) model and carries
+    # per-hospital parameters; the types would differ only in that bookkeeping.
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(parallel.CLIENTS),
+                         check_vma=False)
+
+
+def _map_local(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Callable:
     if clients_in_parallel == 0:
         return jax.vmap(fn, in_axes=in_axes)
 
@@ -154,7 +173,7 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
             # Hospitals receive the model in bfloat16: they start from the rounded weights.
             broadcast = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), broadcast)
         out = map_clients(client_update, (params_axis, 0, 0, 0, 0, 0, None, 0),
-                          _clients_in_parallel(config.clients_in_parallel))(
+                          _clients_in_parallel(config.clients_in_parallel), mesh)(
             broadcast, client_data, inputs.indices, inputs.mask, inputs.step_active,
             inputs.expected_batch, inputs.learning_rate, client_keys)
         deltas, client_state = out.delta, state.client_state

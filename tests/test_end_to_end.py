@@ -88,6 +88,32 @@ def test_one_device_and_eight_devices_give_the_same_model(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_each_device_trains_only_its_own_hospitals():
+    """On a mesh of 4 devices the compiled round moves no training data between devices: its
+    only collectives are the all-reduces of aggregation (a `lax.map` left to XLA's partitioner
+    gathered every hospital's data to every device). Hospitals one at a time, in chunks of two,
+    and all vmapped."""
+    out = run_python('''
+        import importlib.util, re, sys
+        spec = importlib.util.spec_from_file_location('bench', 'launch/benchmark.py')
+        bench = importlib.util.module_from_spec(spec)
+        sys.modules['bench'] = bench
+        spec.loader.exec_module(bench)
+        from fedjax_med import rounds
+        w = bench.Workload('resnet_small', 'chestxray14', 8, 1, batch=2, steps=2, width=4,
+                           depth=1, norm_groups=2)
+        for n in (1, 2, 8):
+            setup = bench.build_round_setup(bench.dataclasses.replace(w, clients_in_parallel=n),
+                                            bench.RoundSpec(8, 2, num_devices=4))
+            hlo = setup.round_fn.fn.lower(setup.state, setup.client_data, setup.inputs,
+                                          rounds.round_key(0, 0)).compile().as_text()
+            ops = sorted(set(re.findall(r'(all-gather|all-to-all|collective-permute|'
+                                        r'reduce-scatter|all-reduce)(?:-start)?\(', hlo)))
+            print(n, ops)
+    ''', devices=4)
+    assert out.split('\n')[:3] == ["1 ['all-reduce']", "2 ['all-reduce']", "8 ['all-reduce']"], out
+
+
 def test_sigkill_after_round_two_then_rerun_equals_uninterrupted(tmp_path):
     overrides = ('--config.num_rounds=4',)
     straight = str(tmp_path / 'straight')
