@@ -75,9 +75,13 @@ def unbatch_stats(stats: dict) -> dict:
     return out
 
 
-def per_hospital(eval_fn, *, params_axis, data_axis):
-    """Jitted vmap of `eval_fn` over hospitals (params and/or data carry the client axis)."""
-    return parallel.jit(jax.vmap(eval_fn, in_axes=(params_axis, data_axis)))
+def per_hospital(eval_fn, *, params_axis, data_axis, mesh=None):
+    """Jitted `eval_fn` for every hospital (params and/or data carry the client axis): each
+    device evaluates its own hospitals, one at a time (no grouped convolutions, which XLA's
+    partitioner also mis-splits when per-hospital parameters are sharded over devices)."""
+    from fedjax_med import rounds
+
+    return parallel.jit(rounds.map_clients(eval_fn, (params_axis, data_axis), 1, mesh))
 
 
 def split_hospitals(stats) -> list[dict]:

@@ -151,11 +151,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     client_data = parallel.put_clients(pad_examples(train_splits, k_pad), mesh)
     test_global = parallel.put_replicated(
         evaluation.batch_split(data.test, config.eval_batch_size), mesh)
-    hospital_test = evaluation.stack_splits(data.clients_test, config.eval_batch_size)
-    if local_mode:
-        hospital_test = parallel.put_clients(parallel.pad_client_axis(hospital_test, k_pad), mesh)
-    else:
-        hospital_test = parallel.put_replicated(hospital_test, mesh)
+    # Each hospital's own test split lives on the device that holds its training data.
+    hospital_test = parallel.put_clients(parallel.pad_client_axis(
+        evaluation.stack_splits(data.clients_test, config.eval_batch_size),
+        parallel.padded_num_clients(len(data.clients_test), mesh)), mesh)
     logging.info('Hospitals: %s; training examples per training client: %s; test: %d',
                  hospital_names, sizes[:num_clients].tolist(), len(data.test['image']))
 
@@ -203,11 +202,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     state = rounds.init_server_state(params, config, k_pad, mesh, compressor)
     eval_fn = evaluation.build_eval_fn(apply_fn, task)
     if local_mode:
-        eval_global = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=None)
-        eval_own = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=0)
+        eval_global = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=None,
+                                              mesh=mesh)
+        eval_own = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=0, mesh=mesh)
     else:
         eval_global = parallel.jit(eval_fn)
-        eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0)
+        eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0,
+                                           mesh=mesh)
     # Every round's client learning rate, computed once (not a device call per round).
     schedule = lr_schedule(lc, config.num_rounds)
     lr_by_round = np.array([schedule(r) for r in range(config.num_rounds)], np.float32)
