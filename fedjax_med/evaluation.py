@@ -76,12 +76,15 @@ def unbatch_stats(stats: dict) -> dict:
 
 
 def per_hospital(eval_fn, *, params_axis, data_axis, mesh=None):
-    """Jitted `eval_fn` for every hospital (params and/or data carry the client axis): each
-    device evaluates its own hospitals, one at a time (no grouped convolutions, which XLA's
-    partitioner also mis-splits when per-hospital parameters are sharded over devices)."""
+    """Jitted `eval_fn` for every hospital (params and/or data carry the client axis); each
+    device evaluates its own hospitals. One shared model sees all hospitals' batches at once
+    (vmap folds them into the batch); per-hospital models go one at a time, since vmapping them
+    makes grouped convolutions (slow, and mis-split by XLA's partitioner across devices)."""
     from fedjax_med import rounds
 
-    return parallel.jit(rounds.map_clients(eval_fn, (params_axis, data_axis), 1, mesh))
+    one_at_a_time = 0 if params_axis is None else 1
+    return parallel.jit(rounds.map_clients(eval_fn, (params_axis, data_axis), one_at_a_time,
+                                           mesh))
 
 
 def split_hospitals(stats) -> list[dict]:
