@@ -36,6 +36,26 @@ def batch_split(split: dict, batch_size: int, *, shrink: bool = True) -> dict:
     return out
 
 
+def pad_batches(batched: dict, multiple: int) -> dict:
+    """A batched split with all-masked batches appended, up to a multiple of `multiple` batches
+    (so the batches split evenly over devices)."""
+    nb = next(iter(batched.values())).shape[0]
+    extra = -nb % multiple
+    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
+            for k, v in batched.items()}
+
+
+def over_devices(eval_fn, mesh):
+    """Jitted (params, batched split) -> statistics, with the split's batches sharded over the
+    mesh (pad them with `pad_batches`): each device evaluates its share."""
+    if mesh.devices.size == 1:
+        return parallel.jit(eval_fn)
+    from jax.sharding import PartitionSpec as P
+
+    return parallel.jit(jax.shard_map(eval_fn, mesh=mesh, in_specs=(P(), P(parallel.CLIENTS)),
+                                      out_specs=P(parallel.CLIENTS), check_vma=False))
+
+
 def stack_splits(splits: list[dict], batch_size: int) -> dict:
     """One batched split per hospital, padded to the same number of batches: leading axis K."""
     longest = max(len(s['image']) for s in splits)

@@ -149,8 +149,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     k_pad = parallel.padded_num_clients(num_clients, mesh)
     sizes = np.array([len(s['image']) for s in train_splits] + [0] * (k_pad - num_clients))
     client_data = parallel.put_clients(pad_examples(train_splits, k_pad), mesh)
-    test_global = parallel.put_replicated(
-        evaluation.batch_split(data.test, config.eval_batch_size), mesh)
+    test_global = evaluation.batch_split(data.test, config.eval_batch_size)
+    if local_mode:  # every hospital's model sees the whole split
+        test_global = parallel.put_replicated(test_global, mesh)
+    else:  # one model: each device evaluates its share of the batches
+        test_global = parallel.put_clients(
+            evaluation.pad_batches(test_global, mesh.devices.size), mesh)
     # Each hospital's own test split lives on the device that holds its training data.
     hospital_test = parallel.put_clients(parallel.pad_client_axis(
         evaluation.stack_splits(data.clients_test, config.eval_batch_size),
@@ -206,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
                                               mesh=mesh)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=0, mesh=mesh)
     else:
-        eval_global = parallel.jit(eval_fn)
+        eval_global = evaluation.over_devices(eval_fn, mesh)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0,
                                            mesh=mesh)
     # Every round's client learning rate, computed once (not a device call per round).

@@ -88,19 +88,21 @@ def test_one_device_and_eight_devices_give_the_same_model(tmp_path):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_baselines_on_one_and_three_devices_give_the_same_metrics(tmp_path):
-    # Local: per-hospital models sharded over devices (3 hospitals on 3 devices), evaluated
-    # on the global split and on each hospital's own; centralised: one client padded to 3.
+def test_every_mode_on_one_and_three_devices_gives_the_same_metrics(tmp_path):
+    # Federated and centralised: the global test batches are split over the devices (2 batches
+    # padded to 3); local: per-hospital models sharded over devices (3 hospitals on 3 devices),
+    # evaluated on the global split and on each hospital's own; centralised: one client padded
+    # to 3.
     run_python(f'''
         from configs import brats
         from fedjax_med import train
-        for mode in ('local', 'centralized'):
+        for mode in ('federated', 'local', 'centralized'):
             for d in (1, 3):
                 c = brats.get_config('smoke')
                 c.mode, c.num_rounds = mode, 1
                 train.run(c, '{tmp_path}/%s%d' % (mode, d), num_devices=d)
     ''', devices=3)
-    for mode in ('local', 'centralized'):
+    for mode in ('federated', 'local', 'centralized'):
         one, three = read_metrics(tmp_path / f'{mode}1'), read_metrics(tmp_path / f'{mode}3')
         assert 'eval/mean_dice' in one[-1] and 'eval/own_mean_dice' in one[-1]
         for a, b in zip(one, three, strict=True):
