@@ -9,10 +9,13 @@ from fedjax_med import parallel
 from fedjax_med.models import build_model
 
 
-def test_cpu_compiler_options_are_accepted_and_change_only_rounding():
+def test_cpu_compiler_options_are_accepted_and_change_only_rounding(monkeypatch, request):
     # This jaxlib knows the option (if a new one drops it, rounds silently get ~1.4x slower on
     # CPUs: this test says so).
     assert jax.default_backend() == 'cpu'
+    monkeypatch.delenv('FEDJAX_MED_XLA_DEFAULTS', raising=False)
+    parallel.compiler_options.cache_clear()
+    request.addfinalizer(parallel.compiler_options.cache_clear)  # later tests: their own env
     assert parallel.compiler_options() == parallel.CPU_COMPILER_OPTIONS
 
     model = build_model(ml_collections.ConfigDict(dict(
