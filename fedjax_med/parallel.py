@@ -18,7 +18,7 @@ CLIENTS = 'clients'
 
 # XLA:CPU hands reductions to its YNNPACK library by default (jaxlib 0.10); for the small
 # GroupNorm reductions of our models those library calls are slower than XLA's own fused loops:
-# a resnet_small hospital update takes 3.9 ms instead of 5.4 ms, a DP-SGD round 1.85x less time
+# a resnet_small hospital update takes 3.9 ms instead of 5.4 ms, a DP-SGD round about 1.5x less
 # (BENCHMARKS.md). This keeps YNNPACK for matrix products only. Numbers change at float32
 # rounding level (the reductions are summed in another order).
 CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
