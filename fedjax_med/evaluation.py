@@ -48,12 +48,7 @@ def pad_batches(batched: dict, multiple: int) -> dict:
 def over_devices(eval_fn, mesh):
     """Jitted (params, batched split) -> statistics, with the split's batches sharded over the
     mesh (pad them with `pad_batches`): each device evaluates its share."""
-    if mesh.devices.size == 1:
-        return parallel.jit(eval_fn)
-    from jax.sharding import PartitionSpec as P
-
-    return parallel.jit(jax.shard_map(eval_fn, mesh=mesh, in_specs=(P(), P(parallel.CLIENTS)),
-                                      out_specs=P(parallel.CLIENTS), check_vma=False))
+    return parallel.jit(parallel.shard_clients(eval_fn, (None, 0), mesh))
 
 
 def stack_splits(splits: list[dict], batch_size: int) -> dict:

@@ -64,6 +64,22 @@ def put_replicated(tree, mesh: Mesh):
     return jax.device_put(tree, replicated(mesh))
 
 
+def shard_clients(fn, in_axes: tuple, mesh: Mesh | None):
+    """`fn` run by each device on its own slice of the client axis (`shard_map`): arguments whose
+    entry in `in_axes` is 0 are split along the leading 'clients' axis, those with None are
+    replicated, and the outputs are concatenated along it. `fn` itself on one device.
+
+    Used wherever a computation maps over hospitals (or test batches): left to itself, XLA's
+    partitioner may gather the whole client axis to every device, e.g. for a `lax.map`.
+    """
+    if mesh is None or mesh.devices.size == 1:
+        return fn
+    specs = tuple(P() if ax is None else P(CLIENTS) for ax in in_axes)
+    # check_vma=False: replicated values (the shared model) flow into loops whose carries become
+    # per-device (per-hospital parameters); the types would differ only in that bookkeeping.
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=P(CLIENTS), check_vma=False)
+
+
 def round_inputs_sharding(mesh: Mesh, inputs):
     """Shardings for a `RoundInputs`: client axis split, the scalar learning rate replicated."""
     shard = client_sharding(mesh)

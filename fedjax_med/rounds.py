@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import PartitionSpec as P
 
 from fedjax_med import client as client_lib
 from fedjax_med.aggregation import fedavg, server_opt
@@ -72,14 +71,7 @@ def map_clients(fn: Callable, in_axes: tuple, clients_in_parallel: int, mesh=Non
     the 'clients' axis); left to itself, XLA's partitioner would gather every hospital's data to
     every device for a `lax.map` and compute all of them everywhere.
     """
-    local = _map_local(fn, in_axes, clients_in_parallel)
-    if mesh is None or mesh.devices.size == 1:
-        return local
-    specs = tuple(P() if ax is None else P(parallel.CLIENTS) for ax in in_axes)
-    # check_vma=False: the local-step scan starts from the shared (replicated) model and carries
-    # per-hospital parameters; the types would differ only in that bookkeeping.
-    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=P(parallel.CLIENTS),
-                         check_vma=False)
+    return parallel.shard_clients(_map_local(fn, in_axes, clients_in_parallel), in_axes, mesh)
 
 
 def _map_local(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Callable:

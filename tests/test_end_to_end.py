@@ -118,7 +118,7 @@ def test_each_device_trains_only_its_own_hospitals():
     only collectives are the all-reduces of aggregation (a `lax.map` left to XLA's partitioner
     gathered every hospital's data to every device). Hospitals one at a time, in chunks of two,
     and all vmapped."""
-    out = run_python('''
+    out = run_python(r'''
         import importlib.util, re, sys
         spec = importlib.util.spec_from_file_location('bench', 'launch/benchmark.py')
         bench = importlib.util.module_from_spec(spec)
