@@ -21,7 +21,8 @@ CLIENTS = 'clients'
 # a resnet_small hospital update takes 3.9 ms instead of 5.4 ms, a DP-SGD round about 1.5x less
 # (BENCHMARKS.md). This keeps YNNPACK for matrix products only. Numbers change at float32
 # rounding level (the reductions are summed in another order).
-CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+CPU_COMPILER_OPTIONS = {
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

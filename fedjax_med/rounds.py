@@ -29,8 +29,8 @@ import ml_collections
 import optax
 
 from fedjax_med import client as client_lib
-from fedjax_med.aggregation import fedavg, server_opt
 from fedjax_med import parallel
+from fedjax_med.aggregation import fedavg, server_opt
 from fedjax_med.parallel import client_sharding, replicated
 from fedjax_med.state import RoundInputs, ServerState
 from fedjax_med.tasks import Task

@@ -42,7 +42,7 @@ def _main(workdir, rounds: int, extra=()) -> list[str]:
 def _run_two_processes(workdir, rounds: int) -> list[str]:
     port = _free_port()
     procs = [subprocess.Popen(
-        _main(workdir, rounds, [f'--num_processes=2', f'--process_id={i}',
+        _main(workdir, rounds, ['--num_processes=2', f'--process_id={i}',
                                 f'--coordinator_address=localhost:{port}']),
         cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]

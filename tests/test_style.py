@@ -1,0 +1,13 @@
+"""The repository is `ruff` clean (pyproject.toml's rules), as DESIGN.md asks."""
+
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_ruff_finds_nothing():
+    out = subprocess.run([sys.executable, '-m', 'ruff', 'check', '--no-cache', REPO],
+                         capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stdout + out.stderr
