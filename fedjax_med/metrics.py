@@ -30,8 +30,12 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 
 def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, names) -> dict[str, float]:
-    """Per-label AUROC, mean AUROC, mean per-label accuracy at 0.5 and macro F1 at 0.5."""
+    """Per-label AUROC, mean AUROC, mean per-label accuracy at 0.5 and macro F1 at 0.5; all NaN
+    for a split without examples (e.g. a hospital whose test split is empty)."""
     probs, labels = np.asarray(probs), np.asarray(labels) > 0.5
+    if len(probs) == 0:
+        return {**{f'auroc/{name}': float('nan') for name in names},
+                **{key: float('nan') for key in ('mean_auroc', 'accuracy', 'macro_f1')}}
     preds = probs >= 0.5
     out = {}
     aurocs, f1s = [], []
@@ -50,12 +54,16 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, names) -> dict[str
 
 
 def dice_from_sums(intersection: np.ndarray, pred_sum: np.ndarray,
-                   target_sum: np.ndarray) -> dict[str, float]:
+                   target_sum: np.ndarray, num_examples: int) -> dict[str, float]:
     """Dice per BraTS region from summed intersections and volumes, and their mean.
 
     Sums run over every pixel of the split (dataset-level Dice), so empty slices do not produce
-    0/0. A region absent from both prediction and truth counts as Dice 1.
+    0/0. A region absent from both prediction and truth counts as Dice 1; a split without
+    examples has no Dice (NaN), so it cannot count as a perfect one.
     """
+    if num_examples == 0:
+        return {**{f'dice_{name}': float('nan') for name in BRATS_REGIONS},
+                'mean_dice': float('nan')}
     out = {}
     for r, name in enumerate(BRATS_REGIONS):
         denom = pred_sum[r] + target_sum[r]

@@ -46,7 +46,7 @@ def _cxr_stats(logits, labels, mask):
 def _cxr_finalize(stats):
     keep = stats['mask'] > 0
     out = metrics.multilabel_metrics(stats['probs'][keep], stats['labels'][keep], CXR_LABELS)
-    out['loss'] = float(stats['loss'] / max(stats['count'], 1))
+    out['loss'] = float(stats['loss'] / stats['count']) if stats['count'] else float('nan')
     return out
 
 
@@ -73,8 +73,9 @@ def _brats_stats(logits, labels, mask):
 
 
 def _brats_finalize(stats):
-    out = metrics.dice_from_sums(stats['intersection'], stats['pred_sum'], stats['target_sum'])
-    out['loss'] = float(stats['loss'] / max(stats['count'], 1))
+    out = metrics.dice_from_sums(stats['intersection'], stats['pred_sum'], stats['target_sum'],
+                                 int(stats['count']))
+    out['loss'] = float(stats['loss'] / stats['count']) if stats['count'] else float('nan')
     return out
 
 
