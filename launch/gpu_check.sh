@@ -70,7 +70,7 @@ EOF
 echo "== smoke tests on the GPU (cap ${SMOKE_SECONDS} s)"
 if "$PY" -c 'import pytest' 2>/dev/null; then
   # tests/conftest.py defaults JAX_PLATFORMS to cpu; point it at the GPU for this smoke.
-  JAX_PLATFORMS=cuda timeout "$SMOKE_SECONDS" "$PY" -m pytest -q -x -p no:cacheprovider \
+  JAX_PLATFORMS=cuda timeout "$SMOKE_SECONDS" "$PY" -m pytest -q -x -p no:cacheprovider -o addopts= \
     tests/test_client.py tests/test_fedavg.py 2>&1 | tee "$OUT/smoke.log"
   echo "smoke exit status: ${PIPESTATUS[0]}" | tee -a "$OUT/smoke.log"
 else
