@@ -7,9 +7,10 @@ Variants (`--config=configs/chestxray14.py:VARIANT`):
              calibrated to epsilon = 4.0 per hospital. Needs the built dataset
              (python -m fedjax_med.data.build --dataset=nih_chestxray14 --manual_dir=DIR).
   synthetic  the built-in synthetic twin on CPU: small ResNet at 32 px, five non-IID hospitals,
-             20 rounds of 3 local epochs. Expected global mean AUROC: federated 0.87-0.89,
-             centralised (--config.mode=centralized) 0.92-0.94, local-only (--config.mode=local)
-             0.81-0.82 (RESULTS.md); about 2 min on 2 cores (6 s/round federated).
+             20 rounds of 3 local epochs. Expected global mean AUROC (seeds 0-2): federated
+             0.87-0.89, centralised (--config.mode=centralized) 0.92-0.96, local-only
+             (--config.mode=local) 0.80-0.83 (RESULTS.md); about 2 min on 2 cores (6 s/round
+             federated).
   smoke      seconds: tiny everything, checkpoint every round (tests, CI).
   dp         synthetic + sample-level DP-SGD at epsilon = 3.
 
