@@ -46,6 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.model.depth = 3               # ResNet stages (resnet_small) or U-Net levels
     c.model.norm_groups = 8         # GroupNorm groups (capped to divide the channel count)
     c.model.compute_dtype = 'float32'  # 'float32' or 'bfloat16' compute; parameters stay float32
+    c.model.negative_slope = 0.0    # slope of the activations below 0: 0 is ReLU, > 0 leaky ReLU
 
     # ---- local training (inside each hospital) -------------------------------------------------
     c.local = ml_collections.ConfigDict()

@@ -132,6 +132,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.task == 'chestxray14' and config.model.name == 'unet':
         problems.append("config.model.name='unet' is a segmentation model; use 'resnet18' or "
                         "'resnet_small' for config.task='chestxray14'.")
+    if not 0 <= config.model.negative_slope < 1:
+        problems.append(f'config.model.negative_slope={config.model.negative_slope!r} must be in '
+                        '[0, 1): 0 is ReLU, 0.01-0.2 the usual leaky ReLUs.')
     problems += _patch_problems(config)
     problems += _aggregator_problems(config)
     dp = config.dp

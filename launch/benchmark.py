@@ -62,7 +62,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import base  # noqa: E402
+from configs import base, brats  # noqa: E402
 from fedjax_med import parallel, rounds  # noqa: E402
 from fedjax_med.aggregation import server_opt  # noqa: E402
 from fedjax_med.data import storage  # noqa: E402
@@ -196,6 +196,8 @@ def make_config(w: Workload, spec: RoundSpec):
     c.data.num_clients = spec.num_clients
     c.model.name, c.model.width, c.model.depth = w.model, w.width, w.depth
     c.model.norm_groups = w.norm_groups
+    if w.task == 'brats':  # the U-Net's activations as the BraTS configs set them
+        c.model.negative_slope = brats.get_config('synthetic').model.negative_slope
     c.model.compute_dtype = spec.dtype
     c.clients_in_parallel = w.clients_in_parallel
     c.local.batch_size = w.batch

@@ -212,3 +212,9 @@ def test_a_checkpoint_that_predates_a_field_resumes_only_with_its_old_behaviour(
     current['data']['patch_size'] = 64
     assert 'data.patch_size: checkpoint has 0, config has 64' in config_differences(
         saved, current)
+    # BraTS runs from before the leaky-ReLU U-Net resume only with plain ReLUs.
+    saved['model'], current['model'] = {}, {'negative_slope': 0.1}
+    assert 'model.negative_slope: checkpoint has 0.0, config has 0.1' in config_differences(
+        saved, current)
+    current['model']['negative_slope'] = 0.0
+    assert not any(d.startswith('model.') for d in config_differences(saved, current))

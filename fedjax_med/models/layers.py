@@ -107,3 +107,8 @@ def group_norm(channels: int, max_groups: int, dtype: Dtype = jnp.float32,
                **kwargs: Any) -> GroupNorm:
     """GroupNorm with the largest group count <= max_groups that divides `channels`."""
     return GroupNorm(num_groups=math.gcd(channels, max_groups), dtype=dtype, **kwargs)
+
+
+def activation(x: jax.Array, negative_slope: float) -> jax.Array:
+    """ReLU (negative_slope = 0) or leaky ReLU: x for x >= 0, negative_slope * x below."""
+    return nn.relu(x) if negative_slope == 0 else nn.leaky_relu(x, negative_slope)

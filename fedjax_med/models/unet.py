@@ -13,24 +13,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from fedjax_med.models.layers import Conv, group_norm
+from fedjax_med.models.layers import Conv, activation, group_norm
 
 SPATIAL_DIMS = (2, 3)  # 2-D slices or 3-D patches
 
 
 class ConvBlock(nn.Module):
-    """(3x3 or 3x3x3 conv, GroupNorm, ReLU) twice."""
+    """(3x3 or 3x3x3 conv, GroupNorm, (leaky) ReLU) twice."""
 
     features: int
     norm_groups: int = 8
     dtype: jnp.dtype = jnp.float32
+    negative_slope: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         kernel = (3,) * (x.ndim - 2)
         for _ in range(2):
             x = Conv(self.features, kernel, padding='SAME', use_bias=False, dtype=self.dtype)(x)
-            x = nn.relu(group_norm(self.features, self.norm_groups, self.dtype)(x))
+            x = activation(group_norm(self.features, self.norm_groups, self.dtype)(x),
+                           self.negative_slope)
         return x
 
 
@@ -46,6 +48,10 @@ class UNet(nn.Module):
     num_outputs: int = 3
     norm_groups: int = 8
     dtype: jnp.dtype = jnp.float32
+    # 0: ReLU. The BraTS configs use leaky ReLUs (0.1): with ReLUs a U-Net can code tumour as all
+    # last-level features switched off, which caps its tumour logits at the head's bias and
+    # leaves no gradient to switch them on (configs/brats.py, RESULTS.md).
+    negative_slope: float = 0.0
 
     @nn.compact
     def __call__(self, x, *, train: bool = False):
@@ -58,14 +64,16 @@ class UNet(nn.Module):
         x = x.astype(self.dtype)
         skips = []
         for level in range(self.depth - 1):
-            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype)(x)
+            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype,
+                          self.negative_slope)(x)
             skips.append(x)
             x = nn.max_pool(x, window, window)
-        x = ConvBlock(self.width * 2 ** (self.depth - 1), self.norm_groups, self.dtype)(x)
+        x = ConvBlock(self.width * 2 ** (self.depth - 1), self.norm_groups, self.dtype,
+                      self.negative_slope)(x)
         for level in reversed(range(self.depth - 1)):
             skip = skips[level]
             x = jax.image.resize(x, (*skip.shape[:-1], x.shape[-1]), 'nearest')
-            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype)(
-                jnp.concatenate([x, skip], axis=-1))
+            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype,
+                          self.negative_slope)(jnp.concatenate([x, skip], axis=-1))
         return Conv(self.num_outputs, (1,) * nd, dtype=jnp.float32, name='head')(x).astype(
             jnp.float32)
