@@ -6,10 +6,9 @@ Variants (`--config=configs/brats.py:VARIANT`):
              rate, sample-level DP-SGD calibrated to epsilon = 4.0. Needs the built dataset
              (python -m fedjax_med.data.build --dataset=brats2021 --manual_dir=DIR).
   synthetic  the built-in synthetic twin on CPU: small U-Net at 32 px, five non-IID hospitals,
-             15 rounds. Expected global mean Dice (seeds 0 and 2): federated 0.79, centralised
-             (--config.mode=centralized) 0.85-0.87, local-only (--config.mode=local) 0.65-0.66;
-             about a minute on 2 cores. With --config.seed=1 FedAvg's Dice stays 0 (its initial
-             model; RESULTS.md).
+             15 rounds. Expected global mean Dice (seeds 0-2): federated 0.79-0.82, centralised
+             (--config.mode=centralized) 0.85-0.87, local-only (--config.mode=local) 0.65-0.71;
+             about a minute on 2 cores.
   smoke      seconds: tiny everything, checkpoint every round (tests, CI).
   dp         synthetic + sample-level DP-SGD at epsilon = 3.
   patch3d    3-D on one GPU: real BraTS 2021 stored as volumes of 128 x 128 px axial planes (about
