@@ -9,6 +9,7 @@ Orbax writes each checkpoint to a temporary directory and renames it when comple
 killed mid-save leaves the previous checkpoint intact; an unfinished one is ignored on restore.
 """
 
+import copy
 import os
 
 import jax
@@ -71,6 +72,19 @@ class Checkpointer:
 ADDED_FIELDS = {'dp.fast_clipping': False, 'data.patch_size': 0, 'data.patches_per_case': 8,
                 'data.tumour_patch_fraction': 0.5, 'data.synthetic_signal': 1.0,
                 'server.trim_fraction': 0.1, 'model.negative_slope': 0.0}
+
+
+def with_added_fields(saved: dict) -> dict:
+    """A saved config (a run's config.json) completed with the ADDED_FIELDS it predates, set to the
+    behaviour it ran with, so that code reading today's fields can rebuild its model and data."""
+    out = copy.deepcopy(saved)
+    for dotted, value in ADDED_FIELDS.items():
+        *parents, leaf = dotted.split('.')
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node.setdefault(leaf, value)
+    return out
 
 
 def config_differences(saved: dict, current: dict, prefix: str = '') -> list[str]:

@@ -189,9 +189,12 @@ def _read_json(path: str) -> dict | None:
 
 def load_run(path: str) -> Run:
     """Reads a run directory (it must hold config.json and metrics.jsonl)."""
+    from fedjax_med.checkpoint import with_added_fields
+
     config = _read_json(os.path.join(path, 'config.json'))
     if config is None:
         raise FileNotFoundError(f'{path} has no config.json; is it a fedjax_med run directory?')
+    config = with_added_fields(config)  # runs older than a field ran with its old behaviour
     rows = []
     metrics_path = os.path.join(path, 'metrics.jsonl')
     if os.path.exists(metrics_path):
@@ -472,6 +475,13 @@ def _short(run: Run) -> str:
     return f'{run.algorithm} ({run.dp_label}, {run.partition_label}, seed {run.seed})'
 
 
+def largest_tumours(labels: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the n examples with the most whole-tumour pixels (voxels), largest first."""
+    # int64: the labels are uint8, and negating unsigned areas to sort them would wrap around.
+    area = np.asarray(labels)[..., 0].reshape(len(labels), -1).sum(1, dtype=np.int64)
+    return np.argsort(-area, kind='stable')[:n]
+
+
 def plot_brats_overlays(runs: Sequence[Run], out_dir: str, num_examples: int = 3) -> str | None:
     """FLAIR (channel 0) with WT/TC/ET contours: truth, then each model's prediction. 3-D patches
     are shown by their axial slice with the most tumour."""
@@ -479,8 +489,7 @@ def plot_brats_overlays(runs: Sequence[Run], out_dir: str, num_examples: int = 3
     if not chosen:
         return None
     test = load_test_split(chosen[0])
-    wt_area = test['label'][..., 0].reshape(len(test['label']), -1).sum(1)
-    idx = np.argsort(-wt_area)[:num_examples]  # the largest tumours show all three regions
+    idx = largest_tumours(test['label'], num_examples)  # they show all three regions
     shown = storage.decode({'image': test['image'][idx], 'label': test['label'][idx]})
     images, labels = shown['image'], shown['label']
     predictions = [np.asarray(load_model(r)(images)) > 0 for r in chosen]

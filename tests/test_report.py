@@ -110,3 +110,28 @@ def test_agreement_scores():
     assert float(attribution.spearman(a, a**3)) == pytest.approx(1.0)  # ranks only
     assert float(attribution.topk_overlap(a, a, 0.1)) == pytest.approx(1.0)
     assert float(attribution.topk_overlap(a, -a, 0.1)) == pytest.approx(0.0)
+
+
+def test_a_run_older_than_a_config_field_loads_with_its_old_behaviour(runs, tmp_path):
+    """config.json written before model.negative_slope existed: the report rebuilds the model
+    the run trained (plain ReLUs) instead of failing on the missing field."""
+    import shutil
+
+    old = tmp_path / 'brats_old'
+    shutil.copytree(runs / 'brats_fed', old)
+    config = json.loads((old / 'config.json').read_text())
+    assert config['model'].pop('negative_slope') == 0.1
+    (old / 'config.json').write_text(json.dumps(config))
+    run = report.load_run(str(old))
+    assert run.config['model']['negative_slope'] == 0.0
+    images = jnp.zeros((1, 16, 16, 4))
+    assert report.load_model(run)(images).shape == (1, 16, 16, 3)
+
+
+def test_overlays_show_the_largest_tumours_of_uint8_labels():
+    """Labels are stored as uint8: the examples picked are those with the most tumour."""
+    labels = np.zeros((5, 4, 4, 3), np.uint8)
+    labels[1, :2, :2, 0] = 1   # 4 pixels
+    labels[3, :, :, 0] = 1     # 16 pixels
+    labels[4, 0, 0, 0] = 1     # 1 pixel
+    assert report.largest_tumours(labels, 3).tolist() == [3, 1, 4]
