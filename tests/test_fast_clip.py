@@ -23,6 +23,7 @@ MODELS = {
     'resnet_stem1': (ResNet((1, 1), 4, 3, norm_groups=2, stem_stride=1), (5, 8, 8, 3), CXR_LOSS),
     'resnet_stem2': (ResNet((1, 1), 4, 3, norm_groups=2, stem_stride=2), (5, 16, 16, 1), CXR_LOSS),
     'unet': (UNet(4, 2, 3, norm_groups=2), (5, 8, 8, 4), BRATS_LOSS),
+    'unet_leaky': (UNet(4, 2, 3, norm_groups=2, negative_slope=0.1), (5, 8, 8, 4), BRATS_LOSS),
 }
 MASK = jnp.array([1, 0, 1, 1, 0], bool)
 
@@ -92,6 +93,7 @@ def test_conv_patches_times_flattened_kernel_is_the_convolution(kernel, strides,
 
 @pytest.mark.parametrize('name,mode', [
     ('resnet_stem1', 'mixed'), ('resnet_stem2', 'mixed'), ('unet', 'mixed'),
+    ('unet_leaky', 'mixed'),
     ('resnet_stem2', 'ghost'), ('resnet_stem2', 'direct'), ('unet', 'ghost'), ('unet', 'direct'),
 ])
 def test_per_example_norms_match_vmap_of_grad(name, mode, monkeypatch):
@@ -188,7 +190,8 @@ def test_vmap_over_clients_matches_each_client():
 
 
 def test_layers_leave_parameters_and_plain_apply_unchanged():
-    config = type('C', (), {'compute_dtype': 'float32', 'name': 'resnet18', 'norm_groups': 32})
+    config = type('C', (), {'compute_dtype': 'float32', 'name': 'resnet18', 'norm_groups': 32,
+                            'negative_slope': 0.0})
     resnet18 = build_model(config, 'chestxray14')
     variables = jax.eval_shape(resnet18.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
     assert set(variables) == {'params'}  # no perturbations or activations recorded by init

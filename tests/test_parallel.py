@@ -19,7 +19,8 @@ def test_cpu_compiler_options_are_accepted_and_change_only_rounding(monkeypatch,
     assert parallel.compiler_options() == parallel.CPU_COMPILER_OPTIONS
 
     model = build_model(ml_collections.ConfigDict(dict(
-        name='resnet_small', width=8, depth=2, norm_groups=4, compute_dtype='float32')),
+        name='resnet_small', width=8, depth=2, norm_groups=4, compute_dtype='float32',
+        negative_slope=0.0)),
         'chestxray14')
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
     params = model.init(jax.random.key(1), x)
