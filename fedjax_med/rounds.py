@@ -153,6 +153,9 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
     if dp.mode == 'client' or sa.enabled:
         from fedjax_med.aggregation import secure
         from fedjax_med.privacy import client_dp
+    # SecAgg on one device expands each pairwise mask once for both its hospitals; with the
+    # client axis sharded, each device expands its own hospitals' masks (same bits either way).
+    one_device = mesh is None or mesh.devices.size == 1
     result = RoundFn(fn=None)
 
     def round_fn(state: ServerState, client_data: dict, inputs: RoundInputs, key: jax.Array):
@@ -202,7 +205,8 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
                     summed = secure.secure_sum(
                         noised, participating, inputs.secagg.survivor,
                         jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
-                        clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]))
+                        clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]),
+                    single_device=one_device)
                     mean_delta = jax.tree.map(lambda s: s / expected_clients, summed)
                 else:
                     mean_delta = client_dp.noised_mean(
@@ -226,7 +230,8 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
                 summed = secure.secure_sum(
                     scaled, participating, inputs.secagg.survivor,
                     jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
-                    clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]))
+                    clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]),
+                    single_device=one_device)
                 mean_delta = jax.tree.map(lambda s: s / jnp.maximum(summed['weight'], 1e-12),
                                           summed['delta'])
             else:

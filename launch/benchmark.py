@@ -10,8 +10,8 @@ after a warm-up call; `jax.block_until_ready`) and reports these ratios:
                                           (deltas copied to numpy, weighted mean, server step),
                                           as Flower/FedJAX-style simulators do
   dp_over_nondp_throughput                DP-SGD round ÷ non-private round (same K, steps, batch)
-  dp_fast_over_nondp_throughput           ghost-norm DP-SGD round ÷ non-private round (only when
-                                          `config.dp.fast_clipping` exists; else null + a note)
+  dp_fast_over_nondp_throughput           ghost-norm DP-SGD round (`config.dp.fast_clipping`)
+                                          ÷ non-private round
   federated_over_centralized_throughput   K_fed hospitals ÷ one client holding the pooled data
                                           (same per-step batch, same total examples per round)
   secagg_overhead                         round time with secure aggregation ÷ without
@@ -207,23 +207,17 @@ def make_config(w: Workload, spec: RoundSpec):
         c.dp.chunk_size = w.dp_chunk_size
         c.local.sampling = 'poisson'
     if spec.dp == 'fast':
-        # ---- HOOK: fast DP clipping (fedjax_med/privacy/fast_clip.py, ghost norms). ----------
-        # Runs only once the config has `dp.fast_clipping` (see `fast_clipping_unavailable`).
-        c.dp.fast_clipping = True
+        c.dp.fast_clipping = True  # ghost norms: fedjax_med/privacy/fast_clip.py
     c.secagg.enabled = spec.secagg
     return c
 
 
 def fast_clipping_unavailable(w: Workload) -> str | None:
-    """Why the fast-clipping measurement cannot run, or None when it can."""
-    if 'fast_clipping' not in base.get_base_config().dp:
-        return 'config.dp.fast_clipping is not defined yet (rounds.py does not use fast_clip)'
-    try:
-        from fedjax_med.privacy import fast_clip
-    except Exception as e:  # noqa: BLE001 - any import failure means "not available"
-        return f'fedjax_med.privacy.fast_clip does not import: {e!r}'
-    spec = RoundSpec(1, 1)
-    if not fast_clip.supports_fast_clipping(build_model(make_config(w, spec).model, w.task)):
+    """Why fast clipping cannot run on this workload's model, or None when it can."""
+    from fedjax_med.privacy import fast_clip
+
+    if not fast_clip.supports_fast_clipping(build_model(make_config(w, RoundSpec(1, 1)).model,
+                                                        w.task)):
         return f'fast clipping does not support model {w.model}'
     return None
 

@@ -136,20 +136,10 @@ def test_budget_skips_and_errors_are_recorded(bench):
     assert 'resnet_small/dp' in out['skipped'] and out['measurements'] == {}
 
 
-def test_fast_clipping_hook(bench, monkeypatch):
-    """Skipped with a reason until the config has dp.fast_clipping; then the round asks for it."""
-    w = bench.Workload(**TINY)
-    defined = 'fast_clipping' in bench.base.get_base_config().dp
-    assert (bench.fast_clipping_unavailable(w) is None) == defined
-    get_base_config = bench.base.get_base_config
-
-    def with_field():
-        c = get_base_config()
-        if 'fast_clipping' not in c.dp:
-            c.dp.fast_clipping = False
-        return c
-
-    monkeypatch.setattr(bench.base, 'get_base_config', with_field)
-    assert bench.fast_clipping_unavailable(w) is None
-    config = bench.make_config(w, bench.RoundSpec(2, 1, dp='fast'))
+def test_fast_clipping_round_asks_for_ghost_norms(bench):
+    """Both benchmark models support fast clipping, and its round config turns it on."""
+    for kwargs in (TINY, dict(TINY, model='unet', task='brats', channels=4)):
+        assert bench.fast_clipping_unavailable(bench.Workload(**kwargs)) is None
+    config = bench.make_config(bench.Workload(**TINY), bench.RoundSpec(2, 1, dp='fast'))
     assert config.dp.fast_clipping and config.dp.mode == 'sample'
+    assert not bench.make_config(bench.Workload(**TINY), bench.RoundSpec(2, 1)).dp.fast_clipping

@@ -194,3 +194,59 @@ def test_secure_sum_jitted_with_partial_participation_and_dropout():
     for name, leaf in updates.items():
         true = np.tensordot(survivor, np.asarray(leaf, np.float64), axes=1)
         assert np.max(np.abs(np.asarray(out[name]) - true)) <= num_clients / scale
+
+
+@pytest.mark.parametrize('members', [None, np.array([1, 0, 1, 1, 1, 0, 1])])
+def test_one_device_and_sharded_layouts_mask_and_sum_the_same_bits(members):
+    """Each pairwise stream expanded once for both clients (one device) gives the masks that each
+    client expands for itself (sharded), and the row-by-row sum is the reduction's."""
+    num_clients = 7
+    pair, self_keys = _keys(num_clients, seed=6)
+    signs = _signs(num_clients, members)
+    encoded = _tree(num_clients, seed=7)
+    masked = {single: jax.jit(lambda *a, s=single: secure.mask_updates(*a, single_device=s))(
+        encoded, pair, signs, self_keys) for single in (True, False)}
+    jax.tree.map(np.testing.assert_array_equal, masked[True], masked[False])
+    sent = np.array([1, 1, 0, 1, 0, 1, 1])
+    sums = [secure.masked_sum(masked[True], sent, single_device=s) for s in (True, False)]
+    jax.tree.map(np.testing.assert_array_equal, *sums)
+    # Row u of the pairwise part is exactly sum_v signs[u, v] * PRG(pair[u, v]).
+    like = _like(encoded)
+    zeros = jax.tree.map(jnp.zeros_like, encoded)
+    pairwise = jax.jit(secure.add_pairwise_masks)(zeros, pair, signs)
+    for u in (0, 1, 6):
+        expect = jax.tree.map(jnp.zeros_like, like)
+        for v in range(num_clients):
+            m = secure.expand_mask(pair[u, v], like)
+            expect = jax.tree.map(lambda e, x, s=signs[u, v]: e + np.uint32(int(s) % 2**32) * x,
+                                  expect, m)
+        jax.tree.map(lambda p, e, u=u: np.testing.assert_array_equal(p[u], e), pairwise, expect)
+
+
+@pytest.mark.parametrize('key, counter, expected', [
+    # Random123's known-answer vectors for Threefry-2x32 with 20 rounds (kat_vectors).
+    ((0, 0), (0, 0), (0x6B200159, 0x99BA4EFE)),
+    ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+    ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+])
+def test_threefry_matches_the_published_known_answers(key, counter, expected):
+    out = secure.threefry2x32(jnp.asarray(key, jnp.uint32), jnp.uint32(counter[0]),
+                              jnp.uint32(counter[1]))
+    assert tuple(int(x) for x in out) == expected
+
+
+def test_prg_streams_are_counter_mode_blocks_and_look_uniform():
+    seed = jnp.asarray([7, 11], jnp.uint32)
+    words = np.asarray(secure.prg_bits(seed, 9, stream=3))
+    for i in range(4):  # block i = (stream, i) gives words 2i, 2i + 1; an odd count is cut
+        x0, x1 = secure.threefry2x32(seed, jnp.uint32(3), jnp.uint32(i))
+        assert (words[2 * i], words[2 * i + 1]) == (int(x0), int(x1))
+    x0, _ = secure.threefry2x32(seed, jnp.uint32(3), jnp.uint32(4))
+    assert words[8] == int(x0)
+    big = np.asarray(secure.prg_bits(seed, 100_000, stream=0))
+    counts = np.bincount(big.view(np.uint8), minlength=256)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    # Another stream or another seed gives other words.
+    assert np.mean(big[:1000] == np.asarray(secure.prg_bits(seed, 1000, stream=1))) < 0.01
+    other = np.asarray(secure.prg_bits(jnp.asarray([7, 12], jnp.uint32), 1000))
+    assert np.mean(big[:1000] == other) < 0.01

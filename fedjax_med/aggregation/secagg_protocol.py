@@ -111,7 +111,8 @@ def agree(
 
 
 def seed_to_key_words(seed: bytes) -> np.ndarray:
-    """First 8 bytes of an HKDF output as uint32[2] threefry key data (little-endian words)."""
+    """First 8 bytes of an HKDF output as the uint32[2] seed of a Threefry mask stream
+    (little-endian words)."""
     return np.frombuffer(seed[:8], dtype='<u4').astype(np.uint32)
 
 
