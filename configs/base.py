@@ -79,6 +79,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.dp.noise_multiplier = 0.0     # sigma; ignored when target_epsilon > 0 (then calibrated)
     c.dp.target_epsilon = 0.0       # > 0: calibrate sigma so the planned run ends at this epsilon
     c.dp.delta = 0.0                # 0 means 1 / (10 * n_k) per hospital (sample) or 1/(10 K) (client)
+    c.dp.noise_per_hospital = True  # sample + target_epsilon: sigma_k per hospital, each ends at the target (False: one sigma, the largest)
     c.dp.accountant = 'rdp'         # rdp | pld
     c.dp.chunk_size = 0             # per-example gradients computed in chunks of this size (0 = all)
     c.dp.fast_clipping = False      # per-example norms from layer activations (ghost/direct), no per-example grads

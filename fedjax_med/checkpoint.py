@@ -71,7 +71,8 @@ class Checkpointer:
 # them was trained with: such a checkpoint resumes when the config asks for that same behaviour.
 ADDED_FIELDS = {'dp.fast_clipping': False, 'data.patch_size': 0, 'data.patches_per_case': 8,
                 'data.tumour_patch_fraction': 0.5, 'data.synthetic_signal': 1.0,
-                'server.trim_fraction': 0.1, 'model.negative_slope': 0.0}
+                'server.trim_fraction': 0.1, 'model.negative_slope': 0.0,
+                'dp.noise_per_hospital': False}
 
 
 def with_added_fields(saved: dict) -> dict:

@@ -15,7 +15,8 @@ import optax
 
 from fedjax_med.data import storage
 
-# (params, batch, mask [B], key, expected_batch) -> (gradient pytree, aux metrics with 'loss')
+# (params, batch, mask [B], key, expected_batch, noise_multiplier)
+#   -> (gradient pytree, aux metrics with 'loss')
 GradientFn = Callable[..., tuple[Any, dict]]
 # (params, images [B, ...]) -> logits
 ApplyFn = Callable[[Any, jax.Array], jax.Array]
@@ -45,8 +46,8 @@ def mean_gradient(apply_fn: ApplyFn, loss: Callable) -> GradientFn:
         per_example = loss(apply_fn(params, batch['image']), batch['label'])
         return jnp.sum(per_example * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-    def grad_fn(params, batch, mask, key, expected_batch):
-        del key, expected_batch
+    def grad_fn(params, batch, mask, key, expected_batch, noise_multiplier):
+        del key, expected_batch, noise_multiplier
         value, grads = jax.value_and_grad(batch_loss)(params, batch, mask)
         return grads, {'loss': value}
 
@@ -68,8 +69,9 @@ def client_optimizer(name: str, momentum: float = 0.9) -> optax.GradientTransfor
 
 
 def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
-                 step_active: jax.Array, expected_batch: jax.Array, learning_rate: jax.Array,
-                 key: jax.Array, *, grad_fn: GradientFn,
+                 step_active: jax.Array, expected_batch: jax.Array,
+                 noise_multiplier: jax.Array, learning_rate: jax.Array, key: jax.Array, *,
+                 grad_fn: GradientFn,
                  optimizer: optax.GradientTransformation, prox_mu: float,
                  unroll: int | bool = 1) -> ClientOutput:
     """Runs this hospital's local steps and returns its update.
@@ -81,6 +83,7 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
       indices, mask: int32/float32 [S, B]: which examples each step uses, and which are real.
       step_active: bool [S]: steps beyond this hospital's share are skipped (no state change).
       expected_batch: DP-SGD denominator (ignored by the non-private gradient).
+      noise_multiplier: this hospital's DP-SGD sigma (ignored by the non-private gradient).
       learning_rate: client learning rate of this round.
       key: this hospital's key for this round; step keys are fold_in(key, step).
       grad_fn: gradient of one step (plain or privatised).
@@ -99,7 +102,7 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
             params, opt_state, sums = carry
             batch = gather_batch(data, idx)
             grads, aux = grad_fn(params, batch, m, jax.random.fold_in(key, step_index),
-                                 expected_batch)
+                                 expected_batch, noise_multiplier)
             if prox_mu:
                 grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, params,
                                      global_params)
@@ -114,7 +117,8 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
         # time (lax.map) and it is skipped; under vmap `cond` computes both branches and selects.
         return jax.lax.cond(active, run, lambda carry: carry, carry), None
 
-    extra = _aux_keys(grad_fn, global_params, data, indices, mask, expected_batch, key)
+    extra = _aux_keys(grad_fn, global_params, data, indices, mask, expected_batch,
+                      noise_multiplier, key)
     sums = {'loss_sum': jnp.zeros(()), 'example_count': jnp.zeros(()),
             **{k: jnp.zeros(()) for k in extra}}
     steps = jnp.arange(indices.shape[0])
@@ -130,8 +134,10 @@ def gather_batch(data: dict, idx: jax.Array) -> dict:
     return storage.decode(jax.tree.map(lambda a: a[idx], data))
 
 
-def _aux_keys(grad_fn, params, data, indices, mask, expected_batch, key) -> list[str]:
+def _aux_keys(grad_fn, params, data, indices, mask, expected_batch, noise_multiplier,
+              key) -> list[str]:
     """Names of the extra scalar metrics a gradient function reports (found by abstract eval)."""
     batch = gather_batch(data, indices[0])
-    aux = jax.eval_shape(lambda: grad_fn(params, batch, mask[0], key, expected_batch)[1])
+    aux = jax.eval_shape(
+        lambda: grad_fn(params, batch, mask[0], key, expected_batch, noise_multiplier)[1])
     return sorted(k for k in aux if k != 'loss')

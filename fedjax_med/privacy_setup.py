@@ -2,11 +2,15 @@
 
 Sample-level DP ('sample'): hospital k runs DP-SGD with Poisson rate q_k = B / n_k and
 steps_k = ceil(epochs * n_k / B) local steps per round in which it takes part; its patients'
-epsilon composes exactly those steps (`accounting.HospitalAccountant`). The headline epsilon is
-the max over hospitals (parallel composition: a patient belongs to one hospital). With
-`dp.target_epsilon` the noise multiplier is the smallest one that keeps EVERY hospital at or
-below the target after `num_rounds` rounds of full participation (so partial participation only
-makes epsilon smaller), and training stops before a round would exceed the target.
+epsilon composes exactly those steps with its own noise multiplier sigma_k
+(`accounting.HospitalAccountant`). The headline epsilon is the max over hospitals (parallel
+composition: a patient belongs to one hospital). With `dp.target_epsilon`, sigma_k is the smallest
+noise multiplier that keeps hospital k at or below the target after `num_rounds` rounds of full
+participation (so partial participation only makes epsilon smaller): every hospital ends at the
+target, and a large hospital (small q_k) adds less noise than a small one. With
+`dp.noise_per_hospital=False` all hospitals use the largest sigma_k instead (the smallest
+hospital's; the others end below the target). Training stops before a round would exceed the
+target.
 
 Client-level DP ('client'): DP-FedAvg over hospitals, one Gaussian release per round;
 cohorts of m < K hospitals are fixed-size samples and are accounted as sampling without
@@ -33,7 +37,8 @@ class PrivacySetup:
         k = len(sizes)
         m = config.clients_per_round if 0 < config.clients_per_round < k else k
         self.expected_clients = float(m)
-        self.noise_multiplier = 0.0  # what the round applies
+        self.noise_multiplier = 0.0  # what the round applies (sample: the largest sigma_k)
+        self.noise_multipliers = np.zeros(k)  # sample-level DP: sigma_k of each hospital
         self.accounted_noise = 0.0   # what the accountant is told
         self.rounds_done = 0
         self.accountant = None
@@ -42,14 +47,17 @@ class PrivacySetup:
             self.q = [min(1.0, b / n) for n in sizes]
             self.deltas = [dp.delta or 1.0 / (10 * n) for n in sizes]
             if dp.target_epsilon > 0:
-                sigma = max(accounting.calibrate_noise_multiplier(
+                sigmas = np.array([accounting.calibrate_noise_multiplier(
                     target_epsilon=dp.target_epsilon, sampling_probability=q,
                     steps=int(s) * config.num_rounds, delta=d, accountant=dp.accountant)
-                    for q, s, d in zip(self.q, steps, self.deltas, strict=True))
+                    for q, s, d in zip(self.q, steps, self.deltas, strict=True)])
+                if not dp.noise_per_hospital:
+                    sigmas = np.full(k, sigmas.max())
             else:
-                sigma = dp.noise_multiplier
-            self.noise_multiplier = self.accounted_noise = float(sigma)
-            self.accountant = accounting.HospitalAccountant(self.q, sigma, self.deltas,
+                sigmas = np.full(k, float(dp.noise_multiplier))
+            self.noise_multipliers = sigmas
+            self.noise_multiplier = self.accounted_noise = float(sigmas.max())
+            self.accountant = accounting.HospitalAccountant(self.q, list(sigmas), self.deltas,
                                                             dp.accountant)
         elif self.mode == 'client':
             self.num_clients, self.m = k, m
@@ -122,7 +130,9 @@ class PrivacySetup:
             eps = self.accountant.epsilons()
             return {'privacy/epsilon': float(eps.max()),
                     'privacy/epsilon_per_hospital': [float(e) for e in eps],
-                    'privacy/noise_multiplier': self.noise_multiplier}
+                    'privacy/noise_multiplier': self.noise_multiplier,
+                    'privacy/noise_multiplier_per_hospital': [
+                        float(z) for z in self.noise_multipliers]}
         return {'privacy/epsilon': self._client_epsilon(self.accounted_noise, self.rounds_done),
                 'privacy/noise_multiplier': self.accounted_noise}
 

@@ -96,8 +96,9 @@ def _map_local(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Callab
 
 
 def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
-                     noise_multiplier: float, model=None) -> client_lib.GradientFn:
-    """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma*C): with
+                     model=None) -> client_lib.GradientFn:
+    """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma_k*C, sigma_k
+    the hospital's noise multiplier, an input of each round): with
     `dp.fast_clipping`, per-example norms from layer activations (privacy/fast_clip.py) and no
     per-example gradients; otherwise vmap of grad over examples in chunks (privacy/dp_sgd.py)."""
     if dp.mode != 'sample':
@@ -109,7 +110,7 @@ def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
             raise ValueError(f'config.dp.fast_clipping=True needs resnet18, resnet_small or '
                              f'unet, got {type(model).__name__}; set it to False.')
 
-        def fast_grad_fn(params, batch, mask, key, expected_batch):
+        def fast_grad_fn(params, batch, mask, key, expected_batch, noise_multiplier):
             return fast_clip.dp_gradient_fast(
                 model, params, batch, mask, key, loss_fn=task.per_example_loss,
                 clip_norm=dp.clip_norm, noise_multiplier=noise_multiplier,
@@ -120,7 +121,7 @@ def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
 
     per_example = client_lib.per_example_loss_fn(apply_fn, task.per_example_loss)
 
-    def grad_fn(params, batch, mask, key, expected_batch):
+    def grad_fn(params, batch, mask, key, expected_batch, noise_multiplier):
         return dp_sgd.dp_gradient(per_example, params, batch, mask, key,
                                   clip_norm=dp.clip_norm, noise_multiplier=noise_multiplier,
                                   expected_batch_size=expected_batch,
@@ -130,23 +131,26 @@ def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
 
 
 def make_client_update(*, apply_fn, task: Task, config: ml_collections.ConfigDict,
-                       noise_multiplier: float = 0.0, model=None) -> Callable:
+                       model=None) -> Callable:
     """One hospital's update with everything static bound: the function the round maps over
     the client axis (and the sequential baseline in launch/benchmark.py calls directly)."""
     return functools.partial(
         client_lib.local_update,
-        grad_fn=make_gradient_fn(apply_fn, task, config.dp, noise_multiplier, model),
+        grad_fn=make_gradient_fn(apply_fn, task, config.dp, model),
         optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
         prox_mu=config.local.prox_mu, unroll=config.local.unroll_steps)
 
 
 def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,
-                   noise_multiplier: float = 0.0, expected_clients: float = 1.0,
+                   client_noise_multiplier: float = 0.0, expected_clients: float = 1.0,
                    compressor=None, model=None) -> RoundFn:
-    """Returns the jitted round for this configuration (see the module docstring)."""
+    """Returns the jitted round for this configuration (see the module docstring).
+
+    `client_noise_multiplier` is z of client-level DP; sample-level DP-SGD takes each hospital's
+    sigma from the round's inputs (`RoundInputs.noise_multiplier`).
+    """
     local_mode = config.mode == 'local'
-    client_update = make_client_update(apply_fn=apply_fn, task=task, config=config,
-                                       noise_multiplier=noise_multiplier, model=model)
+    client_update = make_client_update(apply_fn=apply_fn, task=task, config=config, model=model)
     server = server_opt.server_optimizer(config.server)
     aggregator = fedavg.aggregator(config.server.aggregator, config.server.trim_fraction)
     dp, sa = config.dp, config.secagg
@@ -167,10 +171,10 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
         if config.compression.broadcast_dtype == 'bfloat16':
             # Hospitals receive the model in bfloat16: they start from the rounded weights.
             broadcast = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), broadcast)
-        out = map_clients(client_update, (params_axis, 0, 0, 0, 0, 0, None, 0),
+        out = map_clients(client_update, (params_axis, 0, 0, 0, 0, 0, 0, None, 0),
                           _clients_in_parallel(config.clients_in_parallel), mesh)(
             broadcast, client_data, inputs.indices, inputs.mask, inputs.step_active,
-            inputs.expected_batch, inputs.learning_rate, client_keys)
+            inputs.expected_batch, inputs.noise_multiplier, inputs.learning_rate, client_keys)
         deltas, client_state = out.delta, state.client_state
         if compressor is not None:
             ckeys = jax.vmap(lambda i: jax.random.fold_in(
@@ -197,7 +201,7 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
                 if sa.enabled:
                     # Each hospital adds its share of the noise before masking: the server
                     # never sees an un-noised sum (see privacy/client_dp.py).
-                    std = client_dp.distributed_noise_std(noise_multiplier, clip_norm,
+                    std = client_dp.distributed_noise_std(client_noise_multiplier, clip_norm,
                                                           expected_clients)
                     nkey = jax.random.fold_in(key, KEY_CLIENT_DP)
                     noised = jax.vmap(lambda d, i: _add_noise(d, jax.random.fold_in(nkey, i),
@@ -211,7 +215,7 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
                 else:
                     mean_delta = client_dp.noised_mean(
                         clipped, participating, jax.random.fold_in(key, KEY_CLIENT_DP),
-                        clip_norm=clip_norm, noise_multiplier=noise_multiplier,
+                        clip_norm=clip_norm, noise_multiplier=client_noise_multiplier,
                         expected_clients=expected_clients)
                 if dp.adaptive_clip:
                     clip_norm = client_dp.adaptive_clip_update(

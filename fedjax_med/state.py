@@ -29,6 +29,7 @@ class RoundInputs:
     step_active: jax.Array    # bool [K, S]: the step runs (an empty Poisson batch still runs)
     weights: jax.Array        # float32 [K]: aggregation weight, 0 for hospitals not taking part
     expected_batch: jax.Array  # float32 [K]: DP-SGD denominator q_k * n_k (or the batch size)
+    noise_multiplier: jax.Array  # float32 [K]: DP-SGD sigma_k of each hospital (0 without DP-SGD)
     client_ids: jax.Array     # int32 [K]: global hospital index, for per-hospital random keys
     learning_rate: jax.Array  # float32 scalar: this round's client learning rate
     secagg: Any = ()          # secure-aggregation arrays from the host protocol, or ()

@@ -191,6 +191,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     privacy = privacy_setup.PrivacySetup(config, sizes[:num_clients], steps[:num_clients])
     expected_batch = np.where(sizes > 0, np.minimum(lc.batch_size, np.maximum(sizes, 1)),
                               1).astype(np.float32)
+    noise_multiplier = np.zeros(k_pad, np.float32)  # padding hospitals never train
+    noise_multiplier[:num_clients] = privacy.noise_multipliers
 
     # ---------------------------------------------------------------------------------------------
     # Round function, compression, communication sizes
@@ -199,7 +201,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
 
     compressor = comm.make_compressor(config.compression) if federated else None
     round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=task, config=config, mesh=mesh,
-                                     noise_multiplier=privacy.noise_multiplier,
+                                     client_noise_multiplier=privacy.noise_multiplier,
                                      expected_clients=privacy.expected_clients,
                                      compressor=compressor, model=model)
     bytes_down, bytes_up = comm.round_bytes(params, config) if federated else (0, 0)
@@ -273,7 +275,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         inputs = RoundInputs(
             indices=batches.indices, mask=batches.mask, step_active=batches.step_active,
             weights=weights,
-            expected_batch=expected_batch, client_ids=np.arange(k_pad, dtype=np.int32),
+            expected_batch=expected_batch, noise_multiplier=noise_multiplier,
+            client_ids=np.arange(k_pad, dtype=np.int32),
             learning_rate=lr_by_round[r], secagg=secagg_inputs)
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
         return PreparedRound(inputs, round_steps, int(participating[:num_clients].sum()),

@@ -259,7 +259,7 @@ def make_client_data(w: Workload, num_padded: int, num_examples: int, mesh, seed
 
 
 def make_round_inputs(w: Workload, spec: RoundSpec, num_padded: int, num_examples: int,
-                      seed: int, secagg: Any = ()) -> RoundInputs:
+                      seed: int, secagg: Any = (), noise_multiplier: float = 0.0) -> RoundInputs:
     """Host-side inputs: every real hospital runs `spec.steps` full batches of distinct examples;
     padding hospitals (more devices than hospitals) take no part."""
     rng = np.random.default_rng(seed)
@@ -273,6 +273,7 @@ def make_round_inputs(w: Workload, spec: RoundSpec, num_padded: int, num_example
         step_active=np.broadcast_to(real[:, None], (num_padded, s)).copy(),
         weights=(real * num_examples).astype(np.float32),
         expected_batch=np.full(num_padded, b, np.float32),
+        noise_multiplier=(real * noise_multiplier).astype(np.float32),
         client_ids=np.arange(num_padded, dtype=np.int32),
         learning_rate=np.float32(1e-3), secagg=secagg)
 
@@ -286,7 +287,6 @@ class RoundSetup:
     config: Any
     mesh: Any
     apply_fn: Callable
-    noise_multiplier: float
     round_fn: rounds.RoundFn
     state: Any
     client_data: dict
@@ -308,17 +308,18 @@ def build_round_setup(w: Workload, spec: RoundSpec, *, seed: int = 0) -> RoundSe
     params = model.init(jax.random.key(seed), sample)
     noise = NOISE_MULTIPLIER if spec.dp != 'none' else 0.0
     round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=TASKS[w.task], config=config,
-                                     mesh=mesh, noise_multiplier=noise,
-                                     expected_clients=float(spec.num_clients), model=model)
+                                     mesh=mesh, expected_clients=float(spec.num_clients),
+                                     model=model)
     state = rounds.init_server_state(params, config, num_padded, mesh)
     secagg_inputs, protocol_s = (), None
     if spec.secagg:
         secagg_inputs, protocol_s = secagg_device_inputs(spec.num_clients, num_padded, seed)
-    host_inputs = make_round_inputs(w, spec, num_padded, num_examples, seed, secagg_inputs)
+    host_inputs = make_round_inputs(w, spec, num_padded, num_examples, seed, secagg_inputs,
+                                    noise)
     inputs = jax.device_put(host_inputs, parallel.round_inputs_sharding(mesh, host_inputs))
     return RoundSetup(
         workload=w, spec=spec, config=config, mesh=mesh, apply_fn=apply_fn,
-        noise_multiplier=noise, round_fn=round_fn, state=state,
+        round_fn=round_fn, state=state,
         client_data=make_client_data(w, num_padded, num_examples, mesh, seed + 1),
         inputs=inputs, host_inputs=host_inputs,
         examples_per_round=spec.num_clients * spec.steps * w.batch, host_protocol_s=protocol_s)
@@ -358,7 +359,6 @@ class SequentialBaseline:
         c = setup.config
         self._update = parallel.jit(rounds.make_client_update(
             apply_fn=setup.apply_fn, task=TASKS[c.task], config=c,
-            noise_multiplier=setup.noise_multiplier,
             model=build_model(c.model, c.task)))
         self._server = server_opt.server_optimizer(c.server)
         self._server_step = parallel.jit(functools.partial(server_opt.server_step, self._server))
@@ -369,7 +369,8 @@ class SequentialBaseline:
         # Each hospital holds its own data and batch plan (placed once, outside the timing).
         self.client_args = [
             jax.device_put((jax.tree.map(lambda a, k=k: a[k], setup.client_data),
-                            hi.indices[k], hi.mask[k], hi.step_active[k], hi.expected_batch[k]),
+                            hi.indices[k], hi.mask[k], hi.step_active[k], hi.expected_batch[k],
+                            hi.noise_multiplier[k]),
                            device)
             for k in self.clients]
         self.client_ids = [int(hi.client_ids[k]) for k in self.clients]
@@ -390,9 +391,8 @@ class SequentialBaseline:
         """One round from `params`: returns (new params, new server optimiser state)."""
         train_key = jax.random.fold_in(key, rounds.KEY_TRAIN)
         deltas = []
-        for cid, (data, idx, mask, active, expected) in zip(self.client_ids, self.client_args,
-                                                             strict=True):
-            out = self._update(params, data, idx, mask, active, expected, self.learning_rate,
+        for cid, args in zip(self.client_ids, self.client_args, strict=True):
+            out = self._update(params, *args, self.learning_rate,
                                jax.random.fold_in(train_key, cid))
             deltas.append(jax.device_get(out.delta))  # the hospital sends its update
         t0 = time.perf_counter()

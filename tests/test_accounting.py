@@ -120,6 +120,24 @@ def test_hospital_accountant_state_round_trip():
     assert restored.epsilons()[0] > acct.epsilons()[0]
 
 
+def test_hospital_accountant_accounts_each_hospital_with_its_own_noise():
+    qs, sigmas, delta = [0.05, 0.2], [2.0, 0.8], 1e-5
+    acct = accounting.HospitalAccountant(qs, sigmas, delta)
+    acct.record(np.array([30, 12]))
+    for k in (0, 1):
+        want = accounting.epsilon(accounting.dp_sgd_event(qs[k], sigmas[k], [30, 12][k]), delta)
+        assert acct.epsilons()[k] == pytest.approx(want, rel=1e-12)
+    restored = accounting.HospitalAccountant.from_state_dict(
+        json.loads(json.dumps(acct.state_dict())))
+    np.testing.assert_array_equal(restored.epsilons(), acct.epsilons())
+    # A checkpoint written when one sigma was shared stored it as a float.
+    old = dict(acct.state_dict(), noise_multiplier=0.8)
+    np.testing.assert_array_equal(accounting.HospitalAccountant.from_state_dict(old).noise_multipliers,
+                                  [0.8, 0.8])
+    with pytest.raises(ValueError, match="noise_multiplier has 3 entries for 2 hospitals"):
+        accounting.HospitalAccountant(qs, [1.0, 1.0, 1.0], delta)
+
+
 def test_hospital_accountant_rejects_bad_input():
     with pytest.raises(ValueError, match="delta has 1 entries for 2 hospitals"):
         accounting.HospitalAccountant([0.1, 0.2], 1.0, [1e-5])
@@ -188,3 +206,21 @@ def test_cli_reports_missing_flags():
     out = run_cli("--batch_size=150", "--epochs=1", "--noise_multiplier=1.0")
     assert out.returncode != 0
     assert "--dataset_size" in out.stderr and "--delta" in out.stderr
+
+
+def test_calibration_does_not_flood_the_log_with_unconverged_order_warnings(caplog):
+    """Large q: dp-accounting leaves out RDP orders whose series does not converge and warns for
+    each; a calibration used to print hundreds of those lines into a run's output."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        sigma = accounting.calibrate_noise_multiplier(
+            target_epsilon=3.0, sampling_probability=0.52, steps=30, delta=1e-4)
+    assert sigma > 0
+    assert not [r for r in caplog.records if "failed to converge" in r.getMessage()]
+    # The filter is gone afterwards: other absl warnings still show.
+    from absl import logging as absl_logging
+
+    with caplog.at_level(logging.WARNING):
+        absl_logging.warning("failed to converge: a message from elsewhere")
+    assert [r for r in caplog.records if "from elsewhere" in r.getMessage()]

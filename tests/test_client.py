@@ -49,7 +49,8 @@ def run_local(params, data, indices, mask, active, lr=0.5, mu=0.0):
     task = TASKS['chestxray14']
     return client_lib.local_update(
         params, jax.tree.map(jnp.asarray, data), jnp.asarray(indices), jnp.asarray(mask),
-        jnp.asarray(active), jnp.float32(4.0), jnp.float32(lr), jax.random.key(0),
+        jnp.asarray(active), jnp.float32(4.0), jnp.float32(0.0), jnp.float32(lr),
+        jax.random.key(0),
         grad_fn=client_lib.mean_gradient(linear_apply, task.per_example_loss),
         optimizer=client_lib.client_optimizer('sgd'), prox_mu=mu)
 
@@ -97,10 +98,11 @@ def test_padded_examples_and_inactive_steps_change_nothing():
     assert int(one_step.num_steps) == 1
 
 
-def round_setup(num_clients=3, steps=2, batch=4):
+def round_setup(num_clients=3, steps=2, batch=4, overrides=None):
     config = base.get_base_config()
     config.local.optimizer = 'sgd'
     config.local.learning_rate = 0.5
+    config.update_from_flattened_dict(overrides or {})
     mesh = parallel.make_mesh(1)
     fn = rounds.build_round_fn(apply_fn=linear_apply, task=TASKS['chestxray14'], config=config,
                                mesh=mesh)
@@ -109,12 +111,13 @@ def round_setup(num_clients=3, steps=2, batch=4):
     indices = np.tile(np.arange(steps * batch, dtype=np.int32).reshape(steps, batch),
                       (num_clients, 1, 1))
 
-    def inputs(weights):
+    def inputs(weights, noise_multiplier=(0.0,) * num_clients):
         return RoundInputs(
             indices=jnp.asarray(indices), mask=jnp.ones(indices.shape, jnp.float32),
             step_active=jnp.asarray(np.asarray(weights)[:, None] > 0).repeat(steps, 1),
             weights=jnp.asarray(weights, jnp.float32),
             expected_batch=jnp.full(num_clients, batch, jnp.float32),
+            noise_multiplier=jnp.asarray(noise_multiplier, jnp.float32),
             client_ids=jnp.arange(num_clients, dtype=jnp.int32), learning_rate=jnp.float32(0.5))
 
     state = rounds.init_server_state(init_params(), config, num_clients, mesh)
@@ -156,3 +159,20 @@ def test_a_round_makes_no_host_round_trips():
         state, metrics = fn(state, client_data, round_inputs, key)
         jax.block_until_ready((state, metrics))
     assert int(jax.device_get(state.round)) == 2
+
+
+def test_dp_sgd_noise_of_each_hospital_follows_its_own_noise_multiplier():
+    """Local mode keeps each hospital's model: the hospital given sigma = 0 trains exactly as in
+    a noise-free round, and the noisier of two noised hospitals moves further from it."""
+    def local_models(sigmas):
+        fn, state, client_data, inputs, _, _ = round_setup(
+            overrides={'mode': 'local', 'dp.mode': 'sample', 'dp.clip_norm': 1.0})
+        new_state, _ = fn(state, client_data, inputs([1.0, 1.0, 1.0], sigmas), jax.random.key(3))
+        return np.asarray(new_state.params['w'])
+
+    quiet, noisy = local_models([0.0, 0.0, 0.0]), local_models([0.0, 1.0, 8.0])
+    np.testing.assert_array_equal(noisy[0], quiet[0])
+    gap = np.linalg.norm((noisy - quiet).reshape(3, -1), axis=1)
+    assert 0 < gap[1] < gap[2]
+    # sigma * C / B * lr * sqrt(steps * coordinates): the noise scale that was added.
+    np.testing.assert_allclose(gap[2] / gap[1], 8.0, rtol=0.2)

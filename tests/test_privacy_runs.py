@@ -25,6 +25,12 @@ def test_sample_dp_run_reports_growing_epsilon_and_stops_at_the_budget(tmp_path,
     eps = [r['privacy/epsilon'] for r in rows(tmp_path / 'a')]
     assert len(eps) == 2 and 0 < eps[0] < eps[1] <= 4.0 + 1e-6
     assert eps[1] > 3.0  # calibrated to the target, not far below it
+    # Each hospital's own sigma brings it to the target; hospitals of other sizes need other
+    # sigmas.
+    last = rows(tmp_path / 'a')[-1]
+    np.testing.assert_allclose(last['privacy/epsilon_per_hospital'], 4.0, rtol=1e-3)
+    sigmas = last['privacy/noise_multiplier_per_hospital']
+    assert len(set(sigmas)) > 1 and last['privacy/noise_multiplier'] == max(sigmas)
     # Asking for more rounds on the same budget: training stops before exceeding it.
     c.num_rounds = 4
     train.run(c, str(tmp_path / 'a'))

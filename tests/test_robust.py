@@ -133,6 +133,7 @@ def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: i
             indices=indices, mask=np.ones(indices.shape, np.float32),
             step_active=np.repeat(w[:, None] > 0, steps, axis=1), weights=w,
             expected_batch=np.full(num_padded, batch, np.float32),
+            noise_multiplier=np.zeros(num_padded, np.float32),
             client_ids=np.arange(num_padded, dtype=np.int32), learning_rate=np.float32(0.5))
         return jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
 

@@ -18,8 +18,10 @@ All functions take plain Python numbers; nothing is cached at module level.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import dp_accounting
@@ -30,6 +32,28 @@ ACCOUNTANTS = ("rdp", "pld")
 # Absolute tolerance of the calibrated noise multiplier; the search returns the side of the root
 # that meets the target, so this only costs privacy-neutral precision.
 _CALIBRATION_TOL = 1e-5
+
+
+class _DropUnconvergedOrders(logging.Filter):
+    """Drops dp-accounting's warning that an RDP order's series did not converge.
+
+    The accountant then leaves that order out; epsilon is the minimum over the remaining orders,
+    still a valid upper bound. A calibration evaluates hundreds of candidate noise levels, and
+    these warnings (one per order and candidate) flooded a run's output with hundreds of lines.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "failed to converge" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def _quiet_unconverged_orders() -> Iterator[None]:
+    logger, drop = logging.getLogger("absl"), _DropUnconvergedOrders()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def _make_accountant(
@@ -75,7 +99,8 @@ def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp")
     'pld': PLDAccountant (tighter; discretisation 1e-4, pessimistic rounding).
     """
     _check_delta(delta)
-    return float(_make_accountant(accountant).compose(event).get_epsilon(delta))
+    with _quiet_unconverged_orders():
+        return float(_make_accountant(accountant).compose(event).get_epsilon(delta))
 
 
 def dp_sgd_steps(*, dataset_size: int, batch_size: int, epochs: float) -> int:
@@ -148,14 +173,15 @@ def calibrate_noise_multiplier(
         return dp_sgd_event(sampling_probability, noise_multiplier, steps)
 
     try:
-        sigma = dp_accounting.calibrate_dp_mechanism(
-            lambda: _make_accountant(accountant),
-            make_event,
-            target_epsilon,
-            delta,
-            _bracket(target_epsilon, sampling_probability, steps, delta, accountant),
-            tol=_CALIBRATION_TOL,
-        )
+        with _quiet_unconverged_orders():
+            sigma = dp_accounting.calibrate_dp_mechanism(
+                lambda: _make_accountant(accountant),
+                make_event,
+                target_epsilon,
+                delta,
+                _bracket(target_epsilon, sampling_probability, steps, delta, accountant),
+                tol=_CALIBRATION_TOL,
+            )
     except (dp_accounting.mechanism_calibration.NoBracketIntervalFoundError, ValueError) as e:
         raise ValueError(
             _unreachable_message(target_epsilon, sampling_probability, steps, delta, accountant)
@@ -205,19 +231,33 @@ def _unreachable_message(
     )
 
 
+def _per_hospital(value: Sequence[float] | float, num_hospitals: int, name: str) -> list[float]:
+    """One float per hospital from a float (shared) or a sequence of exactly that length."""
+    if np.isscalar(value):
+        return [float(value)] * num_hospitals
+    values = [float(v) for v in value]
+    if len(values) != num_hospitals:
+        raise ValueError(
+            f"{name} has {len(values)} entries for {num_hospitals} hospitals; give one per "
+            "hospital or a single float."
+        )
+    return values
+
+
 class HospitalAccountant:
     """Per-hospital sample-level accountant, fed once per round with the steps each one ran.
 
     Hospitals are accounted separately and the run's guarantee is their max (parallel
-    composition, see the module docstring). Only total step counts are stored: a self-composed
-    event of T steps is exactly the composition of all recorded rounds, so checkpointing the
-    counts (`state_dict`) restores the accountant exactly.
+    composition, see the module docstring). Each hospital has its own sampling rate, delta and
+    noise multiplier (a float is shared by all). Only total step counts are stored: a
+    self-composed event of T steps is exactly the composition of all recorded rounds, so
+    checkpointing the counts (`state_dict`) restores the accountant exactly.
     """
 
     def __init__(
         self,
         sampling_probabilities: Sequence[float],
-        noise_multiplier: float,
+        noise_multiplier: Sequence[float] | float,
         delta: Sequence[float] | float,
         accountant: str = "rdp",
     ):
@@ -225,21 +265,17 @@ class HospitalAccountant:
         num_hospitals = len(self.sampling_probabilities)
         if num_hospitals == 0:
             raise ValueError("sampling_probabilities must name at least one hospital.")
-        deltas = [float(delta)] * num_hospitals if np.isscalar(delta) else [float(d) for d in delta]
-        if len(deltas) != num_hospitals:
-            raise ValueError(
-                f"delta has {len(deltas)} entries for {num_hospitals} hospitals; give one per "
-                "hospital or a single float."
-            )
+        deltas = _per_hospital(delta, num_hospitals, "delta")
+        sigmas = _per_hospital(noise_multiplier, num_hospitals, "noise_multiplier")
         for q in self.sampling_probabilities:
             if not 0 <= q <= 1:
                 raise ValueError(f"sampling probabilities must be in [0, 1], got {q}.")
         for d in deltas:
             _check_delta(d)
         _make_accountant(accountant)
-        if noise_multiplier < 0:
+        if min(sigmas) < 0:
             raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
-        self.noise_multiplier = float(noise_multiplier)
+        self.noise_multipliers = sigmas
         self.deltas = deltas
         self.accountant = accountant
         self.steps = np.zeros(num_hospitals, np.int64)
@@ -268,7 +304,9 @@ class HospitalAccountant:
         key = (hospital, int(total_steps))
         if key not in self._cache:
             event = dp_sgd_event(
-                self.sampling_probabilities[hospital], self.noise_multiplier, int(total_steps)
+                self.sampling_probabilities[hospital],
+                self.noise_multipliers[hospital],
+                int(total_steps),
             )
             self._cache[key] = epsilon(event, self.deltas[hospital], self.accountant)
         return self._cache[key]
@@ -293,7 +331,7 @@ class HospitalAccountant:
         """Everything needed to rebuild this accountant (plain Python types, JSON-friendly)."""
         return {
             "sampling_probabilities": list(self.sampling_probabilities),
-            "noise_multiplier": self.noise_multiplier,
+            "noise_multiplier": list(self.noise_multipliers),
             "delta": list(self.deltas),
             "accountant": self.accountant,
             "steps": [int(s) for s in self.steps],
@@ -369,5 +407,6 @@ def client_level_epsilon(
             int(rounds),
         )
         relation = dp_accounting.NeighboringRelation.REPLACE_ONE
-        return float(_make_accountant("rdp", relation).compose(event).get_epsilon(delta))
+        with _quiet_unconverged_orders():
+            return float(_make_accountant("rdp", relation).compose(event).get_epsilon(delta))
     raise ValueError(f"cohort_sampling must be 'poisson' or 'fixed_size', got {cohort_sampling!r}.")
