@@ -304,6 +304,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         row = {'round': r + 1, 'train/loss': train_loss,
                'train/update_norm': float(m.get('train/update_norm', np.nan)),
                'train/param_norm': float(m['train/param_norm'])}
+        row.update(_clipping_diagnostics(m))
         if current.poisson_overflow:
             row['privacy/poisson_overflow'] = current.poisson_overflow
         # -- evaluation -------------------------------------------------------------------------
@@ -352,6 +353,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _clipping_diagnostics(m: dict) -> dict:
+    """The round's clipping statistics, for choosing `dp.clip_norm`: under DP-SGD the fraction of
+    examples whose gradient was clipped and their mean gradient norm before clipping (means over
+    the local steps that ran); under DP-FedAvg the fraction of hospital updates left unclipped.
+    They are computed from un-noised values, so they are diagnostics outside the privacy
+    guarantee."""
+    out = {}
+    if 'clients/clip_fraction' in m:
+        steps = max(float(np.sum(m['clients/num_steps'])), 1.0)
+        out['dp/clip_fraction'] = float(np.sum(m['clients/clip_fraction'])) / steps
+        out['dp/grad_norm_mean'] = float(np.sum(m['clients/grad_norm_mean'])) / steps
+    if 'dp/unclipped_fraction' in m:
+        out['dp/unclipped_fraction'] = float(m['dp/unclipped_fraction'])
+    return out
 
 
 def _evaluate(task, params, eval_global, eval_own, test_global, hospital_test, names,

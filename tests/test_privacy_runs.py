@@ -40,6 +40,20 @@ def test_sample_dp_run_reports_growing_epsilon_and_stops_at_the_budget(tmp_path,
     assert len(later) == 2 and later == eps
 
 
+def test_dp_sgd_run_logs_how_many_examples_it_clipped(tmp_path):
+    def first_row(clip_norm, name):
+        c = chestxray14.get_config('smoke')
+        c.local.sampling, c.dp.mode = 'poisson', 'sample'
+        c.dp.noise_multiplier, c.dp.clip_norm, c.num_rounds = 0.5, clip_norm, 1
+        train.run(c, str(tmp_path / name))
+        return rows(tmp_path / name)[0]
+
+    tight, loose = first_row(1e-6, 'tight'), first_row(1e6, 'loose')
+    assert tight['dp/clip_fraction'] == 1.0 and loose['dp/clip_fraction'] == 0.0
+    # The mean norm before clipping is the same model's at the first step, whatever the clip.
+    assert tight['dp/grad_norm_mean'] > 0 and loose['dp/grad_norm_mean'] > 0
+
+
 def test_client_level_dp_with_adaptive_clipping_runs_and_accounts(tmp_path):
     c = brats.get_config('smoke')
     c.dp.mode = 'client'
@@ -50,6 +64,7 @@ def test_client_level_dp_with_adaptive_clipping_runs_and_accounts(tmp_path):
     s = train.run(c, str(tmp_path / 'c'))
     eps = [r['privacy/epsilon'] for r in rows(tmp_path / 'c')]
     assert 0 < eps[0] < eps[1]  # three hospitals: large, printed as is
+    assert all(0 <= r['dp/unclipped_fraction'] <= 1 for r in rows(tmp_path / 'c'))
     assert np.isfinite(s['eval/mean_dice'])
 
 
