@@ -99,6 +99,53 @@ class SecAggInputs(NamedTuple):
 
 
 # ---------------------------------------------------------------------------------------------
+# Pseudo-random generator (masks and rounding coins)
+# ---------------------------------------------------------------------------------------------
+
+
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+_THREEFRY_PARITY = 0x1BD11BDA
+
+
+def threefry2x32(key: jax.Array, c0: jax.Array, c1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Threefry-2x32 with 20 rounds: the block (c0, c1) enciphered under key uint32[2].
+
+    Elementwise over c0 and c1 (uint32 arrays of one shape); the rounds are unrolled so XLA fuses
+    the whole cipher into one loop over the counters.
+    """
+    k0, k1 = key[0], key[1]
+    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(_THREEFRY_PARITY))
+    x0, x1 = c0 + ks[0], c1 + ks[1]
+    for group in range(5):
+        for rotation in _THREEFRY_ROTATIONS[group % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << jnp.uint32(rotation)) | (x1 >> jnp.uint32(32 - rotation))
+            x1 = x1 ^ x0
+        x0 = x0 + ks[(group + 1) % 3]
+        x1 = x1 + ks[(group + 2) % 3] + jnp.uint32(group + 1)
+    return x0, x1
+
+
+def prg_bits(seed: jax.Array, num_words: int, *, stream: int = 0) -> jax.Array:
+    """uint32[num_words] from Threefry-2x32 in counter mode: block i = (stream, i) gives words
+    2i and 2i + 1. Distinct streams under one seed are independent."""
+    num_blocks = (num_words + 1) // 2
+    if num_blocks > 2**32:
+        raise ValueError(f'prg_bits: {num_words} words exceed one stream (at most 2^33).')
+    seed = jnp.asarray(seed, jnp.uint32)
+    counter = jnp.arange(num_blocks, dtype=jnp.uint32)
+    x0, x1 = threefry2x32(seed, jnp.full_like(counter, stream), counter)
+    return jnp.stack([x0, x1], axis=1).reshape(-1)[:num_words]
+
+
+def _seed_words(key: jax.Array) -> jax.Array:
+    """The uint32[2] Threefry seed of a JAX key: its key data (the first two words for key
+    types with more). Drawing the seed with `jax.random.bits` instead would let XLA:CPU fuse
+    jax.random's cipher into the mask loop and redo it for every word (4x slower)."""
+    return jax.random.key_data(key).reshape(-1)[:2].astype(jnp.uint32)
+
+
+# ---------------------------------------------------------------------------------------------
 # Fixed-point encoding
 # ---------------------------------------------------------------------------------------------
 
@@ -145,13 +192,6 @@ def encode(tree: PyTree, key: jax.Array, *, clip: float, scale: float) -> PyTree
     return jax.tree.unflatten(treedef, [encode_leaf(i, x) for i, x in enumerate(leaves)])
 
 
-def _seed_words(key: jax.Array) -> jax.Array:
-    """The uint32[2] Threefry seed of a JAX key: its key data (the first two words for key
-    types with more). Drawing the seed with `jax.random.bits` instead would let XLA:CPU fuse
-    jax.random's cipher into the mask loop and redo it for every word (4x slower)."""
-    return jax.random.key_data(key).reshape(-1)[:2].astype(jnp.uint32)
-
-
 def decode(sum_tree: PyTree, *, scale: float) -> PyTree:
     """Read a Z_{2^32} sum as int32 (two's complement) and undo the fixed-point scale."""
     return jax.tree.map(
@@ -164,41 +204,6 @@ def decode(sum_tree: PyTree, *, scale: float) -> PyTree:
 # ---------------------------------------------------------------------------------------------
 
 
-_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-_THREEFRY_PARITY = 0x1BD11BDA
-
-
-def threefry2x32(key: jax.Array, c0: jax.Array, c1: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Threefry-2x32 with 20 rounds: the block (c0, c1) enciphered under key uint32[2].
-
-    Elementwise over c0 and c1 (uint32 arrays of one shape); the rounds are unrolled so XLA fuses
-    the whole cipher into one loop over the counters.
-    """
-    k0, k1 = key[0], key[1]
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(_THREEFRY_PARITY))
-    x0, x1 = c0 + ks[0], c1 + ks[1]
-    for group in range(5):
-        for rotation in _THREEFRY_ROTATIONS[group % 2]:
-            x0 = x0 + x1
-            x1 = (x1 << jnp.uint32(rotation)) | (x1 >> jnp.uint32(32 - rotation))
-            x1 = x1 ^ x0
-        x0 = x0 + ks[(group + 1) % 3]
-        x1 = x1 + ks[(group + 2) % 3] + jnp.uint32(group + 1)
-    return x0, x1
-
-
-def prg_bits(seed: jax.Array, num_words: int, *, stream: int = 0) -> jax.Array:
-    """uint32[num_words] from Threefry-2x32 in counter mode: block i = (stream, i) gives words
-    2i and 2i + 1. Distinct streams under one seed are independent."""
-    num_blocks = (num_words + 1) // 2
-    if num_blocks > 2**32:
-        raise ValueError(f'prg_bits: {num_words} words exceed one stream (at most 2^33).')
-    seed = jnp.asarray(seed, jnp.uint32)
-    counter = jnp.arange(num_blocks, dtype=jnp.uint32)
-    x0, x1 = threefry2x32(seed, jnp.full_like(counter, stream), counter)
-    return jnp.stack([x0, x1], axis=1).reshape(-1)[:num_words]
-
-
 def expand_mask(seed_key: jax.Array, like_tree: PyTree) -> PyTree:
     """PRG(seed): uniform uint32 leaves shaped like `like_tree` from a uint32[2] seed (stream i
     for leaf i)."""
@@ -206,10 +211,6 @@ def expand_mask(seed_key: jax.Array, like_tree: PyTree) -> PyTree:
     masks = [prg_bits(seed_key, math.prod(jnp.shape(x)), stream=i).reshape(jnp.shape(x))
              for i, x in enumerate(leaves)]
     return jax.tree.unflatten(treedef, masks)
-
-
-def _zeros_u32(like_tree: PyTree) -> PyTree:
-    return jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.uint32), like_tree)
 
 
 def _add_u32(a: PyTree, b: PyTree) -> PyTree:
