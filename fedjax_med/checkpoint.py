@@ -88,15 +88,29 @@ def with_added_fields(saved: dict) -> dict:
     return out
 
 
-def config_differences(saved: dict, current: dict, prefix: str = '') -> list[str]:
-    """Dotted names of config fields whose values differ, ignoring RESUMABLE_FIELDS; a field the
-    checkpoint predates counts as its ADDED_FIELDS value."""
+def _inert_fields(config: dict) -> set[str]:
+    """Fields that cannot change what a run with this config computes: a difference in them alone
+    is no reason to refuse a resume (e.g. how sigma would be calibrated, in a run without one)."""
+    dp = config.get('dp', {})
+    if dp.get('mode') == 'sample' and dp.get('target_epsilon', 0) > 0:
+        return set()
+    return {'dp.noise_per_hospital'}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Dotted names of config fields whose values differ, ignoring RESUMABLE_FIELDS and fields
+    inert in both runs; a field the checkpoint predates counts as its ADDED_FIELDS value."""
+    ignore = set(RESUMABLE_FIELDS) | (_inert_fields(saved) & _inert_fields(current))
+    return _differences(saved, current, '', ignore)
+
+
+def _differences(saved: dict, current: dict, prefix: str, ignore: set[str]) -> list[str]:
     diffs = []
     for key in sorted(set(saved) | set(current)):
         name = f'{prefix}{key}'
         a, b = saved.get(key, ADDED_FIELDS.get(name)), current.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            diffs += config_differences(a, b, name + '.')
-        elif a != b and name not in RESUMABLE_FIELDS:
+            diffs += _differences(a, b, name + '.', ignore)
+        elif a != b and name not in ignore:
             diffs.append(f'{name}: checkpoint has {a!r}, config has {b!r}')
     return diffs

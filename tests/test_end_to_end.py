@@ -218,3 +218,11 @@ def test_a_checkpoint_that_predates_a_field_resumes_only_with_its_old_behaviour(
         saved, current)
     current['model']['negative_slope'] = 0.0
     assert not any(d.startswith('model.') for d in config_differences(saved, current))
+    # Runs from before per-hospital noise calibration: a calibrated DP-SGD run resumes only with
+    # one shared sigma; a run without calibrated DP-SGD resumes whatever the field says.
+    current['dp']['noise_per_hospital'] = True
+    assert not any(d.startswith('dp.') for d in config_differences(saved, current))
+    for run in (saved, current):
+        run['dp'].update(mode='sample', target_epsilon=3.0)
+    assert [d for d in config_differences(saved, current) if d.startswith('dp.')] == [
+        'dp.noise_per_hospital: checkpoint has False, config has True']
