@@ -13,9 +13,9 @@ Variants (`--config=configs/chestxray14.py:VARIANT`):
              federated).
   smoke      seconds: tiny everything, checkpoint every round (tests, CI).
   dp         synthetic + sample-level DP-SGD at epsilon = 3, each hospital's noise calibrated to
-             the target. Expected global mean AUROC about 0.63 after 10 rounds
-             (--config.num_rounds=10), against 0.82 without DP: these hospitals are too small
-             for sample-level DP (RESULTS.md).
+             the target. Expected global mean AUROC 0.63 after 10 rounds (--config.num_rounds=10;
+             0.62 at epsilon 1, 0.64 at 8), against 0.82 without DP: these hospitals are too
+             small for sample-level DP (RESULTS.md); about 3 minutes on 2 cores.
 
 Example:
   python -m fedjax_med.main --config=configs/chestxray14.py:synthetic --workdir=/tmp/cxr
