@@ -36,7 +36,16 @@ from fedjax_med.state import RoundInputs, ServerState
 from fedjax_med.tasks import Task
 
 # Purposes folded into the round key, so every random draw has its own stream (DESIGN.md, 6).
-KEY_TRAIN, KEY_SECAGG, KEY_CLIENT_DP, KEY_COMPRESS = range(4)
+# Each use of randomness in a round has its own branch of the round key, so no two draws share
+# a key (`jax.random.split(k, n)[i]` equals `fold_in(k, i)`: never derive one use's key from
+# another's).
+KEY_TRAIN, KEY_SECAGG, KEY_CLIENT_DP, KEY_COMPRESS, KEY_CLIENT_DP_COUNT = range(5)
+# Client-level DP under SecAgg encodes each noised share in units of the clip norm S over
+# [-R, R] with R = 1 + _NOISE_RANGE_SIGMAS * z / sqrt(m): a clipped update has coordinates in
+# [-1, 1] (|coordinate| <= L2 norm <= S) and the share's noise has std z / sqrt(m), so a share is
+# clamped only when its noise exceeds 12 standard deviations (probability 2 Phi(-12) < 4e-33 per
+# coordinate). A clamp would make the sum's noise smaller than the accountant assumes.
+_NOISE_RANGE_SIGMAS = 12.0
 
 
 def round_key(seed: int, round_index) -> jax.Array:
@@ -201,42 +210,50 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
                 if sa.enabled:
                     # Each hospital adds its share of the noise before masking: the server
                     # never sees an un-noised sum (see privacy/client_dp.py).
-                    std = client_dp.distributed_noise_std(client_noise_multiplier, clip_norm,
-                                                          expected_clients)
-                    nkey = jax.random.fold_in(key, KEY_CLIENT_DP)
-                    noised = jax.vmap(lambda d, i: _add_noise(d, jax.random.fold_in(nkey, i),
-                                                              std))(clipped, inputs.client_ids)
+                    # Shares are encoded in units of S over a range wide enough for their noise
+                    # (`_NOISE_RANGE_SIGMAS`); `secagg.clip` applies to plain FedAvg only.
+                    share_std = client_dp.distributed_noise_std(client_noise_multiplier, 1.0,
+                                                                expected_clients)
+                    enc_range = 1.0 + _NOISE_RANGE_SIGMAS * share_std
+                    nkey = client_dp_keys(key)[0]
+                    noised = jax.vmap(lambda d, i: _add_noise(
+                        jax.tree.map(lambda x: x / clip_norm, d), jax.random.fold_in(nkey, i),
+                        share_std))(clipped, inputs.client_ids)
                     summed = secure.secure_sum(
                         noised, participating, inputs.secagg.survivor,
                         jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
-                        clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]),
-                    single_device=one_device)
-                    mean_delta = jax.tree.map(lambda s: s / expected_clients, summed)
+                        clip=enc_range,
+                        scale=secure.scale_for(enc_range, participating.shape[0]),
+                        single_device=one_device)
+                    mean_delta = jax.tree.map(lambda s: s * clip_norm / expected_clients, summed)
                 else:
                     mean_delta = client_dp.noised_mean(
-                        clipped, participating, jax.random.fold_in(key, KEY_CLIENT_DP),
+                        clipped, participating, client_dp_keys(key)[0],
                         clip_norm=clip_norm, noise_multiplier=client_noise_multiplier,
                         expected_clients=expected_clients)
                 if dp.adaptive_clip:
                     clip_norm = client_dp.adaptive_clip_update(
                         clip_norm, norms, participating,
-                        jax.random.fold_in(jax.random.fold_in(key, KEY_CLIENT_DP), 1),
+                        client_dp_keys(key)[1],
                         target_quantile=dp.target_quantile, learning_rate=dp.clip_learning_rate,
                         count_noise_std=dp.count_noise_std, expected_clients=expected_clients)
             elif sa.enabled:
                 # Each hospital sends (w_k / W) * delta_k and its weight share w_k / W through
                 # the secure sum (W = total weight of this round's cohort, public); hospitals that
                 # drop send nothing, so dividing the two sums gives the survivors' weighted mean.
+                # The share, in [0, 1], travels as share * secagg.clip so that the per-coordinate
+                # clip of the encoding never cuts it, whatever secagg.clip is.
                 share = inputs.weights / jnp.maximum(inputs.weights.sum(), 1e-12)
                 scaled = {'delta': jax.tree.map(
                     lambda d: d * share.reshape((-1,) + (1,) * (d.ndim - 1)), deltas),
-                    'weight': share}
+                    'weight': share * sa.clip}
                 summed = secure.secure_sum(
                     scaled, participating, inputs.secagg.survivor,
                     jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
                     clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]),
                     single_device=one_device)
-                mean_delta = jax.tree.map(lambda s: s / jnp.maximum(summed['weight'], 1e-12),
+                weight = summed['weight'] / sa.clip
+                mean_delta = jax.tree.map(lambda s: s / jnp.maximum(weight, 1e-12),
                                           summed['delta'])
             else:
                 mean_delta = aggregator.combine(deltas, inputs.weights)
@@ -251,6 +268,17 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
     state_sharding = _state_sharding(mesh, local_mode)
     result.fn = parallel.jit(round_fn, donate_argnums=(0,), out_shardings=(state_sharding, None))
     return result
+
+
+def client_dp_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(key of the update noise, key of the adaptive-clipping count noise) of client-level DP.
+
+    The update noise splits its key over leaves and hospitals; the count noise must not draw
+    from any of those keys, or the two releases would share noise that an observer could
+    cancel. Both therefore branch from the round key directly.
+    """
+    return (jax.random.fold_in(round_key, KEY_CLIENT_DP),
+            jax.random.fold_in(round_key, KEY_CLIENT_DP_COUNT))
 
 
 def _add_noise(tree, key, std):
