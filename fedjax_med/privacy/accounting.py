@@ -6,6 +6,10 @@ Gaussian mechanism with sampling probability q_k = expected_batch / n_k and nois
 which is exactly what `PoissonSampledDpEvent(q_k, GaussianDpEvent(z))` describes). A hospital
 that ran T_k steps in total has spent `SelfComposedDpEvent(..., T_k)`.
 
+The unit protected is one example (one image, slice or patch): neighbouring datasets differ in
+one example. A patient with g examples at one hospital is protected by group privacy only
+(roughly g * epsilon), so a patient-level claim must not quote this epsilon as it is.
+
 Parallel composition across hospitals: each patient's records belong to exactly one hospital,
 and a hospital's steps only touch its own records, so the guarantee for any patient is the
 guarantee of their hospital. The headline epsilon of a run is therefore the MAX over hospitals
