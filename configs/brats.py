@@ -16,9 +16,10 @@ Variants (`--config=configs/brats.py:VARIANT`):
   patch3d    3-D on one GPU: real BraTS 2021 stored as volumes of 128 x 128 px axial planes (about
              75 of them), two 64^3 patches per case (half centred on tumour), 3-D U-Net of width 16
              and depth 4 (3x3x3 convolutions, 1.5M parameters), five hospitals non-IID by tumour
-             size, FedAvg without DP, 100 rounds. The patches live on the GPU as float32: about
-             2 x 1,251 x 64^3 x 7 channels x 4 bytes = 18 GB, more with the padding of unequal
-             hospitals and the test copies; lower data.patches_per_case on smaller GPUs. Build
+             size, FedAvg without DP, 100 rounds. The patches live on the GPU in their storage
+             dtypes (4 float16 modalities, 3 uint8 region masks): about 2 x 1,251 x 64^3 x 11
+             bytes = 7.2 GB, more with the padding of unequal hospitals and the test copies;
+             lower data.patches_per_case on smaller GPUs. Build
              the volumes once (python -m fedjax_med.data.build --dataset=brats2021 --volumes
              --manual_dir=DIR). DP-SGD works in 3-D too
              (--config.dp.mode=sample --config.local.sampling=poisson
