@@ -323,6 +323,22 @@ def plot_epsilon_vs_round(runs: Sequence[Run], out_dir: str, task: str) -> str |
     return _save(fig, out_dir, f'{task}_epsilon_vs_round.png')
 
 
+def _privacy_utility_xy(runs: Sequence[Run], no_dp_x: float) -> tuple[list, list]:
+    return ([r.epsilon if math.isfinite(r.epsilon) else no_dp_x for r in runs],
+            [r.final_metric for r in runs])
+
+
+def privacy_utility_points(runs: Sequence[Run], no_dp_x: float) -> list[tuple]:
+    """(mean achieved ε, mean final metric, its std) per DP setting, sorted by ε; runs without
+    DP sit at `no_dp_x`. Settings are told apart by `dp_label`, so a fixed-σ run is never
+    averaged with a run without DP (both have target 0)."""
+    points = []
+    for same in _group(runs, lambda r: r.dp_label).values():
+        x, y = _privacy_utility_xy(same, no_dp_x)
+        points.append((float(np.mean(x)), float(np.nanmean(y)), float(np.nanstd(y))))
+    return sorted(points)
+
+
 def plot_privacy_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | None:
     if not any(r.config['dp']['mode'] != 'none' for r in runs):
         return None
@@ -335,14 +351,10 @@ def plot_privacy_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | 
     for ax, facet in zip(axes, facets, strict=True):
         for algorithm in algorithms:
             group = [r for r in runs if r.partition_label == facet and r.algorithm == algorithm]
-            points = []
-            for _, same in sorted(_group(group, lambda r: r.dp_target).items()):
-                x = [r.epsilon if math.isfinite(r.epsilon) else no_dp_x for r in same]
-                y = [r.final_metric for r in same]
-                ax.scatter(x, y, color=colours[algorithm], alpha=0.35, s=14)
-                points.append((np.mean(x), np.nanmean(y), np.nanstd(y)))
+            ax.scatter(*_privacy_utility_xy(group, no_dp_x), color=colours[algorithm],
+                       alpha=0.35, s=14)
+            points = privacy_utility_points(group, no_dp_x)
             if points:
-                points.sort()
                 px, py, ps = map(np.array, zip(*points, strict=True))
                 ax.errorbar(px, py, yerr=ps, color=colours[algorithm], marker='o', capsize=3,
                             label=algorithm)
@@ -462,11 +474,12 @@ def _pick_pair(runs: Sequence[Run]) -> list[Run]:
     """A federated (FedAvg) and a centralised run trained alike (partition, seed, DP), else the
     first one or two runs with a checkpoint. Runs without DP are preferred."""
     runs = sorted((r for r in runs if has_checkpoint(r)),
-                  key=lambda r: (r.dp_target, r.partition != 'iid', r.seed, r.path))
+                  key=lambda r: (r.config['dp']['mode'] != 'none', r.dp_target,
+                                 r.partition != 'iid', r.seed, r.path))
     for fed in (r for r in runs if r.config['mode'] == 'federated'):
         for central in (r for r in runs if r.algorithm == 'centralized'):
-            if (central.partition_label, central.seed, central.dp_target) == (
-                    fed.partition_label, fed.seed, fed.dp_target):
+            if (central.partition_label, central.seed, central.dp_label) == (
+                    fed.partition_label, fed.seed, fed.dp_label):
                 return [fed, central]
     return runs[:2]
 

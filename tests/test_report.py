@@ -135,3 +135,18 @@ def test_overlays_show_the_largest_tumours_of_uint8_labels():
     labels[3, :, :, 0] = 1     # 16 pixels
     labels[4, 0, 0, 0] = 1     # 1 pixel
     assert report.largest_tumours(labels, 3).tolist() == [3, 1, 4]
+
+
+def test_privacy_utility_keeps_fixed_sigma_runs_apart_from_runs_without_dp():
+    def run(mode, target, sigma, eps, metric):
+        config = {'dp': {'mode': mode, 'target_epsilon': target, 'noise_multiplier': sigma},
+                  'task': 'brats'}
+        rows = [{'round': 1, 'privacy/epsilon': eps, 'eval/mean_dice': metric}]
+        return report.Run(path=f'/runs/{mode}{sigma}', config=config, rows=rows, summary=None,
+                          info={})
+
+    runs = [run('none', 0.0, 0.0, float('nan'), 0.8), run('sample', 0.0, 1.5, 2.0, 0.3),
+            run('sample', 0.0, 1.5, 2.2, 0.5), run('sample', 4.0, 0.0, 4.0, 0.4)]
+    points = report.privacy_utility_points(runs, no_dp_x=10.0)
+    # Fixed σ (both seeds together), target ε 4, no DP: three settings, none averaged together.
+    np.testing.assert_allclose(points, [(2.1, 0.4, 0.1), (4.0, 0.4, 0.0), (10.0, 0.8, 0.0)])
