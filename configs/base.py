@@ -38,6 +38,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.patch_size = 0           # BraTS: 0 = 2-D axial slices; P > 0 = 3-D patches of P^3 voxels
     c.data.patches_per_case = 8     # BraTS 3-D: patches cut from each case (fixed for the run)
     c.data.tumour_patch_fraction = 0.5  # BraTS 3-D: patches centred on tumour; the rest on brain
+    c.data.max_cases = 0            # BraTS read via TFDS: a seeded subset of this many cases (0 = all)
+    c.data.brain_slices_only = True  # real BraTS builder: drop axial slices without brain (3-D: crop to them)
+    c.data.empty_slice_stride = 1   # real BraTS builder, 2-D: keep every k-th brain slice without tumour
+    c.data.synthetic_via_tfds = False  # synthetic twins: build as TFDS and read back (as real data), not in memory
 
     # ---- model ---------------------------------------------------------------------------------
     c.model = ml_collections.ConfigDict()

@@ -4,6 +4,9 @@ Everything that can be checked before data is loaded or anything is compiled is 
 a bad run fails in a second rather than after an hour.
 """
 
+import difflib
+import math
+
 import ml_collections
 
 from fedjax_med.aggregation.fedavg import AGGREGATORS
@@ -34,14 +37,67 @@ POSITIVE = ('num_rounds', 'local.unroll_steps', 'data.resolution', 'data.num_cli
             'local.batch_size',
             'local.epochs', 'local.learning_rate', 'eval_every', 'eval_batch_size',
             'checkpoint_every', 'checkpoints_to_keep', 'model.width', 'model.depth',
-            'data.patches_per_case')
+            'data.patches_per_case', 'data.slices_per_case', 'data.dirichlet_alpha',
+            'data.findings_per_client', 'data.empty_slice_stride')
 NON_NEGATIVE = ('clients_per_round', 'clients_in_parallel', 'local.prox_mu', 'data.patch_size',
+                'data.quantity_sigma', 'data.max_cases',
                 'dp.noise_multiplier', 'dp.target_epsilon',
                 'dp.delta', 'dp.chunk_size', 'secagg.dropout_fraction', 'secagg.threshold',
                 'secagg.neighbours')
+REAL_BRATS = ('brats2020', 'brats2021', 'msd_brain')
 TASK_OF_DATA = {'synthetic_cxr': 'chestxray14', 'nih_chestxray14': 'chestxray14',
                 'synthetic_brats': 'brats', 'brats2020': 'brats', 'brats2021': 'brats',
                 'msd_brain': 'brats'}
+
+
+class ConfigError(ValueError):
+    """A config that cannot run. `problems` holds one message per problem, each naming the field,
+    its value and the fix; str() lists them all (a ValueError, so existing callers still catch it).
+    """
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__('Invalid configuration:\n  - ' + '\n  - '.join(self.problems))
+
+
+def _did_you_mean(value, allowed) -> str:
+    """' Did you mean 'x'?' for a string close to one of `allowed` (case first), else ''."""
+    if not isinstance(value, str):
+        return ''
+    names = [a for a in allowed if isinstance(a, str)]
+    same_case = [a for a in names if a.lower() == value.lower()]
+    close = same_case or difflib.get_close_matches(value, names, n=1)
+    return f' Did you mean {close[0]!r}?' if close else ''
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+    """Dotted names of every leaf field of `config` ('data.num_clients', ...)."""
+    names = []
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            names += field_names(value, f'{prefix}{key}.')
+        else:
+            names.append(f'{prefix}{key}')
+    return names
+
+
+def unknown_field_problem(config: ml_collections.ConfigDict, dotted: str) -> str | None:
+    """The problem with overriding `config.<dotted>` when that field does not exist (None when it
+    does), with the closest field names as suggestions."""
+    node = config
+    for part in dotted.split('.'):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            break
+        node = node[part]
+    else:
+        return None
+    names = field_names(config)
+    leaf = dotted.rsplit('.', 1)[-1]
+    same_leaf = [n for n in names if n.rsplit('.', 1)[-1] == leaf]
+    close = list(dict.fromkeys(same_leaf + difflib.get_close_matches(dotted, names, n=3)))[:3]
+    hint = (f' Did you mean {" or ".join(f"--config.{n}" for n in close)}?' if close else '')
+    return (f'--config.{dotted}: config has no field {dotted!r}.{hint} Every field is listed, '
+            'with a comment, in configs/base.py.')
 
 
 def _get(config, dotted):
@@ -104,14 +160,166 @@ def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Data fields that would otherwise fail deep in the readers, or be silently ignored."""
+    data, problems = config.data, []
+    if data.name in ('synthetic_cxr', 'synthetic_brats'):
+        if not data.num_train > 0:
+            problems.append(f'config.data.num_train={data.num_train!r} must be > 0: the synthetic '
+                            'twin generates num_train training examples over all hospitals '
+                            f'(plus num_test={data.num_test!r} for testing); e.g. 2000.')
+        if not data.num_test > 0:
+            problems.append(f'config.data.num_test={data.num_test!r} must be > 0: without test '
+                            'examples every evaluation is empty (metrics NaN); e.g. 500.')
+    if not 0 <= data.test_fraction < 1:
+        problems.append(f'config.data.test_fraction={data.test_fraction!r} must be in [0, 1) (the '
+                        "fraction of each hospital's patients held out for testing); e.g. 0.2.")
+    # Options of the BraTS TFDS readers (tfds_io.load_arrays, brats.BratsConfig).
+    via_tfds = data.name in REAL_BRATS or (data.name == 'synthetic_brats'
+                                           and data.synthetic_via_tfds)
+    if data.max_cases > 0 and not via_tfds:
+        problems.append(f'config.data.max_cases={data.max_cases} subsets BraTS cases read through '
+                        f'TFDS; it has no effect with config.data.name={data.name!r}'
+                        + (' unless config.data.synthetic_via_tfds=True' if
+                           data.name == 'synthetic_brats' else '')
+                        + '. Set config.data.max_cases=0'
+                        + (' (or lower config.data.num_train).' if data.name == 'synthetic_brats'
+                           else '.'))
+    builder_options = [f'config.data.{f}={data[f]!r}' for f, changed in
+                       (('brain_slices_only', not data.brain_slices_only),
+                        ('empty_slice_stride', data.empty_slice_stride > 1)) if changed]
+    if builder_options and data.name not in REAL_BRATS:
+        problems.append(f'{" and ".join(builder_options)}: options of the real BraTS builder '
+                        f'({", ".join(REAL_BRATS)}); they have no effect with '
+                        f'config.data.name={data.name!r}. Leave them at their defaults '
+                        '(brain_slices_only=True, empty_slice_stride=1).')
+    if data.empty_slice_stride > 1 and data.patch_size > 0:
+        problems.append(f'config.data.empty_slice_stride={data.empty_slice_stride} thins 2-D '
+                        f'slices, but config.data.patch_size={data.patch_size} reads 3-D volumes, '
+                        'which keep every slice (patches oversample tumour instead, '
+                        'config.data.tumour_patch_fraction). Set config.data.empty_slice_stride=1.')
+    return problems
+
+
+def _dp_problems(config: ml_collections.ConfigDict, unknown: set[str]) -> list[str]:
+    dp, problems = config.dp, []
+    if 'dp.mode' in unknown:  # already reported; its other checks would only repeat it
+        return problems
+    if dp.mode == 'none':
+        ignored = [f'config.dp.{f}={dp[f]!r}' for f in ('noise_multiplier', 'target_epsilon')
+                   if dp[f] > 0]
+        if ignored:
+            problems.append(f"{' and '.join(ignored)} would be ignored: config.dp.mode='none' "
+                            "trains without differential privacy. Set config.dp.mode='sample' "
+                            "(DP-SGD in each hospital, with config.local.sampling='poisson') or "
+                            "'client' (DP-FedAvg) to train privately, or set "
+                            f"{' and '.join(i.split('=')[0] + '=0' for i in ignored)} "
+                            'to train without DP.')
+        return problems
+    if dp.mode == 'sample' and config.local.sampling != 'poisson':
+        problems.append("config.dp.mode='sample' needs config.local.sampling='poisson' (the "
+                        'privacy accounting assumes Poisson subsampling); set it.')
+    if dp.noise_multiplier == 0 and dp.target_epsilon == 0:
+        problems.append(f'config.dp.mode={dp.mode!r} needs config.dp.noise_multiplier > 0 or '
+                        'config.dp.target_epsilon > 0.')
+    if not dp.clip_norm > 0:
+        problems.append(f'config.dp.clip_norm={dp.clip_norm!r} must be > 0.')
+    if dp.mode == 'client' and config.mode != 'federated':
+        problems.append(f"config.dp.mode='client' protects hospitals in a federation; it has no "
+                        f"meaning with config.mode={config.mode!r}. Use dp.mode='sample'.")
+    return problems
+
+
+def _secagg_failure(m: int, neighbours: int, threshold: int, dropped: int) -> str | None:
+    """Why `secagg_protocol.run_protocol` can fail for a cohort of m with `dropped` of them
+    dropping (None if it never does): a short reason, for the messages and for searching fixes."""
+    k = neighbours if 0 < neighbours < m - 1 else None  # else the complete graph
+    degree = m - 1 if k is None else k
+    t = threshold or degree // 2 + 1
+    if k is not None and m * k % 2:
+        return 'parity'
+    if t > degree:
+        return 'threshold'
+    # A surviving hospital keeps degree - (its dropped neighbours) answering neighbours, at worst
+    # degree - dropped (all of them its neighbours; always so in the complete graph).
+    if degree - min(dropped, degree) < t:
+        return 'dropout'
+    return None
+
+
+def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Settings with which `secagg_protocol.run_protocol` would stop the run in some round."""
+    sa, num_clients, per_round = config.secagg, config.data.num_clients, config.clients_per_round
+    if not (num_clients > 0 and 0 <= per_round <= num_clients and 0 <= sa.dropout_fraction < 1
+            and sa.threshold >= 0 and sa.neighbours >= 0):
+        return []  # already reported
+    m = per_round if 0 < per_round < num_clients else num_clients
+    cohort = (f'config.clients_per_round={m} hospitals per round' if 0 < per_round < num_clients
+              else f'all config.data.num_clients={m} hospitals in every round')
+    if m < 2:
+        why, fix = (('config.data.num_clients=1', 'config.data.num_clients >= 2')
+                    if num_clients < 2 else
+                    ('config.clients_per_round=1', 'config.clients_per_round >= 2 (0 = all)'))
+        return [f'config.secagg.enabled=True needs at least 2 hospitals per round (the sum of one '
+                f"hospital's update is that update), but {why}. Set {fix}, or "
+                'config.secagg.enabled=False.']
+    dropped = math.floor(sa.dropout_fraction * m)
+    failure = _secagg_failure(m, sa.neighbours, sa.threshold, dropped)
+    if failure is None:
+        return []
+    k = sa.neighbours if 0 < sa.neighbours < m - 1 else None
+    degree = m - 1 if k is None else k
+    t = sa.threshold or degree // 2 + 1
+    t_text = (f'config.secagg.threshold={t}' if sa.threshold else
+              f't={t} (config.secagg.threshold=0: a majority of {degree})')
+    if failure == 'parity':
+        even = [c for c in (k - 1, k + 1) if c >= 2 and not m * c % 2]
+        return [f'config.secagg.neighbours={k} is odd and so is the cohort ({cohort}): no '
+                f'{k}-regular neighbour graph on {m} hospitals exists (SecAgg+ needs an even '
+                f'number of hospitals times neighbours). Use an even config.secagg.neighbours '
+                f'({" or ".join(map(str, even))}) or 0 for the complete graph.']
+    graph = (f'its config.secagg.neighbours={k} neighbours' if k is not None else
+             f'the other {degree} hospitals of its round (complete graph)')
+    if failure == 'threshold':
+        return [f'config.secagg.threshold={t} exceeds the {degree} hospitals each one shares its '
+                f'secrets with ({graph}); use a threshold in [1, {degree}], or 0 for the default '
+                f'majority ({degree // 2 + 1}).']
+    # failure == 'dropout'. Fixes that each change one field.
+    fixes = []
+    good_k = [c for c in range(1, m - 1) if not _secagg_failure(m, c, sa.threshold, dropped)]
+    complete_ok = not _secagg_failure(m, 0, sa.threshold, dropped)
+    if k is not None and good_k:
+        fixes.append(f'raise config.secagg.neighbours to at least {min(good_k)}'
+                     + (' (or 0 for the complete graph)' if complete_ok else ''))
+    elif k is not None and complete_ok:
+        fixes.append('set config.secagg.neighbours=0 (complete graph)')
+    if degree - dropped >= 1:
+        fixes.append(f'lower config.secagg.threshold to at most {degree - dropped} (weaker '
+                     'against colluding hospitals)')
+    survivable = degree - t  # dropouts per round that this graph and threshold survive
+    if survivable >= 0:
+        fixes.append(f'lower config.secagg.dropout_fraction below {(survivable + 1) / m:.3g} '
+                     f'(at most {survivable} of {m} dropping)')
+    fix = '; or '.join(fixes)
+    when = (f'when all {dropped} dropped are among them, only {degree - min(dropped, degree)} '
+            'answer' if k is not None else f'only {degree - dropped} answer')
+    stops = ('that round cannot remove the masks and stops the run' if k is not None else
+             'so no round can remove the masks and the run stops in its first round')
+    return [f'config.secagg.dropout_fraction={sa.dropout_fraction!r} drops {dropped} of the {m} '
+            f'hospitals of each round. Each hospital shares its secrets with {graph}; {when} the '
+            f'unmasking, fewer than the Shamir threshold {t_text}: {stops}. '
+            f'{fix[:1].upper()}{fix[1:]}.']
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ValueError with one message per problem found (all of them at once)."""
-    problems = []
+    """Raises ConfigError (a ValueError) with one message per problem found (all at once)."""
+    problems, unknown = [], set()
     for field, allowed in CHOICES.items():
         value = _get(config, field)
         if value not in allowed:
+            unknown.add(field)
             problems.append(f'config.{field}={value!r} is not known; use one of '
-                            f'{", ".join(map(repr, allowed))}.')
+                            f'{", ".join(map(repr, allowed))}.{_did_you_mean(value, allowed)}')
     for field in POSITIVE:
         if not _get(config, field) > 0:
             problems.append(f'config.{field}={_get(config, field)!r} must be > 0.')
@@ -123,10 +331,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         problems.append(f'config.clients_per_round={config.clients_per_round} exceeds '
                         f'config.data.num_clients={k}; use at most {k} (0 means all).')
     task = TASK_OF_DATA.get(config.data.name)
-    if task and task != config.task:
+    if task and task != config.task and 'task' not in unknown:
         problems.append(f'config.data.name={config.data.name!r} is {task} data but '
                         f'config.task={config.task!r}; set config.task={task!r}.')
-    if config.task == 'brats' and config.model.name != 'unet':
+    if config.task == 'brats' and config.model.name != 'unet' and 'model.name' not in unknown:
         problems.append(f'config.model.name={config.model.name!r} cannot segment; use \'unet\' '
                         'for config.task=\'brats\'.')
     if config.task == 'chestxray14' and config.model.name == 'unet':
@@ -137,18 +345,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                         '[0, 1): 0 is ReLU, 0.01-0.2 the usual leaky ReLUs.')
     problems += _patch_problems(config)
     problems += _aggregator_problems(config)
-    dp = config.dp
-    if dp.mode == 'sample' and config.local.sampling != 'poisson':
-        problems.append("config.dp.mode='sample' needs config.local.sampling='poisson' (the "
-                        'privacy accounting assumes Poisson subsampling); set it.')
-    if dp.mode != 'none' and dp.noise_multiplier == 0 and dp.target_epsilon == 0:
-        problems.append(f'config.dp.mode={dp.mode!r} needs config.dp.noise_multiplier > 0 or '
-                        'config.dp.target_epsilon > 0.')
-    if dp.mode != 'none' and not dp.clip_norm > 0:
-        problems.append(f'config.dp.clip_norm={dp.clip_norm!r} must be > 0.')
-    if dp.mode == 'client' and config.mode != 'federated':
-        problems.append(f"config.dp.mode='client' protects hospitals in a federation; it has no "
-                        f"meaning with config.mode={config.mode!r}. Use dp.mode='sample'.")
+    problems += _data_problems(config)
+    problems += _dp_problems(config, unknown)
     if config.secagg.enabled:
         if config.mode != 'federated':
             problems.append(f'config.secagg.enabled=True needs config.mode=\'federated\' (got '
@@ -160,5 +358,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             problems.append("config.compression.kind='topk' sends a sparse update, which "
                             'secure aggregation cannot sum without revealing the positions; '
                             "use 'quantize' or 'none' with config.secagg.enabled=True.")
+        if config.mode == 'federated':
+            problems += _secagg_problems(config)
     if problems:
-        raise ValueError('Invalid configuration:\n  - ' + '\n  - '.join(problems))
+        raise ConfigError(problems)

@@ -23,7 +23,9 @@ Layouts (in the manual dir, searched recursively):
   `labelsTr/*.nii.gz`, `dataset.json`; labels 1 oedema, 2 non-enhancing tumour, 3 enhancing.
 
 A case with a missing modality, missing segmentation or mismatched shapes is skipped; skipped cases
-are counted and reported at the end (and stored in the dataset metadata). Everything is one 'train'
+are counted and reported at the end (and stored in the dataset metadata). A segmentation with a
+label outside the release's convention (e.g. BraTS 2023's enhancing tumour = 3 in a 'brats2021'
+build) stops the build with an error naming the case (`mri.check_labels`). Everything is one 'train'
 split (only training cases are labelled); load_federated splits it by case.
 """
 
@@ -164,7 +166,11 @@ class CaseError(ValueError):
 
 def load_case(case: dict, version: str, msd_order: list[int] | None = None):
     """Returns (volume float32 [X, Y, Z, 4] z-scored in brain, seg int [X, Y, Z], brain [X,Y,Z],
-    voxel size float [3] in mm along X, Y, Z)."""
+    voxel size float [3] in mm along X, Y, Z).
+
+    Raises CaseError (the case is skipped) or mri.LabelError (the build stops) for a segmentation
+    with labels outside the release's convention, e.g. BraTS 2023's enhancing tumour = 3.
+    """
     if case.get('seg') is None:
         raise CaseError('missing segmentation')
     if version == 'msd_brain':
@@ -187,6 +193,8 @@ def load_case(case: dict, version: str, msd_order: list[int] | None = None):
     seg = np.rint(seg).astype(np.int64)
     if seg.shape != volume.shape[:3]:
         raise CaseError(f'segmentation shape {seg.shape} != image shape {volume.shape[:3]}')
+    mri.check_labels(seg, 'msd' if version == 'msd_brain' else 'brats',
+                     f'case {case.get("case_id")} ({case["seg"]})')
     brain = np.any(volume != 0, axis=-1)
     volume = mri.zscore_in_mask(volume[None], brain[None])[0]
     spacing = np.sqrt(np.sum(np.square(affine[:3, :3]), axis=0))
@@ -337,6 +345,8 @@ class Brats(tfds.core.GeneratorBasedBuilder):
                     features = case_volume(volume, seg, brain, spacing, version=cfg.release,
                                            resolution=cfg.resolution,
                                            brain_slices_only=cfg.brain_slices_only)
+            except mri.LabelError:
+                raise  # a release in another label convention: every case would be wrong
             except (CaseError, OSError, ValueError) as e:
                 skipped.append(f'{case["case_id"]} ({e})')
                 continue

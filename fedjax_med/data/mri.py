@@ -20,10 +20,49 @@ _REGION_LABELS = {
     'brats': ((1, 2, 4), (1, 4), (4,)),
     'msd': ((1, 2, 3), (2, 3), (3,)),
 }
+# Every label a segmentation of each convention may hold (0 = background).
+LABELS = {'brats': (0, 1, 2, 4), 'msd': (0, 1, 2, 3)}
+_CONVENTION_TEXT = {
+    'brats': "the 'brats' convention of BraTS 2020/2021 (0 background, 1 necrotic / non-enhancing "
+             'core, 2 oedema, 4 enhancing tumour)',
+    'msd': "the 'msd' convention of MSD Task01 (0 background, 1 oedema, 2 non-enhancing tumour, "
+           '3 enhancing tumour)',
+}
+
+
+class LabelError(ValueError):
+    """A segmentation in another label convention than its release's: no case can be trusted."""
+
+
+def label_values(seg: np.ndarray) -> np.ndarray:
+    """The distinct values of a label map, sorted (bincount for small non-negative integers: far
+    cheaper than np.unique's sort on a 240 x 240 x 155 volume)."""
+    seg = np.asarray(seg)
+    if seg.size and np.issubdtype(seg.dtype, np.integer) and 0 <= seg.min() and seg.max() < 2**16:
+        return np.flatnonzero(np.bincount(seg.ravel()))
+    return np.unique(seg)
+
+
+def check_labels(seg: np.ndarray, version: str, source: str) -> None:
+    """Raises LabelError naming `source` (the case or file) if `seg` holds a label outside the
+    convention's: `seg_to_regions` would silently count it as background."""
+    if version not in LABELS:
+        raise ValueError(f'Unknown label convention {version!r}; use {list(LABELS)}.')
+    values = label_values(seg)
+    unexpected = [v.item() for v in values if v not in LABELS[version]]
+    if not unexpected:
+        return
+    hint = (' BraTS 2021 marks enhancing tumour with 4; data in the BraTS 2023 convention '
+            '(enhancing tumour = 3) must be remapped (3 -> 4) before it is built.'
+            if version == 'brats' else '')
+    raise LabelError(f'{source}: segmentation holds label(s) {unexpected} (all values: '
+                     f'{[v.item() for v in values]}), outside {_CONVENTION_TEXT[version]}; they '
+                     f'would be read as background.{hint}')
 
 
 def seg_to_regions(seg: np.ndarray, version: str) -> np.ndarray:
-    """Integer label map [...] -> float32 binary regions [..., 3] (WT, TC, ET)."""
+    """Integer label map [...] -> float32 binary regions [..., 3] (WT, TC, ET). Labels outside
+    the convention count as background: loaders check each case first (`check_labels`)."""
     if version not in _REGION_LABELS:
         raise ValueError(f'Unknown label convention {version!r}; use {list(_REGION_LABELS)}.')
     return np.stack([np.isin(seg, labels) for labels in _REGION_LABELS[version]],

@@ -26,7 +26,8 @@ patient-wise train/test split inside each hospital -> each hospital's acquisitio
   feature_skew: apply each hospital's acquisition shift (partition.apply_acquisition_shift).
   test_fraction: real datasets without an official test list: fraction of each hospital's
     examples (whole patients) held out as its test split.
-Optional fields (read with defaults, so configs need not define them):
+Optional fields (configs/base.py defines them all; read here with the same defaults, so a bare
+data ConfigDict need not):
   synthetic_signal (2.5): synthetic CXR, strength of the findings' signatures (1 = subtle).
   slices_per_case (16): synthetic BraTS, axial slices per case.
   patch_size (0): BraTS, 0 for 2-D axial slices; P > 0 for 3-D patches of P^3 voxels cut from
@@ -38,7 +39,9 @@ Optional fields (read with defaults, so configs need not define them):
     back through its array_record data source (same path as the real datasets) instead of
     generating it in memory.
   brain_slices_only (True), empty_slice_stride (1): real BraTS builder config (see brats.py).
-  max_cases (0 = all): real BraTS, a seeded subset of cases, to bound memory.
+  max_cases (0 = all): BraTS read through TFDS (real, or synthetic_via_tfds), a seeded subset of
+    that many cases. 3-D reads only those cases' volumes; 2-D reads every slice, then keeps those
+    cases' slices (it bounds the arrays trained on, not the memory used while reading).
 
 Partition classes: CXR uses the primary label (rarest finding of the patient, 'No Finding' as its
 own class). BraTS uses the case's tumour-volume tertile (small / medium / large whole tumour), so
