@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 
 # Fields that may change between a run and its resumption (they do not change the result of the
 # rounds already run). Any other difference is an error: the resumed run would not be the run
-# that was checkpointed.
+# that was checkpointed. num_rounds is fixed too when the DP noise is calibrated from it
+# (`noise_calibrated_to_num_rounds`).
 RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
                     'checkpoints_to_keep', 'data.data_dir', 'data.manual_dir',
                     'clients_in_parallel')  # how hospitals are scheduled, not what they compute
@@ -51,6 +52,11 @@ class Checkpointer:
             state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
         return restored['state'], restored['host']
 
+    def restore_host(self, round_index: int) -> dict:
+        """The host state alone (the config check on resume needs no model or data)."""
+        return self._manager.restore(round_index, args=ocp.args.Composite(
+            host=ocp.args.JsonRestore()))['host']
+
     def restore_arrays(self, round_index: int | None = None):
         """(state as nested dicts of numpy arrays, host_state) without a target (for analysis)."""
         round_index = self.latest_round() if round_index is None else round_index
@@ -72,7 +78,9 @@ class Checkpointer:
 ADDED_FIELDS = {'dp.fast_clipping': False, 'data.patch_size': 0, 'data.patches_per_case': 8,
                 'data.tumour_patch_fraction': 0.5, 'data.synthetic_signal': 1.0,
                 'server.trim_fraction': 0.1, 'model.negative_slope': 0.0,
-                'dp.noise_per_hospital': False}
+                'dp.noise_per_hospital': False, 'data.max_cases': 0,
+                'data.brain_slices_only': True, 'data.empty_slice_stride': 1,
+                'data.synthetic_via_tfds': False}
 
 
 def with_added_fields(saved: dict) -> dict:
@@ -92,16 +100,40 @@ def _inert_fields(config: dict) -> set[str]:
     """Fields that cannot change what a run with this config computes: a difference in them alone
     is no reason to refuse a resume (e.g. how sigma would be calibrated, in a run without one)."""
     dp = config.get('dp', {})
+    if dp.get('mode', 'none') == 'none':
+        # Without DP no noise is drawn: a leftover target or multiplier changes nothing (and
+        # today's validation asks for them to be 0, which must not block the resume).
+        return {'dp.noise_per_hospital', 'dp.target_epsilon', 'dp.noise_multiplier'}
     if dp.get('mode') == 'sample' and dp.get('target_epsilon', 0) > 0:
         return set()
     return {'dp.noise_per_hospital'}
 
 
+def noise_calibrated_to_num_rounds(config: dict) -> bool:
+    """Whether the run's DP noise is calibrated from num_rounds (privacy_setup.py: DP on with
+    dp.target_epsilon > 0; otherwise dp.noise_multiplier is used as given)."""
+    dp = config.get('dp', {})
+    return dp.get('mode', 'none') != 'none' and dp.get('target_epsilon', 0) > 0
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
-    """Dotted names of config fields whose values differ, ignoring RESUMABLE_FIELDS and fields
-    inert in both runs; a field the checkpoint predates counts as its ADDED_FIELDS value."""
+    """Config fields whose values differ, each as 'name: checkpoint has a, config has b', ignoring
+    RESUMABLE_FIELDS and fields inert in both runs; a field the checkpoint predates counts as its
+    ADDED_FIELDS value. num_rounds counts, with the reason, when the saved run's noise was
+    calibrated from it."""
     ignore = set(RESUMABLE_FIELDS) | (_inert_fields(saved) & _inert_fields(current))
-    return _differences(saved, current, '', ignore)
+    diffs = _differences(saved, current, '', ignore)
+    old, new = saved.get('num_rounds'), current.get('num_rounds')
+    if old != new and noise_calibrated_to_num_rounds(saved):
+        # The resumed run would recalibrate the noise for `new` rounds, while the rounds already
+        # run used the noise for `old`: the accounted epsilon would be wrong.
+        diffs.insert(0, (
+            f'num_rounds: checkpoint has {old!r}, config has {new!r}. The DP noise is '
+            f"calibrated to num_rounds (config.dp.target_epsilon={saved['dp']['target_epsilon']})"
+            f' and the rounds already run used the noise for {old} rounds, so another '
+            'num_rounds would change the noise mid-run and misreport epsilon. Keep '
+            f'--config.num_rounds={old}, or start a new --workdir.'))
+    return diffs
 
 
 def _differences(saved: dict, current: dict, prefix: str, ignore: set[str]) -> list[str]:

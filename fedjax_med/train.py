@@ -80,6 +80,13 @@ class PreparedRound(NamedTuple):
     protocol_down: int
 
 
+def json_safe(row: dict) -> dict:
+    """`row` with NaN and infinite floats (e.g. AUROC of a label absent from a split), which are
+    not JSON, as None (null), also inside lists."""
+    fix = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+    return {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in row.items()}
+
+
 class MetricsWriter:
     """metrics.jsonl: one JSON object per round; rewritten from the checkpoint on resume."""
 
@@ -92,8 +99,7 @@ class MetricsWriter:
                 f.writelines(json.dumps(h) + '\n' for h in self.history)
 
     def write(self, row: dict) -> None:
-        # NaN (e.g. AUROC of a label absent from a split) is not JSON: write null.
-        row = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+        row = json_safe(row)
         self.history.append(row)
         if not self.enabled:
             return
@@ -129,6 +135,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     say = (lambda *a: print(*a, flush=True)) if primary else (lambda *a: None)
     os.makedirs(workdir, exist_ok=True)
     config_dict = json.loads(config.to_json_best_effort())
+    # A checkpoint in workdir is resumed only by the same run: check before loading anything, and
+    # before config.json is written, so a refused rerun leaves the workdir as it was.
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                         config.checkpoints_to_keep)
+    latest = checkpointer.latest_round()
+    if latest is not None:
+        diffs = ckpt_lib.config_differences(checkpointer.restore_host(latest)['config'],
+                                            config_dict)
+        if diffs:
+            checkpointer.close()
+            raise ValueError(f'{workdir} holds a checkpoint of a different run:\n  - '
+                             + '\n  - '.join(diffs)
+                             + '\nUse a new --workdir, or restore those values to resume.')
     if primary:
         with open(os.path.join(workdir, 'config.json'), 'w') as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
@@ -182,13 +201,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     steps = np.array([batching.steps_per_round(n, lc.batch_size, lc.epochs) if n else 0
                       for n in sizes])
     num_steps = int(steps.max())
-    if lc.sampling == 'poisson':
-        max_batch = batching.poisson_max_batch(lc.batch_size, int(sizes[:num_clients].min()))
-    else:
-        max_batch = lc.batch_size
     from fedjax_med import privacy_setup
 
     privacy = privacy_setup.PrivacySetup(config, sizes[:num_clients], steps[:num_clients])
+    max_batch = lc.batch_size
+    if lc.sampling == 'poisson':
+        # Padded Poisson batches: a step that draws more than max_batch examples is truncated.
+        # Under DP-SGD, max_batch keeps each hospital's chance of that anywhere in the run at
+        # most 1e-3 of its delta, counted with its (planned) epsilon (data/batching.py).
+        tail = batching.POISSON_TAIL
+        if privacy.mode == 'sample':
+            planned = float(np.max(privacy.accountant.epsilon_after(
+                steps[:num_clients] * config.num_rounds)))
+            tail = batching.run_overflow_tail(
+                steps[:num_clients], config.num_rounds, privacy.deltas,
+                epsilon=planned if math.isfinite(planned) and planned < 50 else None)
+        max_batch = batching.poisson_max_batch(lc.batch_size, sizes[:num_clients], tail)
     expected_batch = np.where(sizes > 0, np.minimum(lc.batch_size, np.maximum(sizes, 1)),
                               1).astype(np.float32)
     noise_multiplier = np.zeros(k_pad, np.float32)  # padding hospitals never train
@@ -223,17 +251,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     # ---------------------------------------------------------------------------------------------
     # Resume
     # ---------------------------------------------------------------------------------------------
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         config.checkpoints_to_keep)
     start, history, cum = 0, [], {'up': 0, 'down': 0}
-    latest = checkpointer.latest_round()
-    if latest is not None:
+    if latest is not None:  # its config was checked above
         state, host = checkpointer.restore(latest, state)
-        diffs = ckpt_lib.config_differences(host['config'], config_dict)
-        if diffs:
-            raise ValueError(f'{workdir} holds a checkpoint of a different run:\n  - '
-                             + '\n  - '.join(diffs)
-                             + '\nUse a new --workdir, or restore those values to resume.')
         start, history, cum = host['round'], host['history'], host['cum_bytes']
         privacy.load_state_dict(host['privacy'])
         say(f'Resumed from round {start} in {workdir}')
@@ -248,6 +268,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     last = history[-1] if history else {}
     end = config.num_rounds if stop_after is None else min(config.num_rounds, start + stop_after)
     times = []
+    saved = start  # the round of the latest checkpoint
+
+    def save(done: int) -> None:
+        """Checkpoints the state after `done` rounds."""
+        nonlocal saved
+        checkpointer.save(done, state, {
+            'round': done, 'history': writer.history, 'cum_bytes': cum,
+            'privacy': privacy.state_dict(), 'config': config_dict})
+        saved = done
 
     def prepare(r: int) -> PreparedRound | str:
         """Round r's host work (who takes part, the privacy budget check, index arrays, SecAgg
@@ -288,15 +317,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     for r in range(start, end):
         t0 = time.perf_counter()
         current = upcoming
-        if isinstance(current, str):
+        if isinstance(current, str):  # the budget stop: keep the rounds run since the last save
             say(current)
+            if r > saved:
+                save(r)
             break
         state, m = round_fn(state, client_data, current.inputs, round_key(config.seed, r))
         privacy.record(current.round_steps[:num_clients])
         upcoming = prepare(r + 1) if r + 1 < end else None
         m = parallel.to_host(m)
         train_loss = float(m['train/loss'])
-        if not math.isfinite(train_loss):
+        if not math.isfinite(train_loss):  # not saved: the latest checkpoint is the last good state
             raise FloatingPointError(
                 f'Round {r + 1}: training loss is {train_loss}. Lower config.local.learning_rate '
                 f'(now {lc.learning_rate}) or config.server.learning_rate, or check the data.')
@@ -335,9 +366,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
             + f' | {row["time/round_s"]:.2f} s/round | ETA {_fmt_time(eta)}')
         # -- checkpoint -------------------------------------------------------------------------
         if (r + 1) % config.checkpoint_every == 0 or r + 1 == end:
-            checkpointer.save(r + 1, state, {
-                'round': r + 1, 'history': writer.history, 'cum_bytes': cum,
-                'privacy': privacy.state_dict(), 'config': config_dict})
+            save(r + 1)
     checkpointer.close()
 
     # ---------------------------------------------------------------------------------------------
@@ -351,7 +380,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     summary['summary/round_traces'] = round_fn.num_traces
     if primary:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-            json.dump(summary, f, indent=2)
+            json.dump(json_safe(summary), f, indent=2)
     return summary
 
 

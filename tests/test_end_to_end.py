@@ -173,11 +173,15 @@ def test_resume_with_a_changed_config_is_a_clear_error(tmp_path):
     workdir = str(tmp_path / 'w')
     subprocess.run(cli('configs/chestxray14.py:smoke', workdir, '--config.num_rounds=1'),
                    cwd=REPO, check=True, capture_output=True, timeout=300)
+    with open(os.path.join(workdir, 'config.json')) as f:
+        config_json = f.read()
     out = subprocess.run(cli('configs/chestxray14.py:smoke', workdir, '--config.num_rounds=2',
                              '--config.local.learning_rate=0.1'),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0
     assert 'local.learning_rate: checkpoint has 0.003, config has 0.1' in out.stderr
+    with open(os.path.join(workdir, 'config.json')) as f:
+        assert f.read() == config_json  # the refused rerun left the run's config as it was
 
 
 @pytest.mark.parametrize('mode', ['centralized', 'local'])
@@ -197,6 +201,12 @@ def test_baselines_run_through_the_same_round(tmp_path, mode):
     assert 0 <= float(dice) <= 1 and 0 <= float(own) <= 1
     assert int(float(bytes_up)) == 0  # nothing is communicated without a federation
     assert int(clients) == (1 if mode == 'centralized' else 3)
+    # summary.json is strict JSON: a NaN (here the update norm, which local training has none
+    # of) is written as null, as in metrics.jsonl.
+    text = open(os.path.join(tmp_path, mode, 'summary.json')).read()
+    summary = json.loads(text, parse_constant=lambda c: pytest.fail(f'{c} in summary.json'))
+    if mode == 'local':
+        assert summary['train/update_norm'] is None
 
 
 def test_a_checkpoint_that_predates_a_field_resumes_only_with_its_old_behaviour():
@@ -226,3 +236,34 @@ def test_a_checkpoint_that_predates_a_field_resumes_only_with_its_old_behaviour(
         run['dp'].update(mode='sample', target_epsilon=3.0)
     assert [d for d in config_differences(saved, current) if d.startswith('dp.')] == [
         'dp.noise_per_hospital: checkpoint has False, config has True']
+    # The data options added to the config later read as the defaults the readers used.
+    old_data = {'name': 'brats2021'}
+    new_data = {'name': 'brats2021', 'max_cases': 0, 'brain_slices_only': True,
+                'empty_slice_stride': 1, 'synthetic_via_tfds': False}
+    assert config_differences({'data': old_data}, {'data': new_data}) == []
+    assert config_differences({'data': old_data}, {'data': dict(new_data, max_cases=5)}) == [
+        'data.max_cases: checkpoint has 0, config has 5']
+    # Without DP, a leftover target or multiplier (now refused by validation) draws no noise:
+    # clearing it must not block the resume; with DP it is a different run.
+    leftover = {'dp': {'mode': 'none', 'target_epsilon': 4.0, 'noise_multiplier': 1.0}}
+    cleared = {'dp': {'mode': 'none', 'target_epsilon': 0.0, 'noise_multiplier': 0.0}}
+    assert config_differences(leftover, cleared) == []
+    noisy = {'dp': {'mode': 'sample', 'target_epsilon': 0.0, 'noise_multiplier': 1.0}}
+    assert config_differences(noisy, dict(noisy, dp=dict(noisy['dp'], noise_multiplier=2.0)))
+
+
+def test_num_rounds_may_change_on_resume_only_when_no_noise_is_calibrated_from_it():
+    from fedjax_med.checkpoint import config_differences
+
+    for mode in ('sample', 'client'):
+        saved = {'num_rounds': 2, 'dp': {'mode': mode, 'target_epsilon': 3.0}}
+        current = {'num_rounds': 5, 'dp': {'mode': mode, 'target_epsilon': 3.0}}
+        (diff,) = config_differences(saved, current)
+        assert diff.startswith('num_rounds: checkpoint has 2, config has 5. The DP noise is '
+                               'calibrated to num_rounds (config.dp.target_epsilon=3.0)')
+        assert diff.endswith('Keep --config.num_rounds=2, or start a new --workdir.')
+        assert config_differences(saved, dict(current, num_rounds=2)) == []
+    # Noise as given (dp.noise_multiplier), or no DP: the rounds already run do not depend on it.
+    for dp in ({'mode': 'sample', 'target_epsilon': 0.0, 'noise_multiplier': 1.0},
+               {'mode': 'none', 'target_epsilon': 0.0}, {'mode': 'none', 'target_epsilon': 3.0}):
+        assert config_differences({'num_rounds': 2, 'dp': dp}, {'num_rounds': 5, 'dp': dp}) == []

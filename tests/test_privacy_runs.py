@@ -15,7 +15,7 @@ def rows(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_sample_dp_run_reports_growing_epsilon_and_stops_at_the_budget(tmp_path, capsys):
+def test_sample_dp_run_reports_growing_epsilon_and_refuses_a_resume_with_more_rounds(tmp_path):
     c = chestxray14.get_config('smoke')
     c.local.sampling = 'poisson'
     c.dp.mode = 'sample'
@@ -31,13 +31,50 @@ def test_sample_dp_run_reports_growing_epsilon_and_stops_at_the_budget(tmp_path,
     np.testing.assert_allclose(last['privacy/epsilon_per_hospital'], 4.0, rtol=1e-3)
     sigmas = last['privacy/noise_multiplier_per_hospital']
     assert len(set(sigmas)) > 1 and last['privacy/noise_multiplier'] == max(sigmas)
-    # Asking for more rounds on the same budget: training stops before exceeding it.
+    # Asking for more rounds on the same budget. Behaviour change: this resume used to run and stop
+    # at the budget, but it recalibrated sigma for 4 rounds while the accountant kept the 2-round
+    # sigma of the rounds already run (epsilon misreported). It is now refused at start-up, and
+    # leaves the workdir (config.json, metrics) as it was.
+    config_json = (tmp_path / 'a' / 'config.json').read_text()
     c.num_rounds = 4
-    train.run(c, str(tmp_path / 'a'))
-    out = capsys.readouterr().out
-    assert 'Privacy budget reached' in out
-    later = [r['privacy/epsilon'] for r in rows(tmp_path / 'a')]
-    assert len(later) == 2 and later == eps
+    with pytest.raises(ValueError, match=r'num_rounds: checkpoint has 2, config has 4\. The DP '
+                       r'noise is calibrated to num_rounds .*Keep --config.num_rounds=2, or '
+                       r'start a new --workdir'):
+        train.run(c, str(tmp_path / 'a'))
+    assert (tmp_path / 'a' / 'config.json').read_text() == config_json
+    assert [r['privacy/epsilon'] for r in rows(tmp_path / 'a')] == eps
+
+
+def test_dp_run_with_noise_as_given_can_be_resumed_with_more_rounds(tmp_path):
+    # sigma is dp.noise_multiplier, not calibrated from num_rounds: extending the run is allowed.
+    c = chestxray14.get_config('smoke')
+    c.local.sampling, c.dp.mode, c.dp.noise_multiplier = 'poisson', 'sample', 1.0
+    c.num_rounds, c.eval_every = 1, 100
+    train.run(c, str(tmp_path / 'e'))
+    c.num_rounds = 2
+    train.run(c, str(tmp_path / 'e'))
+    got = rows(tmp_path / 'e')
+    assert [r['round'] for r in got] == [1, 2]
+    assert 0 < got[0]['privacy/epsilon'] < got[1]['privacy/epsilon']
+
+
+def test_budget_stop_checkpoints_the_last_round_run(tmp_path, monkeypatch, capsys):
+    # With noise calibrated from num_rounds the budget is not reached in a run's own rounds, so
+    # the accountant's answer is forced: the budget is spent after round 2 of 3.
+    from fedjax_med import privacy_setup
+    from fedjax_med.checkpoint import Checkpointer
+
+    monkeypatch.setattr(privacy_setup.PrivacySetup, 'check_budget',
+                        lambda self, steps: 'Privacy budget reached' if self.rounds_done >= 2
+                        else None)
+    c = chestxray14.get_config('smoke')
+    c.local.sampling, c.dp.mode, c.dp.target_epsilon = 'poisson', 'sample', 4.0
+    c.num_rounds, c.eval_every, c.checkpoint_every = 3, 100, 100
+    train.run(c, str(tmp_path / 'b'))
+    assert 'Privacy budget reached' in capsys.readouterr().out
+    _, host = Checkpointer(str(tmp_path / 'b' / 'checkpoints')).restore_arrays()
+    assert host['round'] == 2 and host['privacy']['rounds_done'] == 2
+    assert [r['round'] for r in host['history']] == [1, 2]
 
 
 def test_dp_sgd_run_logs_how_many_examples_it_clipped(tmp_path):
