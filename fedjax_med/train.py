@@ -75,6 +75,7 @@ class PreparedRound(NamedTuple):
     inputs: RoundInputs
     round_steps: np.ndarray    # local steps each (padded) hospital runs
     num_participants: int
+    num_senders: int           # participants that send their update (SecAgg dropouts do not)
     poisson_overflow: int      # Poisson draws cut to the maximum batch (logged when > 0)
     protocol_up: int           # SecAgg protocol bytes per hospital, up / down
     protocol_down: int
@@ -298,9 +299,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
                                                num_steps, rng_for)
         weights = aggregator.weights(sizes.astype(np.float32), participating.astype(np.float32))
         secagg_inputs, protocol_up, protocol_down = (), 0, 0
+        num_participants = int(participating[:num_clients].sum())
+        num_senders = num_participants
         if config.secagg.enabled:
             secagg_inputs, protocol_up, protocol_down = comm.secagg_round(
                 config, r, participating, num_clients)
+            num_senders = int(np.sum(secagg_inputs.survivor))
         inputs = RoundInputs(
             indices=batches.indices, mask=batches.mask, step_active=batches.step_active,
             weights=weights,
@@ -308,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
             client_ids=np.arange(k_pad, dtype=np.int32),
             learning_rate=lr_by_round[r], secagg=secagg_inputs)
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
-        return PreparedRound(inputs, round_steps, int(participating[:num_clients].sum()),
+        return PreparedRound(inputs, round_steps, num_participants, num_senders,
                              batches.overflow, protocol_up, protocol_down)
 
     # Dispatch is asynchronous: round r+1's host work runs while round r computes, so the device
@@ -346,7 +350,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         n_up = current.num_participants
         up = (bytes_up + current.protocol_up) if federated else 0
         down = (bytes_down + current.protocol_down) if federated else 0
-        cum = {'up': cum['up'] + up * n_up, 'down': cum['down'] + down * n_up}
+        # Every participant runs the protocol; a SecAgg dropout never sends its masked update.
+        sent_up = up * n_up - (bytes_up * (n_up - current.num_senders) if federated else 0)
+        cum = {'up': cum['up'] + sent_up, 'down': cum['down'] + down * n_up}
         row.update({'comm/bytes_up': up, 'comm/bytes_down': down,
                     'comm/cum_bytes_up_per_client': cum['up'] / max(num_clients, 1),
                     'comm/cum_bytes_down_per_client': cum['down'] / max(num_clients, 1),

@@ -1,6 +1,7 @@
 """Whole smoke runs with DP and with secure aggregation: what the user sees in metrics.jsonl."""
 
 import json
+import math
 import os
 
 import numpy as np
@@ -124,6 +125,26 @@ def test_secagg_run_matches_plain_run_and_logs_protocol_bytes(tmp_path, dropout)
         assert abs(masked['train/loss'] - plain['train/loss']) < 1e-3
     else:
         assert np.isfinite(masked['eval/mean_auroc'])
+    # Cumulative upload: every participant's protocol messages, but a dropped hospital's masked
+    # update is never sent. Smoke: all hospitals take part in every round.
+    c = chestxray14.get_config('smoke')
+    n = c.data.num_clients
+    payload = 4 * (plain['comm/bytes_up'] // 4 + 1)  # float32 update, plus the weight share
+    dropped = math.floor(dropout * n)
+    logged = rows(tmp_path / 'saTrue')
+    total = sum(r['comm/bytes_up'] * n - payload * dropped for r in logged)
+    assert logged[-1]['comm/cum_bytes_up_per_client'] == pytest.approx(total / n)
+
+
+def test_client_level_dp_under_secagg_sends_no_weight():
+    from fedjax_med import comm
+
+    c = brats.get_config('smoke')
+    params = {'w': np.zeros((3, 4), np.float32), 'b': np.zeros(4, np.float32)}
+    c.secagg.enabled = True
+    assert comm.round_bytes(params, c)[1] == 4 * (16 + 1)  # FedAvg: updates and weight share
+    c.dp.mode = 'client'
+    assert comm.round_bytes(params, c)[1] == 4 * 16
 
 
 def test_fast_clipping_run_equals_naive_dp_sgd_run(tmp_path):
