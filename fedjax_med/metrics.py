@@ -31,11 +31,16 @@ def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, names) -> dict[str, float]:
     """Per-label AUROC, mean AUROC, mean per-label accuracy at 0.5 and macro F1 at 0.5; all NaN
-    for a split without examples (e.g. a hospital whose test split is empty)."""
+    for a split without examples (e.g. a hospital whose test split is empty).
+
+    AUROC is undefined for a label with no positive (or no negative) example in the split, so
+    mean AUROC averages the labels that have both; `auroc_labels` says how many that was, since
+    two hospitals' mean AUROCs may cover different findings."""
     probs, labels = np.asarray(probs), np.asarray(labels) > 0.5
     if len(probs) == 0:
         return {**{f'auroc/{name}': float('nan') for name in names},
-                **{key: float('nan') for key in ('mean_auroc', 'accuracy', 'macro_f1')}}
+                **{key: float('nan') for key in ('mean_auroc', 'accuracy', 'macro_f1')},
+                'auroc_labels': float('nan')}
     preds = probs >= 0.5
     out = {}
     aurocs, f1s = [], []
@@ -48,6 +53,7 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, names) -> dict[str
         f1s.append(2.0 * tp / denom if denom > 0 else 0.0)
     valid = [a for a in aurocs if not np.isnan(a)]
     out['mean_auroc'] = float(np.mean(valid)) if valid else float('nan')
+    out['auroc_labels'] = len(valid)
     out['accuracy'] = float(np.mean(preds == labels))
     out['macro_f1'] = float(np.mean(f1s))
     return out

@@ -216,6 +216,10 @@ def _dp_problems(config: ml_collections.ConfigDict, unknown: set[str]) -> list[s
                             f"{' and '.join(i.split('=')[0] + '=0' for i in ignored)} "
                             'to train without DP.')
         return problems
+    if dp.mode == 'sample' and dp.adaptive_clip:
+        problems.append("config.dp.adaptive_clip=True adapts the clip norm of hospital updates "
+                        "(dp.mode='client'); DP-SGD (dp.mode='sample') clips examples at the fixed "
+                        'config.dp.clip_norm. Set config.dp.adaptive_clip=False.')
     if dp.mode == 'sample' and config.local.sampling != 'poisson':
         problems.append("config.dp.mode='sample' needs config.local.sampling='poisson' (the "
                         'privacy accounting assumes Poisson subsampling); set it.')

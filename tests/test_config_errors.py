@@ -58,6 +58,13 @@ def test_both_dp_values_without_a_dp_mode_are_one_message():
     assert 'set config.dp.noise_multiplier=0 and config.dp.target_epsilon=0' in msg
 
 
+def test_adaptive_clipping_with_dp_sgd_is_an_error():
+    (msg,) = problems(smoke(dp__mode='sample', dp__noise_multiplier=1.0,
+                            local__sampling='poisson', dp__adaptive_clip=True))
+    assert msg.startswith('config.dp.adaptive_clip=True adapts the clip norm of hospital updates')
+    assert msg.endswith('Set config.dp.adaptive_clip=False.')
+
+
 def test_an_unknown_dp_mode_is_one_error_with_a_suggestion():
     assert problems(smoke(dp__mode='Sample')) == [
         "config.dp.mode='Sample' is not known; use one of 'none', 'sample', 'client'. "

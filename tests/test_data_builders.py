@@ -333,3 +333,10 @@ def test_build_cli_prints_split_sizes(tmp_path):
     assert 'train: 5 examples' in out.stdout and 'test: 3 examples' in out.stdout
     assert 'skipped_train: 2' in out.stdout
     assert 'tensorflow imported: False' in out.stdout
+
+
+def test_brats_case_numbers_are_stable():
+    assert brats.case_number('BraTS20_Training_001') == 1
+    assert brats.case_number('BRATS_484') == 484
+    # Without digits: a fixed value in every process (not Python's per-process str hash).
+    assert brats.case_number('UPENN_case') == 1844564927

@@ -27,6 +27,12 @@ def test_multilabel_metrics_hand_values():
     assert out['auroc/a'] == pytest.approx(0.75)
     assert out['auroc/b'] == pytest.approx(2 / 3)
     assert out['mean_auroc'] == pytest.approx((0.75 + 2 / 3) / 2)
+    assert out['auroc_labels'] == 2
+    # A label without positives has no AUROC: the mean covers the other one, and says so.
+    one = metrics.multilabel_metrics(probs, np.stack([labels[:, 0], 0 * labels[:, 1]], 1),
+                                     ('a', 'b'))
+    assert np.isnan(one['auroc/b']) and one['mean_auroc'] == pytest.approx(0.75)
+    assert one['auroc_labels'] == 1
     # At 0.5: a predicts [1, 1, 0, 0] (2 of 4 right), b predicts [0, 1, 0, 1] (3 of 4 right).
     assert out['accuracy'] == pytest.approx(5 / 8)
     # F1: a has tp 1, 2 predicted, 2 true -> 0.5; b has tp 1, 2 predicted, 1 true -> 2/3.

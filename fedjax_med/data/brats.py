@@ -36,6 +36,7 @@ import logging
 import os
 import pathlib
 import re
+import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -153,7 +154,8 @@ def find_msd_cases(manual_dir: pathlib.Path) -> tuple[list[dict], list[int]]:
 def case_number(case_id: str) -> int:
     """Integer patient id from a case id ('BraTS20_Training_001' -> 1, 'BRATS_484' -> 484)."""
     digits = re.findall(r'\d+', case_id)
-    return int(digits[-1]) if digits else abs(hash(case_id)) % (2 ** 31)
+    # No digits: a stable hash (Python's hash() of a str changes from process to process).
+    return int(digits[-1]) if digits else zlib.crc32(case_id.encode()) % (2 ** 31)
 
 
 # ---------------------------------------------------------------------------------------------
