@@ -289,13 +289,18 @@ def _add_noise(tree, key, std):
 
 
 def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[str, Any]:
-    """Per-hospital sums (shape [K]) and the round's training loss over the hospitals that ran."""
+    """Per-hospital sums (shape [K]), the round's training loss over the hospitals that ran, and
+    how many of them produced a non-finite update (each hospital can see that in its own update
+    before sending it; SecAgg's fixed-point encoding would otherwise turn NaN into 0)."""
     m = dict(out.metrics)
     taking_part = (inputs.weights > 0).astype(jnp.float32)
+    finite = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
+                        for x in jax.tree.leaves(out.delta)]).all(axis=0)
     loss_sum = jnp.sum(m['loss_sum'] * taking_part)
     count = jnp.sum(m['example_count'] * taking_part)
     return {'train/loss': loss_sum / jnp.maximum(count, 1.0),
             'train/examples': count,
+            'train/nonfinite_updates': jnp.sum(taking_part * ~finite),
             'clients/loss_sum': m['loss_sum'], 'clients/example_count': m['example_count'],
             'clients/num_steps': out.num_steps,
             **{f'clients/{k}': v for k, v in m.items() if k not in ('loss_sum', 'example_count')}}

@@ -331,10 +331,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         upcoming = prepare(r + 1) if r + 1 < end else None
         m = parallel.to_host(m)
         train_loss = float(m['train/loss'])
-        if not math.isfinite(train_loss):  # not saved: the latest checkpoint is the last good state
+        bad_updates = int(m['train/nonfinite_updates'])
+        if not math.isfinite(train_loss) or bad_updates:
+            # Not saved: the latest checkpoint is the last good state.
             raise FloatingPointError(
-                f'Round {r + 1}: training loss is {train_loss}. Lower config.local.learning_rate '
-                f'(now {lc.learning_rate}) or config.server.learning_rate, or check the data.')
+                f'Round {r + 1}: training loss is {train_loss}, {bad_updates} hospital update(s) '
+                f'not finite. Lower config.local.learning_rate (now {lc.learning_rate}) or '
+                'config.server.learning_rate, or check the data.')
 
         row = {'round': r + 1, 'train/loss': train_loss,
                'train/update_norm': float(m.get('train/update_norm', np.nan)),

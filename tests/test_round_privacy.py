@@ -117,3 +117,20 @@ def test_client_dp_noise_keys_are_all_distinct():
                      for k in jax.random.split(hospital, 4))
     assert tuple(np.asarray(jax.random.key_data(count_key)).ravel()) not in drawn
     assert tuple(np.asarray(jax.random.key_data(update_key)).ravel()) not in drawn
+
+
+def test_non_finite_updates_are_counted_before_secagg_could_hide_them():
+    # SecAgg's fixed-point encoding maps NaN to 0, so the sum alone would look finite; the round
+    # counts the hospitals whose own update is not finite (only those taking part).
+    c = sgd_config()
+    c.secagg.enabled = True
+    fn, state, client_data, inputs_for = round_parts(c)
+    image = np.array(client_data['image'])
+    image[2, 0] = np.nan
+    client_data = dict(client_data, image=jnp.asarray(image))
+    start = jax.tree.map(np.asarray, state.params)
+    for weights, bad in (([1.0, 1.0, 1.0, 1.0, 1.0], 1), ([1.0, 1.0, 0.0, 1.0, 1.0], 0)):
+        s = rounds.init_server_state(jax.tree.map(jnp.asarray, start), c, K,
+                                     parallel.make_mesh(1))
+        _, m = fn(s, client_data, inputs_for(weights, 0), rounds.round_key(0, 0))
+        assert int(m['train/nonfinite_updates']) == bad
