@@ -45,12 +45,28 @@ class Checkpointer:
         self._manager.wait_until_finished()
 
     def restore(self, round_index: int, like_state):
-        """Restores into the shapes, dtypes and shardings of `like_state`."""
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), like_state)
+        """Restores into the shapes, dtypes and shardings of `like_state`.
+
+        Per-hospital state (local-mode models, top-k residuals) has a client axis padded to a
+        multiple of the device count, so a run resumed on another number of devices finds it
+        longer or shorter than stored. Rows past the real hospitals are padding: such a leaf is
+        read as stored, cut or extended along the client axis with `like_state`'s (fresh,
+        inert) padding rows, and placed as `like_state` is.
+        """
+        stored = {m.name: tuple(m.shape) for m in
+                  jax.tree.leaves(self._manager.item_metadata(round_index)['state'])}
+        paths, treedef = jax.tree_util.tree_flatten_with_path(like_state)
+        shapes = [stored.get('.'.join(_key_name(k) for k in path), x.shape) for path, x in paths]
+        one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        abstract = [jax.ShapeDtypeStruct(shape, x.dtype, sharding=(
+            x.sharding if shape == x.shape else one_device))
+            for shape, (_, x) in zip(shapes, paths, strict=True)]
         restored = self._manager.restore(round_index, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
-        return restored['state'], restored['host']
+            state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, abstract)),
+            host=ocp.args.JsonRestore()))
+        leaves = [x if x.shape == like.shape else _resize_client_axis(x, like)
+                  for x, (_, like) in zip(jax.tree.leaves(restored['state']), paths, strict=True)]
+        return jax.tree.unflatten(treedef, leaves), restored['host']
 
     def restore_host(self, round_index: int) -> dict:
         """The host state alone (the config check on resume needs no model or data)."""
@@ -146,3 +162,23 @@ def _differences(saved: dict, current: dict, prefix: str, ignore: set[str]) -> l
         elif a != b and name not in ignore:
             diffs.append(f'{name}: checkpoint has {a!r}, config has {b!r}')
     return diffs
+
+
+def _key_name(key) -> str:
+    """One step of a pytree path as Orbax names it in a checkpoint ('params', '0', ...)."""
+    for attr in ('name', 'key', 'idx'):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def _resize_client_axis(stored: jax.Array, like: jax.Array) -> jax.Array:
+    """`stored` cut or extended along its leading (client) axis to `like`'s length, new rows
+    taken from `like`, placed with `like`'s sharding; any other mismatch is an error."""
+    if stored.shape[1:] != like.shape[1:] or stored.ndim == 0:
+        raise ValueError(f'Checkpoint array of shape {stored.shape} does not fit this run\'s '
+                         f'{like.shape}: the checkpoint is of a different model or data.')
+    n = min(stored.shape[0], like.shape[0])
+    rows = np.concatenate([np.asarray(stored)[:n], np.asarray(like)[n:]], axis=0)
+    return jax.device_put(rows.astype(like.dtype), like.sharding)
+
