@@ -171,6 +171,13 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
         if not data.num_test > 0:
             problems.append(f'config.data.num_test={data.num_test!r} must be > 0: without test '
                             'examples every evaluation is empty (metrics NaN); e.g. 500.')
+    if (config.task == 'brats' and data.partition == 'pathological'
+            and data.findings_per_client >= 3):
+        # BraTS cases are classed by tumour-size tertile (data/sources.py): 3 classes.
+        problems.append(f'config.data.findings_per_client={data.findings_per_client} with '
+                        "config.data.partition='pathological' gives every BraTS hospital all 3 "
+                        'tumour-size classes, which is an IID split. Set '
+                        'config.data.findings_per_client=1 or 2.')
     if not 0 <= data.test_fraction < 1:
         problems.append(f'config.data.test_fraction={data.test_fraction!r} must be in [0, 1) (the '
                         "fraction of each hospital's patients held out for testing); e.g. 0.2.")

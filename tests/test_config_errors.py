@@ -65,6 +65,13 @@ def test_adaptive_clipping_with_dp_sgd_is_an_error():
     assert msg.endswith('Set config.dp.adaptive_clip=False.')
 
 
+def test_pathological_brats_split_that_would_be_iid_is_an_error():
+    (msg,) = problems(smoke('brats', data__partition='pathological'))
+    assert msg.startswith('config.data.findings_per_client=3 with '
+                          "config.data.partition='pathological' gives every BraTS hospital all 3")
+    validate(smoke('brats', data__partition='pathological', data__findings_per_client=2))
+
+
 def test_an_unknown_dp_mode_is_one_error_with_a_suggestion():
     assert problems(smoke(dp__mode='Sample')) == [
         "config.dp.mode='Sample' is not known; use one of 'none', 'sample', 'client'. "

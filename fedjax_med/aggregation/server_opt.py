@@ -2,6 +2,13 @@
 
 The server treats the negated mean update -Delta as a gradient: x <- x + ServerOpt(-Delta). With
 'fedavg' and learning rate 1 this is exactly x <- x + Delta.
+
+The adaptive optimisers are optax's, which differ from Algorithm 2 of the paper in details that
+matter when comparing tuned values: FedAdam and FedYogi apply Adam's bias correction (the paper
+has none; with beta2 = 0.99 the first rounds take larger steps here), optax's Yogi starts both
+moments at 1e-6 (the paper: v >= tau^2), and FedAdagrad adds `server.epsilon` inside the square
+root, sqrt(v + tau), with no first-moment momentum (the paper: m / (sqrt(v) + tau) with beta1).
+`tests/test_fedavg.py` pins the exact formulas.
 """
 
 import jax
