@@ -12,7 +12,7 @@ Variants (`--config=configs/brats.py:VARIANT`):
   smoke      seconds: tiny everything, checkpoint every round (tests, CI).
   dp         synthetic + sample-level DP-SGD at epsilon = 3, each hospital's noise calibrated to
              the target. Expected global mean Dice 0.33 (0.11 at epsilon 1, 0.49 at 8;
-             RESULTS.md); about 2 minutes on 2 cores.
+             RESULTS.md); about 3 minutes on 2 cores.
   patch3d    3-D on one GPU: real BraTS 2021 stored as volumes of 128 x 128 px axial planes (about
              75 of them), two 64^3 patches per case (half centred on tumour), 3-D U-Net of width 16
              and depth 4 (3x3x3 convolutions, 1.5M parameters), five hospitals non-IID by tumour

@@ -22,7 +22,7 @@ the sizes it uses the Poisson(B) quantile, which bounds every hospital's tail wh
 p_k = tail * steps_k * num_rounds (union bound; `run_overflow_probability`). The run's output is
 then within total variation p_k of the untruncated mechanism the accountant analyses, so where
 the accountant reports (epsilon, delta_k) the run as executed is
-(epsilon, delta_k + (1 + e^epsilon) p_k)-DP for hospital k's patients. With the default tail of
+(epsilon, delta_k + (1 + e^epsilon) p_k)-DP for hospital k's examples. With the default tail of
 1e-9 per step, p_k = 1e-9 * steps_k * num_rounds; e.g. 97 steps x 20 rounds gives 2e-6, which is
 NOT negligible next to delta = 1e-4. `run_overflow_tail` gives the per-step tail that keeps every
 p_k at most 1e-3 delta_k / (1 + e^epsilon), so the extra delta is at most 1e-3 delta_k.
