@@ -161,6 +161,36 @@ def test_chunked_equals_unchunked(chunk_size):
         np.testing.assert_allclose(got_aux[name], want_aux[name], rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("hospitals_vmapped", [False, True])
+def test_chunks_past_the_last_sampled_example_do_not_run(hospitals_vmapped):
+    # A Poisson batch padded to 10 slots that drew 3 examples: with chunks of 2, only the first
+    # two chunks hold sampled examples and only they are computed (each chunk's per-example
+    # loss reports once); the result equals the unchunked one.
+    calls = []
+
+    def counting_loss(p, example):
+        jax.debug.callback(lambda: calls.append(1))
+        return linear_loss(p, example)
+
+    params, data = tiny_problem(batch=10, seed=5)
+    mask = jnp.zeros(10, bool).at[:3].set(True)
+    kwargs = dict(clip_norm=2.0, noise_multiplier=0.9, expected_batch_size=3.0)
+    key = jax.random.key(3)
+    want, _ = dp_sgd.dp_gradient(linear_loss, params, data, mask, key, **kwargs)
+    chunked = lambda m: dp_sgd.dp_gradient(counting_loss, params, data, m, key, chunk_size=2,
+                                           **kwargs)[0]
+    if hospitals_vmapped:  # two hospitals in one vmap run as many chunks as the longer needs
+        other = jnp.zeros(10, bool).at[:5].set(True)
+        got = jax.tree.map(lambda g: g[0], jax.jit(jax.vmap(chunked))(jnp.stack([mask, other])))
+        expected_calls = 3
+    else:
+        got, expected_calls = jax.jit(chunked)(mask), 2
+    jax.block_until_ready(got)
+    assert len(calls) == expected_calls
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_invalid_chunk_size_raises():
     params, data = tiny_problem()
     with pytest.raises(ValueError, match="chunk_size"):

@@ -168,18 +168,24 @@ def dp_gradient(
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}.")
         batch, mask = _pad_to_multiple(batch, mask, chunk_size)
-        to_chunks = lambda x: x.reshape((-1, chunk_size) + x.shape[1:])
-        chunks = (jax.tree.map(to_chunks, batch), to_chunks(mask))
+        # Only the chunks up to the last sampled example run: a Poisson batch is padded to a
+        # size it rarely reaches (data/batching.py), and the chunks past its draw are all masked
+        # out, so skipping them changes nothing (each would add exact zeros).
+        last = jnp.max(jnp.where(mask, jnp.arange(mask.shape[0]) + 1, 0))
+        num_chunks = (last + chunk_size - 1) // chunk_size
 
-        def accumulate(carry, chunk):
-            summed, stats = _clipped_sum(per_example_loss_fn, params, chunk[0], chunk[1], clip_norm)
-            return jax.tree.map(jnp.add, carry, (summed, stats)), None
+        def accumulate(i, carry):
+            take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size)
+            chunk_batch, chunk_mask = jax.tree.map(take, (batch, mask))
+            summed, stats = _clipped_sum(per_example_loss_fn, params, chunk_batch, chunk_mask,
+                                         clip_norm)
+            return jax.tree.map(jnp.add, carry, (summed, stats))
 
         zeros = (
             jax.tree.map(jnp.zeros_like, params),
             _ChunkStats(*(jnp.zeros((), jnp.float32) for _ in _ChunkStats._fields)),
         )
-        (summed, stats), _ = jax.lax.scan(accumulate, zeros, chunks)
+        summed, stats = jax.lax.fori_loop(0, num_chunks, accumulate, zeros)
 
     # where(z == 0) keeps a non-private run (z = 0) exact even with an infinite clip_norm.
     std = jnp.where(noise_multiplier == 0, 0.0, noise_multiplier * clip_norm)
