@@ -85,7 +85,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.dp.delta = 0.0                # 0 means 1 / (10 * n_k) per hospital (sample) or 1/(10 K) (client)
     c.dp.noise_per_hospital = True  # sample + target_epsilon: sigma_k per hospital, each ends at the target (False: one sigma, the largest)
     c.dp.accountant = 'rdp'         # rdp | pld
-    c.dp.chunk_size = 0             # per-example gradients computed in chunks of this size (0 = all)
+    c.dp.chunk_size = 0             # per-example gradients in chunks of this size, only up to the last sampled example (0 = all slots at once)
     c.dp.fast_clipping = False      # per-example norms from layer activations (ghost/direct), no per-example grads
     c.dp.adaptive_clip = False      # client mode: adaptive clipping (Andrew et al. 2021)
     c.dp.target_quantile = 0.5      # adaptive clipping: target fraction of unclipped updates

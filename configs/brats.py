@@ -12,7 +12,7 @@ Variants (`--config=configs/brats.py:VARIANT`):
   smoke      seconds: tiny everything, checkpoint every round (tests, CI).
   dp         synthetic + sample-level DP-SGD at epsilon = 3, each hospital's noise calibrated to
              the target. Expected global mean Dice 0.33 (0.11 at epsilon 1, 0.49 at 8;
-             RESULTS.md); about 3 minutes on 2 cores.
+             RESULTS.md); about 1.5 minutes on 2 cores.
   patch3d    3-D on one GPU: real BraTS 2021 stored as volumes of 128 x 128 px axial planes (about
              75 of them), two 64^3 patches per case (half centred on tumour), 3-D U-Net of width 16
              and depth 4 (3x3x3 convolutions, 1.5M parameters), five hospitals non-IID by tumour
@@ -95,6 +95,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # harder cost Dice (C = 0.5 / 0.25 / 0.1: 0.31 / 0.18 / 0.04 against 0.33), and so did
             # C = 2 (0.13: twice the noise for the same few clipped examples). RESULTS.md.
             c.dp.clip_norm = 1.0
+            # Per-example gradients 8 at a time: only chunks holding sampled examples run, and a
+            # Poisson batch rarely fills its padded size (BENCHMARKS.md, sixth session).
+            c.dp.chunk_size = 8
     elif variant == 'smoke':
         c.data.name = 'synthetic_brats'
         c.data.resolution = 16

@@ -15,7 +15,7 @@ Variants (`--config=configs/chestxray14.py:VARIANT`):
   dp         synthetic + sample-level DP-SGD at epsilon = 3, each hospital's noise calibrated to
              the target. Expected global mean AUROC 0.63 after 10 rounds (--config.num_rounds=10;
              0.62 at epsilon 1, 0.64 at 8), against 0.82 without DP: these hospitals are too
-             small for sample-level DP (RESULTS.md); about 3 minutes on 2 cores.
+             small for sample-level DP (RESULTS.md); about 2.5 minutes on 2 cores for 10 rounds.
 
 Example:
   python -m fedjax_med.main --config=configs/chestxray14.py:synthetic --workdir=/tmp/cxr
@@ -81,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             # the rest above 0.1; at C = 1 none is clipped and the noise (sigma * C) dwarfs them.
             # At epsilon 3 after 10 rounds: C = 1 / 0.1 / 0.03 gave AUROC 0.58 / 0.61 / 0.63.
             c.dp.clip_norm = 0.03
+            # Per-example gradients 8 at a time: only chunks holding sampled examples run, and a
+            # Poisson batch rarely fills its padded size (BENCHMARKS.md, sixth session).
+            c.dp.chunk_size = 8
     elif variant == 'smoke':
         c.data.name = 'synthetic_cxr'
         c.data.resolution = 16
