@@ -212,8 +212,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         # most 1e-3 of its delta, counted with its (planned) epsilon (data/batching.py).
         tail = batching.POISSON_TAIL
         if privacy.mode == 'sample':
-            planned = float(np.max(privacy.accountant.epsilon_after(
-                steps[:num_clients] * config.num_rounds)))
+            planned = config.dp.target_epsilon or float(np.max(
+                privacy.accountant.epsilon_after(steps[:num_clients] * config.num_rounds)))
             tail = batching.run_overflow_tail(
                 steps[:num_clients], config.num_rounds, privacy.deltas,
                 epsilon=planned if math.isfinite(planned) and planned < 50 else None)

@@ -241,12 +241,18 @@ def _dp_problems(config: ml_collections.ConfigDict, unknown: set[str]) -> list[s
     return problems
 
 
+def _secagg_graph(m: int, neighbours: int, threshold: int) -> tuple[int | None, int, int]:
+    """(SecAgg+ degree k, or None for the complete graph; each hospital's number of neighbours;
+    the Shamir threshold t) for a cohort of m, as `secagg_protocol.run_protocol` sets them."""
+    k = neighbours if 0 < neighbours < m - 1 else None
+    degree = m - 1 if k is None else k
+    return k, degree, threshold or degree // 2 + 1
+
+
 def _secagg_failure(m: int, neighbours: int, threshold: int, dropped: int) -> str | None:
     """Why `secagg_protocol.run_protocol` can fail for a cohort of m with `dropped` of them
     dropping (None if it never does): a short reason, for the messages and for searching fixes."""
-    k = neighbours if 0 < neighbours < m - 1 else None  # else the complete graph
-    degree = m - 1 if k is None else k
-    t = threshold or degree // 2 + 1
+    k, degree, t = _secagg_graph(m, neighbours, threshold)
     if k is not None and m * k % 2:
         return 'parity'
     if t > degree:
@@ -278,9 +284,7 @@ def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
     failure = _secagg_failure(m, sa.neighbours, sa.threshold, dropped)
     if failure is None:
         return []
-    k = sa.neighbours if 0 < sa.neighbours < m - 1 else None
-    degree = m - 1 if k is None else k
-    t = sa.threshold or degree // 2 + 1
+    k, degree, t = _secagg_graph(m, sa.neighbours, sa.threshold)
     t_text = (f'config.secagg.threshold={t}' if sa.threshold else
               f't={t} (config.secagg.threshold=0: a majority of {degree})')
     if failure == 'parity':
