@@ -16,6 +16,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.num_rounds = 20               # communication rounds
     c.clients_per_round = 0         # m hospitals sampled per round; 0 means all K take part
     c.clients_in_parallel = 0       # hospitals vectorised at once (0 = auto: all on GPU, 1 on CPU)
+    c.init_from = ''                # warm start: a workdir (or its checkpoints/) whose latest parameters start this run ('' = random init)
 
     # ---- data ----------------------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
@@ -32,6 +33,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.data.quantity_sigma = 0.0     # log-normal sigma of hospital sizes (0 = equal sizes)
     c.data.natural_column = 'view'  # natural partition: metadata column that defines the hospital
     c.data.synthetic_signal = 2.5   # synthetic_cxr: strength of the findings' signatures (1 = subtle)
+    c.data.max_images_per_patient = 4  # synthetic_cxr: NIH images drawn per patient (0 = all, so 112,120 rows = the whole table)
+    c.data.public_fraction = 0.0    # fraction of patients held out of every hospital as a public set (for pretraining; never in a hospital)
+    c.data.train_on = 'hospitals'   # 'hospitals' | 'public' (centralised training on the public set alone, e.g. to pretrain for init_from)
     c.data.feature_skew = True      # per-hospital acquisition shift (contrast, noise, blur / bias field)
     c.data.test_fraction = 0.2      # fraction of each hospital's patients held out as its test split
     c.data.slices_per_case = 16     # BraTS: axial slices taken from each case

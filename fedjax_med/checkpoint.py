@@ -96,7 +96,8 @@ ADDED_FIELDS = {'dp.fast_clipping': False, 'data.patch_size': 0, 'data.patches_p
                 'server.trim_fraction': 0.1, 'model.negative_slope': 0.0,
                 'dp.noise_per_hospital': False, 'data.max_cases': 0,
                 'data.brain_slices_only': True, 'data.empty_slice_stride': 1,
-                'data.synthetic_via_tfds': False}
+                'data.synthetic_via_tfds': False, 'data.max_images_per_patient': 4,
+                'data.public_fraction': 0.0, 'data.train_on': 'hospitals', 'init_from': ''}
 
 
 def with_added_fields(saved: dict) -> dict:
@@ -182,3 +183,41 @@ def _resize_client_axis(stored: jax.Array, like: jax.Array) -> jax.Array:
     rows = np.concatenate([np.asarray(stored)[:n], np.asarray(like)[n:]], axis=0)
     return jax.device_put(rows.astype(like.dtype), like.sharding)
 
+
+
+def load_params(source: str, like_params):
+    """The global model parameters of another run's latest checkpoint, as numpy arrays with the
+    structure of `like_params` (a warm start: `config.init_from`).
+
+    `source` is that run's workdir or its checkpoints/ folder. A local-mode run has one model per
+    hospital and cannot serve; a model of another shape is refused, naming the first mismatch.
+    Returns (params, round of the checkpoint, the source run's config).
+    """
+    path = os.path.expanduser(source)
+    if os.path.isdir(os.path.join(path, 'checkpoints')):
+        path = os.path.join(path, 'checkpoints')
+    checkpointer = Checkpointer(path)
+    try:
+        latest = checkpointer.latest_round()
+        if latest is None:
+            raise ValueError(f'config.init_from={source!r}: no checkpoint in {path}; give the '
+                             'workdir of a run that has saved at least one round.')
+        state, host = checkpointer.restore_arrays(latest)
+    finally:
+        checkpointer.close()
+    like = jax.tree_util.tree_flatten_with_path(like_params)[0]
+    stored = {jax.tree_util.keystr(k): v for k, v in
+              jax.tree_util.tree_flatten_with_path(state['params'])[0]}
+    leaves = []
+    for key, x in like:
+        name = jax.tree_util.keystr(key)
+        value = stored.get(name)
+        if value is None or value.shape != x.shape:
+            found = 'missing' if value is None else f'shape {value.shape}'
+            raise ValueError(f'config.init_from={source!r}: parameter {name} is {found} there but '
+                             f'{x.shape} in this model; warm-start from a run of the same '
+                             'config.model (and not a local-mode run, which keeps one model per '
+                             'hospital).')
+        leaves.append(np.asarray(value, x.dtype))
+    params = jax.tree.unflatten(jax.tree.structure(like_params), leaves)
+    return params, latest, host.get('config', {})

@@ -162,8 +162,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
 
     data = sources.load_federated(config.data, config.seed)
     hospital_names = list(data.client_names)
-    train_splits = ([pool_clients(data.clients_train)] if config.mode == 'centralized'
-                    else data.clients_train)
+    if config.data.get('train_on', 'hospitals') == 'public':  # pretraining on the public set
+        train_splits = [pool_clients([data.public])]
+    elif config.mode == 'centralized':
+        train_splits = [pool_clients(data.clients_train)]
+    else:
+        train_splits = data.clients_train
     num_clients = len(train_splits)
     mesh = parallel.make_mesh(num_devices)
     k_pad = parallel.padded_num_clients(num_clients, mesh)
@@ -189,6 +193,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     apply_fn = lambda params, x: model.apply(params, x)
     sample_image = jnp.zeros((1, *train_splits[0]['image'].shape[1:]), jnp.float32)
     params = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), sample_image)
+    if config.get('init_from') and latest is None:  # a resume restores its own parameters
+        params, source_round, _ = ckpt_lib.load_params(config.init_from, params)
+        say(f'Initialised from {config.init_from} (its round {source_round})')
     num_params = evaluation.param_count(params)
     logging.info('Model %s: %s parameters', config.model.name, f'{num_params:,}')
     say(f'Model {config.model.name}: {num_params:,} parameters; {num_clients} training '

@@ -6,6 +6,7 @@ a bad run fails in a second rather than after an hour.
 
 import difflib
 import math
+import os
 
 import ml_collections
 
@@ -241,6 +242,36 @@ def _dp_problems(config: ml_collections.ConfigDict, unknown: set[str]) -> list[s
     return problems
 
 
+def _public_data_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The public (pretraining) split and warm starts from another run's parameters."""
+    data, problems = config.data, []
+    fraction = data.get('public_fraction', 0.0)
+    if not 0 <= fraction < 1:
+        problems.append(f'config.data.public_fraction={fraction!r} must be in [0, 1): the '
+                        'fraction of patients held out of every hospital as a public set.')
+    train_on = data.get('train_on', 'hospitals')
+    if train_on not in ('hospitals', 'public'):
+        problems.append(f"config.data.train_on={train_on!r} is not known; use 'hospitals' or "
+                        "'public'.")
+    elif train_on == 'public':
+        if not fraction > 0:
+            problems.append("config.data.train_on='public' needs a public set: set "
+                            'config.data.public_fraction > 0 (e.g. 0.1).')
+        if config.mode != 'centralized':
+            problems.append(f"config.data.train_on='public' trains one model on the public set; "
+                            f"set config.mode='centralized' (got {config.mode!r}).")
+    if data.get('max_images_per_patient', 4) < 0:
+        problems.append(f'config.data.max_images_per_patient={data.max_images_per_patient!r} '
+                        'must be >= 0 (0 = every image of a patient).')
+    init_from = config.get('init_from', '')
+    if init_from:
+        path = os.path.expanduser(init_from)
+        if not (os.path.isdir(os.path.join(path, 'checkpoints')) or os.path.isdir(path)):
+            problems.append(f'config.init_from={init_from!r} is not a folder; give the workdir '
+                            'of a finished run (or its checkpoints/ folder).')
+    return problems
+
+
 def _secagg_graph(m: int, neighbours: int, threshold: int) -> tuple[int | None, int, int]:
     """(SecAgg+ degree k, or None for the complete graph; each hospital's number of neighbours;
     the Shamir threshold t) for a cohort of m, as `secagg_protocol.run_protocol` sets them."""
@@ -362,6 +393,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems += _aggregator_problems(config)
     problems += _data_problems(config)
     problems += _dp_problems(config, unknown)
+    problems += _public_data_problems(config)
     if config.secagg.enabled:
         if config.mode != 'federated':
             problems.append(f'config.secagg.enabled=True needs config.mode=\'federated\' (got '

@@ -60,7 +60,8 @@ if REPO not in sys.path:
 from configs import brats, chestxray14  # noqa: E402
 from fedjax_med import report  # noqa: E402
 
-_SUITE = flags.DEFINE_enum('suite', 'paper', ['paper', 'smoke'], 'Which grid to run.')
+_SUITE = flags.DEFINE_enum('suite', 'paper', ['paper', 'smoke', 'nih_scale'],
+                           'Which grid to run.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every run and the results.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None,
                                 'TFDS data dir of the built real datasets; if given, the paper '
@@ -109,6 +110,11 @@ class Suite:
     num_clients: int | None  # None keeps the config's
     num_rounds: int | None
     overrides: tuple[tuple[str, str], ...] = ()  # (dotted field, value) for every run
+    dp_variant: str | None = None  # config variant of the DP runs (None: `variant` + DP)
+    # Each DP setting also runs warm-started from a model pretrained on the public set alone
+    # (one pretraining run per task and seed: `variant`'s public set, config.data.train_on).
+    warm_start: bool = False
+    pretrain_variant: str | None = None
 
 
 SUITES = {
@@ -121,6 +127,14 @@ SUITES = {
                    dp_epsilons=(4.5,), dp_algorithms=('centralized', 'fedavg'),
                    partitions=(('iid', None), ('dirichlet', 0.1)),
                    seeds=1, num_clients=None, num_rounds=2),
+    # Hospital scale (chest X-ray twin with every row of the NIH table; configs/chestxray14.py
+    # nih_scale): the privacy-utility question at the size it is asked at.
+    'nih_scale': Suite(variant='nih_scale', tasks=('chestxray14',),
+                       algorithms=('centralized', 'fedavg', 'local', 'fedprox'),
+                       dp_epsilons=(4.5, 2.5), dp_algorithms=('fedavg',),
+                       partitions=(('dirichlet', 0.5),), seeds=3, num_clients=None,
+                       num_rounds=None, dp_variant='nih_scale_dp', warm_start=True,
+                       pretrain_variant='nih_public'),
 }
 
 
@@ -136,12 +150,29 @@ class RunSpec:
     partition: str
     alpha: float | None
     seed: int
+    warm: bool = False      # starts from the public pretraining run of its task and seed
+    pretrain: bool = False  # the public pretraining run itself (algorithm 'centralized')
 
     @property
     def name(self) -> str:
+        if self.pretrain:
+            return f'public-pretrain-seed{self.seed}'
         dp = f'eps{self.dp_epsilon:g}' if self.dp_epsilon else 'nodp'
         part = partition_name(self.partition, self.alpha)
-        return f'{self.algorithm}-{dp}-{part}-seed{self.seed}'
+        return f'{self.algorithm}-{dp}-{part}{"-warm" if self.warm else ""}-seed{self.seed}'
+
+    def pretrain_spec(self) -> 'RunSpec':
+        return dataclasses.replace(self, algorithm='centralized', dp_epsilon=0.0, warm=False,
+                                   pretrain=True)
+
+
+def _rank(spec: RunSpec) -> tuple:
+    """Order inside a seed: what the others are measured against first (pretraining,
+    centralised, FedAvg), then DP from the largest epsilon, warm start before cold, then the
+    rest."""
+    first = ('centralized', 'fedavg')
+    algo = first.index(spec.algorithm) if spec.algorithm in first else len(first)
+    return (not spec.pretrain, algo, spec.dp_epsilon > 0, -spec.dp_epsilon, not spec.warm)
 
 
 def grid(suite: Suite) -> list[RunSpec]:
@@ -155,12 +186,27 @@ def grid(suite: Suite) -> list[RunSpec]:
                         else (0.0,)
                     specs += [RunSpec(task, algorithm, eps, partition, alpha, seed)
                               for eps in targets]
-    return sorted(specs, key=lambda s: (s.task, s.seed, s.algorithm != 'centralized'))
+                    if suite.warm_start:
+                        specs += [RunSpec(task, algorithm, eps, partition, alpha, seed, warm=True)
+                                  for eps in targets if eps]
+            if suite.warm_start:
+                specs.append(specs[-1].pretrain_spec())
+    return sorted(specs, key=lambda s: (s.task, s.seed, _rank(s)))
 
 
-def make_config(spec: RunSpec, suite: Suite, data_dir: str | None):
+def make_config(spec: RunSpec, suite: Suite, data_dir: str | None, workdir: str = '.'):
     """The run's config: the task's variant with the grid's settings applied."""
-    config = CONFIG_MODULES[spec.task].get_config('' if data_dir else suite.variant)
+    variant = suite.variant
+    if spec.pretrain:
+        variant = suite.pretrain_variant
+    elif spec.dp_epsilon and suite.dp_variant:
+        variant = suite.dp_variant
+    config = CONFIG_MODULES[spec.task].get_config('' if data_dir else variant)
+    if spec.pretrain:  # the pretraining variant's own set-up, with the grid's seed and data
+        for field, value in suite.overrides:
+            apply_override(config, field, value)
+        config.seed = spec.seed
+        return config
     if data_dir:
         config.data.data_dir = data_dir
     for field, value in suite.overrides:
@@ -185,6 +231,9 @@ def make_config(spec: RunSpec, suite: Suite, data_dir: str | None):
         config.dp.mode = 'none'
         config.dp.target_epsilon = 0.0
         config.local.sampling = 'shuffle'
+    if spec.warm:
+        config.init_from = os.path.abspath(os.path.join(workdir, spec.task,
+                                                        spec.pretrain_spec().name))
     return config
 
 
@@ -223,7 +272,7 @@ def run_one(spec: RunSpec, suite: Suite, workdir: str, data_dir: str | None) -> 
         return False
     from fedjax_med import train  # heavy; not needed when every run is finished
 
-    config = make_config(spec, suite, data_dir)
+    config = make_config(spec, suite, data_dir, workdir)
     t0 = time.time()
     print(f'=== {spec.task}/{spec.name}', flush=True)
     train.run(config, run_dir)
@@ -252,17 +301,25 @@ def rounds_to_reach(run: report.Run, threshold: float) -> int | None:
     return hits[0] if hits else None
 
 
+def algorithm_label(run: report.Run) -> str:
+    """The run's algorithm, told apart when it trained on the public set alone
+    ('public-pretrain') or started from such a model ('fedavg+warm')."""
+    if run.config['data'].get('train_on', 'hospitals') == 'public':
+        return 'public-pretrain'
+    return run.algorithm + ('+warm' if run.config.get('init_from') else '')
+
+
 def result_rows(runs: Sequence[report.Run]) -> list[dict]:
     """One results.csv row per run (see the module docstring for the columns)."""
     central = {_centralized_key(r, r.dp_target): r.final_metric for r in runs
-               if r.algorithm == 'centralized' and r.finished}
+               if algorithm_label(r) == 'centralized' and r.finished}
     rows = []
     for r in runs:
         ref = central.get(_centralized_key(r, r.dp_target),
                           central.get(_centralized_key(r, 0.0), math.nan))
         reached = rounds_to_reach(r, 0.95 * ref) if math.isfinite(ref) else None
         rows.append({
-            'task': r.task, 'mode': r.config['mode'], 'algorithm': r.algorithm,
+            'task': r.task, 'mode': r.config['mode'], 'algorithm': algorithm_label(r),
             'prox_mu': r.config['local']['prox_mu'], 'dp_target_epsilon': r.dp_target,
             'achieved_epsilon': r.epsilon, 'partition': r.partition,
             'alpha': '' if r.alpha is None else r.alpha, 'seed': r.seed,

@@ -98,6 +98,9 @@ class FederatedDataset:
     test: Arrays
     client_names: list[str]
     info: dict[str, Any]
+    # Patients held out of every hospital (`data.public_fraction`): a stand-in for a public
+    # dataset such as CheXpert or MIMIC-CXR, for pretraining; None when there is none.
+    public: Arrays | None = None
 
 
 def _take(arrays: Arrays, idx: np.ndarray) -> Arrays:
@@ -114,7 +117,8 @@ def _concat(parts: list[Arrays]) -> Arrays:
 
 def _synthetic_cxr(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
     total = int(cfg.num_train) + int(cfg.num_test)
-    rows = synthetic.sample_cxr_metadata(total, seed)
+    rows = synthetic.sample_cxr_metadata(
+        total, seed, max_images_per_patient=int(cfg.get('max_images_per_patient', 4)))
     examples = synthetic.synthetic_cxr(
         total, int(cfg.resolution), seed, rows,
         signal=float(cfg.get('synthetic_signal', synthetic.DEFAULT_CXR_SIGNAL)))
@@ -175,8 +179,22 @@ def load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federat
     else:
         examples, info = _built(cfg, seed)
     is_official_test = examples.pop('is_official_test', None)
-
     k = int(cfg.num_clients)
+    public = None
+    public_fraction = float(cfg.get('public_fraction', 0.0))
+    if public_fraction > 0:
+        public_idx, kept = hold_out_patients(examples['patient_id'], public_fraction, seed)
+        public = _take(examples, public_idx)
+        examples = _take(examples, kept)
+        if is_official_test is not None:
+            is_official_test = is_official_test[kept]
+        if cfg.feature_skew:  # another site's scanner: index k is no hospital of the federation
+            public['image'] = partition.apply_acquisition_shift(
+                public['image'], k, task, seed, origins=public.get('patch_origin'),
+                volume_shapes=public.get('volume_shape'))
+        public = storage.encode(task, public)
+        public['hospital'] = np.full(len(public['patient_id']), -1, np.int64)
+
     strategy = cfg.partition
     column = None
     if strategy == 'natural':
@@ -230,8 +248,24 @@ def load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federat
 
     client_names = [f'hospital_{h}' for h in range(k)]
     info.update(_summary(task, cfg, clients_train, clients_test, test_fraction, seed))
+    if public is not None:
+        info['public_size'] = len(public['patient_id'])
+        info['public_num_patients'] = len(np.unique(public['patient_id']))
     return FederatedDataset(task=task, clients_train=clients_train, clients_test=clients_test,
-                            test=_concat(clients_test), client_names=client_names, info=info)
+                            test=_concat(clients_test), client_names=client_names, info=info,
+                            public=public)
+
+
+def hold_out_patients(patient_ids: np.ndarray, fraction: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of a seeded `fraction` of the patients, indices of the rest): whole patients, so
+    no patient of the held-out (public) part appears in any hospital."""
+    uniq, example_unit = partition.group_units(np.asarray(patient_ids))
+    rng = np.random.default_rng([seed, 0x9AB1])
+    chosen = np.zeros(len(uniq), bool)
+    chosen[rng.permutation(len(uniq))[:max(1, round(fraction * len(uniq)))]] = True
+    held = chosen[example_unit]
+    return np.flatnonzero(held), np.flatnonzero(~held)
 
 
 def _summary(task: str, cfg: ml_collections.ConfigDict, train: list[Arrays], test: list[Arrays],
