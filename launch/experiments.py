@@ -161,7 +161,7 @@ class RunSpec:
         part = partition_name(self.partition, self.alpha)
         return f'{self.algorithm}-{dp}-{part}{"-warm" if self.warm else ""}-seed{self.seed}'
 
-    def pretrain_spec(self) -> 'RunSpec':
+    def pretrain_spec(self) -> RunSpec:
         return dataclasses.replace(self, algorithm='centralized', dp_epsilon=0.0, warm=False,
                                    pretrain=True)
 

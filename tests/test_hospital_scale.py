@@ -61,7 +61,8 @@ def test_nih_scale_twin_uses_the_whole_table_and_keeps_the_public_set_apart():
     assert len(data.clients_train) == 5
     sizes = [len(s['patient_id']) for s in data.clients_train + data.clients_test]
     assert sum(sizes) + len(data.public['patient_id']) == 112_120
-    assert data.public['image'].dtype == np.uint8 and data.clients_train[0]['image'].dtype == np.uint8
+    assert data.public['image'].dtype == np.uint8
+    assert data.clients_train[0]['image'].dtype == np.uint8
     hospital_patients = set(np.concatenate([s['patient_id'] for s in
                                             data.clients_train + data.clients_test]).tolist())
     public_patients = set(data.public['patient_id'].tolist())

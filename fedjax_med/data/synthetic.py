@@ -77,7 +77,8 @@ def sample_cxr_metadata(num: int, seed: int, max_images_per_patient: int = 4,
 
     Patients are taken in a seeded random order with at most `max_images_per_patient` of their
     images each (so a few patients with 100+ follow-ups do not dominate; 0 takes every image of a
-    patient, so num=112,120 is the whole table), until `num` rows are collected. Returns 'label' float32 [num, 14], 'patient_id', 'view' (0 PA, 1 AP), 'age',
+    patient, so num=112,120 is the whole table), until `num` rows are collected.
+    Returns 'label' float32 [num, 14], 'patient_id', 'view' (0 PA, 1 AP), 'age',
     'sex' (0 M, 1 F), 'follow_up' (int64 [num]); rows of one patient are contiguous.
     """
     table = nih_metadata.load_metadata_table() if table is None else table
