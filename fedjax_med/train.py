@@ -192,7 +192,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     model = build_model(config.model, config.task)
     apply_fn = lambda params, x: model.apply(params, x)
     sample_image = jnp.zeros((1, *train_splits[0]['image'].shape[1:]), jnp.float32)
-    params = model.init(jax.random.fold_in(jax.random.key(config.seed), 0), sample_image)
+    # One jitted program instead of one small compilation per layer op (and, with the
+    # persistent compilation cache, nothing to compile on a rerun); the values are identical.
+    params = jax.jit(model.init)(jax.random.fold_in(jax.random.key(config.seed), 0),
+                                 sample_image)
     if config.get('init_from') and latest is None:  # a resume restores its own parameters
         params, source_round, _ = ckpt_lib.load_params(config.init_from, params)
         say(f'Initialised from {config.init_from} (its round {source_round})')

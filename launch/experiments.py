@@ -457,6 +457,8 @@ def run_suite(suite: Suite, workdir: str, data_dir: str | None = None, *,
               write_report: bool = True) -> list[dict]:
     """Runs (or resumes, or skips) every run of the grid; writes the results; returns the rows."""
     os.makedirs(workdir, exist_ok=True)
+    from fedjax_med.data import sources
+    sources.keep_last_dataset(True)  # runs of one seed share their data: build it once
     trained, skipped, failed = 0, 0, []
     for spec in grid(suite):
         try:

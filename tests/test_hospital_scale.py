@@ -141,3 +141,17 @@ def test_config_errors(change, message):
         node[leaf] = value
     with pytest.raises(ConfigError, match=message):
         validate(config)
+
+
+def test_a_grid_builds_each_dataset_once():
+    config = chestxray14.get_config('smoke')
+    sources.keep_last_dataset(True)
+    try:
+        first = sources.load_federated(config.data, 0)
+        other_use = config.data.copy_and_resolve_references()
+        other_use.train_on = 'public'  # what is trained on, not what the data is
+        assert sources.load_federated(other_use, 0) is first
+        assert sources.load_federated(config.data, 1) is not first
+    finally:
+        sources.keep_last_dataset(False)
+    assert sources.load_federated(config.data, 0) is not first

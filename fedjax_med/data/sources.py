@@ -164,8 +164,31 @@ def _unit_classes(task: str, examples: Arrays) -> tuple[np.ndarray | None, int |
 # The federated dataset
 # ---------------------------------------------------------------------------------------------
 
+# The last dataset built, kept when `keep_last_dataset(True)` (launch/experiments.py: the runs of a
+# grid that share a seed share their data, and the NIH-sized twin takes a minute to render).
+_LAST: dict[str, Any] = {'enabled': False, 'key': None, 'data': None}
+# Fields that choose what is trained on, not what the dataset is.
+_NOT_DATA = ('train_on', 'data_dir', 'manual_dir')
+
+
+def keep_last_dataset(enabled: bool = True) -> None:
+    """Keep (or stop keeping) the last `load_federated` result in memory for an identical call."""
+    _LAST.update(enabled=enabled, key=None, data=None)
+
+
 def load_federated(data_config: ml_collections.ConfigDict, seed: int) -> FederatedDataset:
     """Builds the K hospitals' train/test arrays described by `data_config` (see module doc)."""
+    if not _LAST['enabled']:
+        return _load_federated(data_config, seed)
+    fields = {k: v for k, v in data_config.to_dict().items() if k not in _NOT_DATA}
+    key = repr((sorted(fields.items()), seed, data_config.get('data_dir', '')))
+    if _LAST['key'] != key:
+        _LAST.update(key=None, data=None)  # free the old one before building the next
+        _LAST.update(key=key, data=_load_federated(data_config, seed))
+    return _LAST['data']
+
+
+def _load_federated(data_config: ml_collections.ConfigDict, seed: int) -> FederatedDataset:
     cfg = data_config
     name = cfg.name
     if name not in TASK_OF:
