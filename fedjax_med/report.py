@@ -7,13 +7,16 @@ DIR). One set of figures per task (their metrics differ):
   <task>_metric_vs_round.png     global test metric per round, one line per algorithm/DP setting
                                  (mean over seeds, band = +-1 std), one panel per data partition
   <task>_epsilon_vs_round.png    DP runs: epsilon spent so far (max over hospitals) per round
-  <task>_privacy_utility.png     final metric vs achieved epsilon; runs without DP at the right
+  <task>_privacy_utility.png     final metric vs achieved epsilon of the DP runs; runs without
+                                 DP as a dashed horizontal line per algorithm
   <task>_comm_utility.png        metric vs cumulative bytes per hospital (up + down); the
                                  centralised result as a dashed line
   <task>_hospital_fairness.png   last evaluated metric on each hospital's own test split
   brats_overlays.png             FLAIR with WT/TC/ET contours: ground truth, then each model
-  chestxray14_attribution.png    integrated-gradients maps of a federated and a centralised
-                                 model side by side, with their agreement (attribution.py)
+  chestxray14_attribution.png    integrated-gradients maps of two models side by side (a
+                                 federated and a centralised one trained alike when both exist,
+                                 else e.g. one without and one with DP; the caption says which),
+                                 with their agreement (attribution.py)
 
 Model figures restore the parameters from the run's checkpoint and re-create the test data from
 the run's config.json (`load_federated`), so they need the data the run used (synthetic data is
@@ -44,6 +47,12 @@ METRIC_NAME = {'mean_auroc': 'mean AUROC', 'mean_dice': 'mean Dice'}
 PAPER_EPSILON_BOUND = 4.5
 PAPER_MB_PER_HOSPITAL = 250.0
 REGION_COLOURS = {'WT': '#ffd700', 'TC': '#ff4040', 'ET': '#00e5ff'}
+# (line width, dash pattern). The regions are nested (ET in TC in WT) and their contours often
+# coincide (the outer border of an enhancing rim is the core's border): WT is drawn widest at the
+# bottom, TC narrower on top of it (WT shows at both sides of a shared border), and ET dashed on
+# top of both (TC shows in its gaps); the styles also tell the regions apart without colour.
+REGION_STYLES = {'WT': (2.6, 'solid'), 'TC': (1.3, 'solid'), 'ET': (1.3, (0, (2.5, 2.5)))}
+REGION_NAMES = {'WT': 'whole tumour', 'TC': 'tumour core', 'ET': 'enhancing tumour'}
 
 
 # -------------------------------------------------------------------------------------------------
@@ -266,13 +275,23 @@ def _save(fig: Figure, out_dir: str, name: str) -> str:
     return path
 
 
-def _legend(fig: Figure, axes) -> None:
+def _round_axis(ax) -> None:
+    """Rounds are whole numbers: integer ticks only."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _legend(fig: Figure, axes, order: Callable[[str], object] | None = None) -> None:
+    """One legend for the figure, each label once (sorted by `order` when given)."""
     handles, labels = axes[0].get_legend_handles_labels()
     for ax in axes[1:]:
         for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
             if label not in labels:
                 handles.append(h)
                 labels.append(label)
+    if order is not None and handles:
+        labels, handles = map(list, zip(*sorted(zip(labels, handles, strict=True),
+                                                key=lambda lh: order(lh[0])), strict=True))
     if handles:
         fig.legend(handles, labels, loc='outside right upper', fontsize=8)
 
@@ -296,6 +315,7 @@ def plot_metric_vs_round(runs: Sequence[Run], out_dir: str, task: str) -> str | 
             if len(group) > 1:
                 ax.fill_between(xs, mean - std, mean + std, color=colours[label], alpha=0.15)
         ax.set(title=facet, xlabel='round')
+        _round_axis(ax)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(METRIC_NAME[MAIN_METRIC[task]] + ' (global test)')
     _legend(fig, axes)
@@ -317,54 +337,70 @@ def plot_epsilon_vs_round(runs: Sequence[Run], out_dir: str, task: str) -> str |
         ax.axhline(PAPER_EPSILON_BOUND, color='grey', ls=':', lw=1,
                    label=f'paper bound ε<{PAPER_EPSILON_BOUND:g}')
         ax.set(title=facet, xlabel='round')
+        _round_axis(ax)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('ε spent (max over hospitals)')
     _legend(fig, axes)
     return _save(fig, out_dir, f'{task}_epsilon_vs_round.png')
 
 
-def _privacy_utility_xy(runs: Sequence[Run], no_dp_x: float) -> tuple[list, list]:
-    return ([r.epsilon if math.isfinite(r.epsilon) else no_dp_x for r in runs],
-            [r.final_metric for r in runs])
+def _has_dp(run: Run) -> bool:
+    return run.config['dp']['mode'] != 'none'
 
 
-def privacy_utility_points(runs: Sequence[Run], no_dp_x: float) -> list[tuple]:
-    """(mean achieved ε, mean final metric, its std) per DP setting, sorted by ε; runs without
-    DP sit at `no_dp_x`. Settings are told apart by `dp_label`, so a fixed-σ run is never
-    averaged with a run without DP (both have target 0)."""
+def privacy_utility_points(runs: Sequence[Run]) -> list[tuple]:
+    """(mean achieved ε, mean final metric, its std) per DP setting of the DP runs, sorted by ε.
+    Settings are told apart by `dp_label`, so runs with a fixed σ are never averaged with runs
+    of a target ε. Runs without DP have no ε: they are `no_dp_reference`."""
     points = []
-    for same in _group(runs, lambda r: r.dp_label).values():
-        x, y = _privacy_utility_xy(same, no_dp_x)
-        points.append((float(np.mean(x)), float(np.nanmean(y)), float(np.nanstd(y))))
+    for same in _group([r for r in runs if _has_dp(r)], lambda r: r.dp_label).values():
+        eps = [r.epsilon for r in same if math.isfinite(r.epsilon)]
+        if eps:
+            y = [r.final_metric for r in same]
+            points.append((float(np.mean(eps)), float(np.nanmean(y)), float(np.nanstd(y))))
     return sorted(points)
 
 
+def no_dp_reference(runs: Sequence[Run]) -> tuple[float, float] | None:
+    """(mean, std) of the final metric of the runs without DP, None if there are none."""
+    y = [r.final_metric for r in runs if not _has_dp(r)]
+    return (float(np.nanmean(y)), float(np.nanstd(y))) if y else None
+
+
 def plot_privacy_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | None:
-    if not any(r.config['dp']['mode'] != 'none' for r in runs):
+    if not any(_has_dp(r) for r in runs):
         return None
     facets = _facets(runs)
     algorithms = sorted({r.algorithm for r in runs})
     colours = _colours(algorithms)
-    eps = [r.epsilon for r in runs if math.isfinite(r.epsilon)]
-    no_dp_x = (max(eps) if eps else 1.0) * 1.25  # runs without DP sit right of every DP run
+    eps = [r.epsilon for r in runs if _has_dp(r) and math.isfinite(r.epsilon)]
     fig, axes = _new_figure(len(facets))
     for ax, facet in zip(axes, facets, strict=True):
         for algorithm in algorithms:
             group = [r for r in runs if r.partition_label == facet and r.algorithm == algorithm]
-            ax.scatter(*_privacy_utility_xy(group, no_dp_x), color=colours[algorithm],
-                       alpha=0.35, s=14)
-            points = privacy_utility_points(group, no_dp_x)
+            dp = [r for r in group if _has_dp(r) and math.isfinite(r.epsilon)]
+            ax.scatter([r.epsilon for r in dp], [r.final_metric for r in dp],
+                       color=colours[algorithm], alpha=0.35, s=14)
+            points = privacy_utility_points(group)
             if points:
                 px, py, ps = map(np.array, zip(*points, strict=True))
                 ax.errorbar(px, py, yerr=ps, color=colours[algorithm], marker='o', capsize=3,
-                            label=algorithm)
-        ax.axvline(PAPER_EPSILON_BOUND, color='grey', ls=':', lw=1)
-        ticks = [t for t in ax.get_xticks() if 0 <= t < no_dp_x * 0.9]
-        ax.set_xticks([*ticks, no_dp_x], [f'{t:g}' for t in ticks] + ['no DP'])
+                            label=f'{algorithm}, DP')
+            reference = no_dp_reference(group)
+            if reference:  # no ε to put it at: a line across the ε axis
+                mean, std = reference
+                ax.axhline(mean, color=colours[algorithm], ls='--', lw=1.2,
+                           label=f'{algorithm}, no DP')
+                if std > 0:
+                    ax.axhspan(mean - std, mean + std, color=colours[algorithm], alpha=0.1, lw=0)
+        ax.axvline(PAPER_EPSILON_BOUND, color='grey', ls=':', lw=1,
+                   label=f'paper bound ε<{PAPER_EPSILON_BOUND:g}')
+        ax.set_xlim(0, 1.08 * max([PAPER_EPSILON_BOUND, *eps]))
         ax.set(title=facet, xlabel='achieved ε (max over hospitals)')
         ax.grid(alpha=0.3)
     axes[0].set_ylabel('final ' + METRIC_NAME[MAIN_METRIC[task]])
-    _legend(fig, axes)
+    # Each algorithm's DP and no-DP entries together, the paper's bound last.
+    _legend(fig, axes, order=lambda label: (label.startswith('paper'), label))
     return _save(fig, out_dir, f'{task}_privacy_utility.png')
 
 
@@ -522,21 +558,42 @@ def plot_brats_overlays(runs: Sequence[Run], out_dir: str, num_examples: int = 3
         for col, (title, masks) in enumerate(columns):
             ax = axes[row, col]
             ax.imshow(images[row, ..., 0], cmap='gray')
-            for c, (region, colour) in enumerate(REGION_COLOURS.items()):
-                mask = np.asarray(masks[row, ..., c], float)
-                if mask.min() != mask.max():
-                    ax.contour(mask, levels=[0.5], colors=[colour], linewidths=1.2)
-                ax.plot([], [], color=colour, label=region)
+            draw_regions(ax, masks[row])
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(title, fontsize=8)
-    axes[0, 0].legend(loc='lower left', fontsize=7, framealpha=0.6)
+    region_legend(fig)
     return _save(fig, out_dir, 'brats_overlays.png')
+
+
+def draw_regions(ax, masks: np.ndarray) -> list:
+    """Contours of the WT, TC, ET masks [H, W, 3] on `ax`, in that order, each on top of the one
+    before (`REGION_STYLES`), so coinciding contours stay visible. Returns the contour sets."""
+    drawn = []
+    for c, (region, colour) in enumerate(REGION_COLOURS.items()):
+        mask = np.asarray(masks[..., c], float)
+        if mask.min() != mask.max():
+            width, style = REGION_STYLES[region]
+            drawn.append(ax.contour(mask, levels=[0.5], colors=[colour], linewidths=[width],
+                                    linestyles=[style], zorder=2 + c))
+    return drawn
+
+
+def region_legend(fig: Figure):
+    """One legend for the figure: each region's colour and line style, with its name."""
+    from matplotlib.lines import Line2D
+    handles = [Line2D([], [], color=REGION_COLOURS[r], lw=REGION_STYLES[r][0],
+                      ls=REGION_STYLES[r][1]) for r in REGION_COLOURS]
+    labels = [f'{r} ({REGION_NAMES[r]})' for r in REGION_COLOURS]
+    return fig.legend(handles, labels, loc='outside lower center', ncols=len(labels),
+                      fontsize=8, frameon=False)
 
 
 def plot_cxr_attribution(runs: Sequence[Run], out_dir: str, num_examples: int = 3,
                          steps: int = 32) -> tuple[str | None, dict]:
-    """Integrated gradients of a federated and a centralised model on the same images.
+    """Integrated gradients of the two models `_pick_pair` chooses on the same images (a
+    federated and a centralised one trained alike when both exist; `attribution_caption` says
+    which were compared).
 
     Each row explains one test image for one finding the image has (the finding the first model
     scores highest among its true findings). Agreement: Spearman rank correlation of the two
@@ -621,20 +678,51 @@ CAPTIONS = {
     'metric_vs_round': 'Global test metric per round (mean over seeds; band ±1 std).',
     'epsilon_vs_round': 'Privacy spent per round (max over hospitals); dotted: the paper\'s '
                         f'bound ε<{PAPER_EPSILON_BOUND:g}.',
-    'privacy_utility': 'Privacy–utility: final metric vs achieved ε (mean ± std over seeds; '
-                       'faint dots are single runs).',
+    'privacy_utility': 'Privacy–utility: final metric vs achieved ε of the DP runs (mean ± std '
+                       'over seeds; faint dots are single runs). Runs without DP have no ε: '
+                       'dashed horizontal line per algorithm (band ±1 std over seeds). Dotted: '
+                       f'the paper\'s bound ε<{PAPER_EPSILON_BOUND:g}.',
     'comm_utility': 'Communication–utility: metric vs cumulative MB per hospital. The paper '
                     f'reports < {PAPER_MB_PER_HOSPITAL:g} MB per hospital.',
     'hospital_fairness': 'Fairness: each hospital\'s metric on its own test split (last '
                          'evaluation; local runs use each hospital\'s own model).',
-    'brats_overlays': 'BraTS: FLAIR with WT (yellow), TC (red), ET (cyan) contours; ground truth '
-                      'then each model.',
-    'attribution': 'Chest X-ray: integrated gradients (|IG| summed over channels, black '
-                   'baseline) of a federated and a centralised model for the same finding.',
+    'brats_overlays': 'BraTS: FLAIR with the contours of WT (yellow, wide), TC (red, narrow, '
+                      'on top of WT) and ET (cyan, dashed, on top of both), so that borders '
+                      'the regions share stay visible; ground truth, then each model.',
 }
 
 
-def _caption(png: str) -> str:
+def _training(run: Run) -> str:
+    mode = run.config['mode']
+    if mode == 'federated':
+        return f'federated {run.algorithm}'
+    return {'centralized': 'centralised', 'local': 'local-only'}.get(mode, mode)
+
+
+def attribution_caption(chosen: Sequence[Run]) -> str:
+    """The caption of the attribution figure: which runs it compares and how they differ."""
+    head = 'Chest X-ray: integrated gradients (|IG| summed over channels, black baseline) of '
+    if len(chosen) < 2:
+        model = f'one model, {_short(chosen[0])}' if chosen else 'no model'
+        return head + model + ' (no second run with a checkpoint to compare it with).'
+    a, b = chosen[:2]
+    differ = []
+    if a.algorithm != b.algorithm:
+        differ.append(f'training ({_training(a)} vs {_training(b)})')
+    if a.dp_label != b.dp_label:
+        differ.append(f'privacy ({a.dp_label} vs {b.dp_label})')
+    if a.partition_label != b.partition_label:
+        differ.append(f'partition ({a.partition_label} vs {b.partition_label})')
+    if a.seed != b.seed:
+        differ.append(f'seed ({a.seed} vs {b.seed})')
+    how = ('; they differ in ' + ' and '.join(differ)) if differ else ''
+    return head + f'{_short(a)} and {_short(b)} for the same finding{how}.'
+
+
+def _caption(png: str, captions: dict[str, str] | None = None) -> str:
+    """`captions` (file name -> caption) first, then the fixed CAPTIONS by file name ending."""
+    if captions and os.path.basename(png) in captions:
+        return captions[os.path.basename(png)]
     stem = os.path.splitext(os.path.basename(png))[0]
     for key, text in CAPTIONS.items():
         if stem.endswith(key):
@@ -643,7 +731,7 @@ def _caption(png: str) -> str:
 
 
 def write_index(out_dir: str, runs: Sequence[Run], pngs: Sequence[str],
-                agreement: dict) -> str:
+                agreement: dict, captions: dict[str, str] | None = None) -> str:
     parts = ['<!doctype html><html><head><meta charset="utf-8"><title>fedjax_med report</title>',
              '<style>body{font-family:sans-serif;margin:2em;max-width:1400px}'
              'table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;'
@@ -651,7 +739,8 @@ def write_index(out_dir: str, runs: Sequence[Run], pngs: Sequence[str],
              '<h1>fedjax_med report</h1>', f'<p>{len(runs)} run(s).</p>', _runs_table(runs)]
     for png in pngs:
         name = os.path.basename(png)
-        parts.append(f'<h2>{html.escape(name)}</h2><p>{html.escape(_caption(png))}</p>'
+        caption = html.escape(_caption(png, captions))
+        parts.append(f'<h2>{html.escape(name)}</h2><p>{caption}</p>'
                      f'<img src="{html.escape(name)}" alt="{html.escape(name)}">')
         if name == 'chestxray14_attribution.png' and agreement:
             parts.append(
@@ -681,7 +770,7 @@ def make_report(dirs: Sequence[str], out: str | None = None, *, models: bool = T
     runs = find_runs(dirs)
     out = out or dirs[0]
     os.makedirs(out, exist_ok=True)
-    pngs, agreement = [], {}
+    pngs, agreement, captions = [], {}, {}
     for task in sorted({r.task for r in runs}):
         task_runs = [r for r in runs if r.task == task]
         for plot in (plot_metric_vs_round, plot_epsilon_vs_round, plot_privacy_utility,
@@ -692,11 +781,13 @@ def make_report(dirs: Sequence[str], out: str | None = None, *, models: bool = T
         if models and task == 'chestxray14':
             png, agreement = plot_cxr_attribution(task_runs, out, num_examples, ig_steps)
             pngs.append(png)
+            if png:
+                captions[os.path.basename(png)] = attribution_caption(_pick_pair(task_runs))
             if agreement:
                 with open(os.path.join(out, 'attribution_agreement.json'), 'w') as f:
                     json.dump(agreement, f, indent=2)
     pngs = [p for p in pngs if p]
-    write_index(out, runs, pngs, agreement)
+    write_index(out, runs, pngs, agreement, captions)
     return pngs
 
 

@@ -106,7 +106,8 @@ def test_nih_missing_csv_or_images_is_one_clear_error(tmp_path):
                                    resolution=8)
     with pytest.raises(FileNotFoundError, match='Data_Entry_2017'):
         tfds_io.ensure_built(builder, str(empty))
-    (empty / 'Data_Entry_2017.csv').write_text(HEADER.format(sex='Patient Gender'))
+    (empty / 'Data_Entry_2017.csv').write_text(
+        HEADER.format(sex='Patient Gender') + '00000001_000.png,Mass,0,1,40,M,PA,1,1,0.1,0.1\n')
     with pytest.raises(FileNotFoundError, match='No PNG images'):
         tfds_io.ensure_built(builder, str(empty))
     with pytest.raises(FileNotFoundError, match='manual_dir'):

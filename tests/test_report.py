@@ -137,16 +137,117 @@ def test_overlays_show_the_largest_tumours_of_uint8_labels():
     assert report.largest_tumours(labels, 3).tolist() == [3, 1, 4]
 
 
-def test_privacy_utility_keeps_fixed_sigma_runs_apart_from_runs_without_dp():
-    def run(mode, target, sigma, eps, metric):
-        config = {'dp': {'mode': mode, 'target_epsilon': target, 'noise_multiplier': sigma},
-                  'task': 'brats'}
-        rows = [{'round': 1, 'privacy/epsilon': eps, 'eval/mean_dice': metric}]
-        return report.Run(path=f'/runs/{mode}{sigma}', config=config, rows=rows, summary=None,
-                          info={})
+def _fake_run(mode='none', target=0.0, sigma=0.0, eps=float('nan'), metric=0.5, *,
+              training='federated', optimizer='fedavg', seed=0, task='brats', rounds=1):
+    """A Run in memory: `rounds` rows, epsilon growing to `eps`, the metric ending at `metric`."""
+    config = {'dp': {'mode': mode, 'target_epsilon': target, 'noise_multiplier': sigma},
+              'task': task, 'mode': training, 'seed': seed, 'num_rounds': rounds,
+              'local': {'prox_mu': 0.0}, 'server': {'optimizer': optimizer},
+              'data': {'partition': 'iid', 'dirichlet_alpha': 0.5}}
+    key = f'eval/{report.MAIN_METRIC[task]}'
+    rows = [{'round': k, 'privacy/epsilon': eps * k / rounds, key: metric * k / rounds}
+            for k in range(1, rounds + 1)]
+    return report.Run(path=f'/runs/{training}{optimizer}{mode}{target}{sigma}{seed}',
+                      config=config, rows=rows, summary=None, info={})
 
-    runs = [run('none', 0.0, 0.0, float('nan'), 0.8), run('sample', 0.0, 1.5, 2.0, 0.3),
-            run('sample', 0.0, 1.5, 2.2, 0.5), run('sample', 4.0, 0.0, 4.0, 0.4)]
-    points = report.privacy_utility_points(runs, no_dp_x=10.0)
-    # Fixed σ (both seeds together), target ε 4, no DP: three settings, none averaged together.
-    np.testing.assert_allclose(points, [(2.1, 0.4, 0.1), (4.0, 0.4, 0.0), (10.0, 0.8, 0.0)])
+
+def _figure_of(plot, runs, monkeypatch, tmp_path):
+    """The Figure a plot function draws (captured instead of saved)."""
+    figures = []
+    monkeypatch.setattr(report, '_save', lambda fig, out_dir, name: figures.append(fig) or name)
+    assert plot(runs, str(tmp_path), 'brats')
+    (figure,) = figures
+    figure.canvas.draw()
+    return figure
+
+
+def test_privacy_utility_keeps_fixed_sigma_runs_apart_from_runs_without_dp():
+    runs = [_fake_run('none', 0.0, 0.0, float('nan'), 0.8),
+            _fake_run('sample', 0.0, 1.5, 2.0, 0.3, seed=0),
+            _fake_run('sample', 0.0, 1.5, 2.2, 0.5, seed=1),
+            _fake_run('sample', 4.0, 0.0, 4.0, 0.4)]
+    # Fixed σ (both seeds together) and target ε 4; the run without DP has no ε: a reference.
+    np.testing.assert_allclose(report.privacy_utility_points(runs),
+                               [(2.1, 0.4, 0.1), (4.0, 0.4, 0.0)])
+    assert report.no_dp_reference(runs) == (0.8, 0.0)
+    assert report.no_dp_reference(runs[1:]) is None
+
+
+def test_privacy_utility_draws_no_dp_as_a_labelled_line_not_a_point_on_the_epsilon_axis(
+        monkeypatch, tmp_path):
+    runs = [_fake_run('none', metric=0.80, seed=0), _fake_run('none', metric=0.84, seed=1),
+            _fake_run('sample', 4.0, eps=3.9, metric=0.4),
+            _fake_run('sample', 8.0, eps=7.8, metric=0.6),
+            _fake_run('none', metric=0.7, optimizer='fedadam'),
+            _fake_run('sample', 4.0, eps=4.0, metric=0.3, optimizer='fedadam')]
+    fig = _figure_of(report.plot_privacy_utility, runs, monkeypatch, tmp_path)
+    (ax,) = fig.axes
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == [
+        'fedadam, DP', 'fedadam, no DP', 'fedavg, DP', 'fedavg, no DP', 'paper bound ε<4.5']
+    # Every x tick is a number on the ε axis (no 'no DP' position), which starts at 0.
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert all(label.replace('−', '-').replace('.', '').isdigit() for label in labels), labels
+    assert ax.get_xlim()[0] == 0 and ax.get_xlim()[1] > 7.8
+    # The runs without DP: a horizontal line at their mean, spanning the axis.
+    no_dp = [line for line in ax.get_lines() if line.get_label() == 'fedavg, no DP']
+    (line,) = no_dp
+    np.testing.assert_allclose(line.get_ydata(), [0.82, 0.82])
+    assert line.get_xdata()[0] == 0 and line.get_xdata()[1] == 1  # axes coordinates
+    # The DP runs (faint dots) and settings (error bars) sit at their achieved ε only.
+    from matplotlib.collections import PathCollection
+    dots = sorted(float(x) for c in ax.collections if isinstance(c, PathCollection)
+                  for x, _ in c.get_offsets())
+    assert dots == [3.9, 4.0, 7.8]
+    bars = sorted(float(x) for c in ax.containers for x in c.lines[0].get_xdata())
+    assert bars == [3.9, 4.0, 7.8]
+
+
+def test_round_axes_have_integer_ticks(monkeypatch, tmp_path):
+    runs = [_fake_run('sample', 4.0, eps=4.0, metric=0.5, rounds=3)]
+    for plot in (report.plot_epsilon_vs_round, report.plot_metric_vs_round):
+        fig = _figure_of(plot, runs, monkeypatch, tmp_path)
+        ax = fig.axes[0]
+        lo, hi = ax.get_xlim()
+        ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert ticks == [1.0, 2.0, 3.0], (plot.__name__, ticks)
+
+
+def test_overlay_contours_stay_visible_where_regions_share_a_border():
+    """WT, TC, ET drawn in that order, each on top and no wider than the one below; ET dashed, so
+    a TC border that is also ET's (an enhancing rim) shows in its gaps; one figure legend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    masks = np.zeros((16, 16, 3), np.uint8)
+    masks[2:14, 2:14, 0] = 1
+    masks[4:12, 4:12, 1] = 1
+    masks[4:12, 4:12, 2] = 1  # ET == TC: their contours coincide
+    masks[6:10, 6:10, 2] = 0  # (a rim around a necrotic core)
+    fig = Figure()
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    drawn = report.draw_regions(ax, masks)
+    assert len(drawn) == 3
+    widths = [c.get_linewidths()[0] for c in drawn]
+    zorders = [c.get_zorder() for c in drawn]
+    colours = [tuple(np.round(c.get_edgecolor()[0][:3], 3)) for c in drawn]
+    assert widths[0] > widths[1] >= widths[2] and zorders == sorted(zorders)
+    assert len(set(colours)) == 3
+    dashes = [c.get_linestyles()[0] for c in drawn]
+    assert dashes[2][1] is not None and dashes[1][1] is None  # ET dashed over a solid TC
+    legend = report.region_legend(fig)
+    assert [t.get_text() for t in legend.get_texts()] == [
+        'WT (whole tumour)', 'TC (tumour core)', 'ET (enhancing tumour)']
+    assert [h.get_linestyle() for h in legend.legend_handles] == ['-', '-', '--']
+
+
+def test_attribution_caption_says_what_the_two_models_differ_in():
+    fed, fed_dp = _fake_run('none'), _fake_run('sample', 4.0, eps=4.0)
+    central = _fake_run('none', training='centralized')
+    caption = report.attribution_caption([fed, fed_dp])
+    assert 'they differ in privacy (no DP vs DP ε≤4)' in caption
+    assert 'centralised' not in caption and 'federated' not in caption
+    caption = report.attribution_caption([fed, central])
+    assert caption.endswith('they differ in training (federated fedavg vs centralised).')
+    assert 'of one model, fedavg (no DP, IID, seed 0)' in report.attribution_caption([fed])

@@ -12,4 +12,10 @@
   synthetic_builders.py TFDS builders of the synthetic twins
   tfds_io.py            make / build / read builders through array_record data sources
   build.py, inspect.py  command lines: build a dataset; look at a config's federation
+  errors.py             DataError (stops a build; one line naming file, line and problem) and
+                        SkippedInput (one case or image skipped, counted by reason)
 """
+
+from fedjax_med.data.errors import DataError, SkippedInput
+
+__all__ = ['DataError', 'SkippedInput']

@@ -22,11 +22,28 @@ Layouts (in the manual dir, searched recursively):
 - 'msd_brain': `imagesTr/*.nii.gz` 4-D (channels FLAIR, T1w, t1gd, T2w as in dataset.json),
   `labelsTr/*.nii.gz`, `dataset.json`; labels 1 oedema, 2 non-enhancing tumour, 3 enhancing.
 
-A case with a missing modality, missing segmentation or mismatched shapes is skipped; skipped cases
-are counted and reported at the end (and stored in the dataset metadata). A segmentation with a
-label outside the release's convention (e.g. BraTS 2023's enhancing tumour = 3 in a 'brats2021'
-build) stops the build with an error naming the case (`mri.check_labels`). Everything is one 'train'
-split (only training cases are labelled); load_federated splits it by case.
+Every file of every case is validated before anything of the case is stored (`load_case`), and a
+case that fails is skipped under one of these reasons (`SKIP_REASONS`):
+
+  missing file        a modality, the segmentation or the MSD image is absent
+  unreadable file     nibabel cannot read it (a truncated or corrupt .nii.gz, not NIfTI)
+  unexpected dtype    voxels that are not numbers (an RGB or complex NIfTI)
+  unexpected shape    not a 3-D volume (MSD: 4-D with 4 channels), modalities or segmentation
+                      of different shapes
+  non-finite values   a NaN or infinite voxel in any image or the segmentation (z-scoring would
+                      make the whole channel NaN), or a stored value that is not finite
+  all-zero case       every modality is 0 everywhere: no brain, nothing to slice
+  constant modality   a modality with a single value over the whole brain: no contrast
+  other error         any other OSError / ValueError while making the case's examples
+
+Each skipped case is logged as a warning naming its file when it is met; at the end the builder
+prints the count per reason and stores `skipped_cases` (one 'case (why, which file)' per case) and
+`skipped_by_reason` (reason -> count) in the dataset metadata. No NaN or infinite value is stored.
+Two faults stop the build with a `DataError` (one line) instead: a segmentation with a label
+outside the release's convention (e.g. BraTS 2023's enhancing tumour = 3 in a 'brats2021' build,
+`mri.check_labels`: every case would be wrong), and a manual dir in which no case is usable.
+Everything is one 'train' split (only training cases are labelled); load_federated splits it by
+case.
 """
 
 from __future__ import annotations
@@ -42,7 +59,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from fedjax_med.data import mri
+from fedjax_med.data import errors, mri
 
 VERSIONS = ('brats2020', 'brats2021', 'msd_brain')
 # Names of MSD channels (dataset.json 'modality') for our FLAIR, T1, T1ce, T2 order.
@@ -113,7 +130,7 @@ def find_brats_cases(manual_dir: pathlib.Path) -> list[dict]:
             # BraTS 2020 case 355 ships its segmentation under another name.
             other = sorted(folder.glob('*[Ss]eg*.nii*'))
             paths['seg'] = other[0] if other else None
-        cases.append({'case_id': case, **paths})
+        cases.append({'case_id': case, 'folder': folder, **paths})
     if not cases:
         raise FileNotFoundError(f'No BraTS case folders (<case>/<case>_flair.nii[.gz]) under '
                                 f'{manual_dir}.\n' + MANUAL_DOWNLOAD_INSTRUCTIONS)
@@ -145,7 +162,8 @@ def find_msd_cases(manual_dir: pathlib.Path) -> tuple[list[dict], list[int]]:
         image, label = root / item['image'], root / item['label']
         case = image.name.split('.')[0]
         cases.append({'case_id': case, 'image': image if image.exists() else None,
-                      'seg': label if label.exists() else None})
+                      'seg': label if label.exists() else None,
+                      'listed': {'image': image, 'segmentation': label}})
     if not cases:
         raise FileNotFoundError(f'{found[0]} lists no training cases.')
     return cases, msd_channel_order(meta)
@@ -162,43 +180,128 @@ def case_number(case_id: str) -> int:
 # One case -> slices
 # ---------------------------------------------------------------------------------------------
 
-class CaseError(ValueError):
-    """A case that cannot be used (reported and skipped)."""
+MISSING = 'missing file'
+UNREADABLE = 'unreadable file'
+BAD_DTYPE = 'unexpected dtype'
+BAD_SHAPE = 'unexpected shape'
+NON_FINITE = 'non-finite values'
+ALL_ZERO = 'all-zero case'
+CONSTANT = 'constant modality'
+OTHER = 'other error'
+SKIP_REASONS = (MISSING, UNREADABLE, BAD_DTYPE, BAD_SHAPE, NON_FINITE, ALL_ZERO, CONSTANT, OTHER)
+
+
+class CaseError(errors.SkippedInput):
+    """A case that cannot be used: skipped, counted under `reason` (one of `SKIP_REASONS`), and
+    reported with the detail, which names the offending file."""
+
+
+def _nonfinite_text(data: np.ndarray) -> str | None:
+    """'3 NaN and 1 infinite of 1536 voxels', or None when every value is finite."""
+    if np.isfinite(data).all():
+        return None
+    nan = int(np.isnan(data).sum())
+    inf = int(np.isinf(data).sum())
+    return f'{nan} NaN and {inf} infinite of {data.size} voxels'
+
+
+def read_nifti(path: pathlib.Path, what: str, ndim: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """One NIfTI file of a case (`what`: 'flair', ..., 'segmentation', 'image') in RAS+ as float32,
+    with its affine; trailing axes of length 1 beyond `ndim` are dropped.
+
+    Raises CaseError naming the file when it cannot be read (a truncated or corrupt .nii.gz: an
+    EOFError or zlib error inside nibabel), holds no numbers (RGB, complex), is not `ndim`-D, or
+    holds a NaN or infinite voxel (values beyond float32's range count as infinite).
+    """
+    import nibabel as nib
+    try:
+        image = nib.load(os.fspath(path))
+        dtype = image.get_data_dtype()
+        if dtype.kind not in 'biuf':
+            raise CaseError(BAD_DTYPE, f'{what} {path} has voxels of dtype {dtype}; expected '
+                                       'integer or floating-point intensities')
+        data, affine = mri.canonical_array(image)
+    except CaseError:
+        raise
+    except Exception as e:  # EOFError, zlib.error, nibabel's ImageFileError, OSError, ...
+        raise CaseError(UNREADABLE, f'{what} {path} cannot be read ({type(e).__name__}: '
+                                    f'{e})') from e
+    while data.ndim > ndim and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim or 0 in data.shape:
+        raise CaseError(BAD_SHAPE, f'{what} {path} has shape {data.shape}; expected a '
+                                   f'{ndim}-D volume')
+    bad = _nonfinite_text(data)
+    if bad:
+        raise CaseError(NON_FINITE, f'{what} {path} has {bad}')
+    return data, affine
+
+
+def _case_place(case: dict) -> str:
+    """Where a case's files are, for messages: its folder (BraTS) or its 4-D image (MSD)."""
+    if case.get('folder') is not None:
+        return str(case['folder'])
+    return str(case.get('image') or case.get('listed', {}).get('image') or case.get('case_id'))
 
 
 def load_case(case: dict, version: str, msd_order: list[int] | None = None):
     """Returns (volume float32 [X, Y, Z, 4] z-scored in brain, seg int [X, Y, Z], brain [X,Y,Z],
-    voxel size float [3] in mm along X, Y, Z).
+    voxel size float [3] in mm along X, Y, Z), every value finite.
 
-    Raises CaseError (the case is skipped) or mri.LabelError (the build stops) for a segmentation
-    with labels outside the release's convention, e.g. BraTS 2023's enhancing tumour = 3.
+    Raises CaseError (the case is skipped; see the module docstring for the reasons) or
+    mri.LabelError (the build stops) for a segmentation with labels outside the release's
+    convention, e.g. BraTS 2023's enhancing tumour = 3.
     """
-    if case.get('seg') is None:
-        raise CaseError('missing segmentation')
+    case_id = case.get('case_id')
     if version == 'msd_brain':
-        if case.get('image') is None:
-            raise CaseError('missing image')
-        data, _ = mri.load_canonical(case['image'])
-        if data.ndim != 4 or data.shape[-1] < 4:
-            raise CaseError(f'expected a 4-D image with 4 channels, got shape {data.shape}')
-        volume = data[..., msd_order]
-    else:
-        missing = [m for m in mri.MODALITIES if case.get(m) is None]
+        listed = case.get('listed', {})
+        missing = [f'{what} {listed.get(what, "")}'.strip() for what, key in
+                   (('image', 'image'), ('segmentation', 'seg')) if case.get(key) is None]
         if missing:
-            raise CaseError(f'missing modality {", ".join(missing)}')
-        channels = [mri.load_canonical(case[m])[0] for m in mri.MODALITIES]
+            raise CaseError(MISSING, f'no {" and no ".join(missing)} (listed in dataset.json)')
+        data, _ = read_nifti(case['image'], 'image', ndim=4)
+        if data.shape[-1] < 4:
+            raise CaseError(BAD_SHAPE, f'image {case["image"]} has shape {data.shape}; expected '
+                                       'a 4-D image with 4 channels')
+        volume = data[..., msd_order]
+        sources = {m: f'{m} (channel {c}) of {case["image"]}'
+                   for m, c in zip(mri.MODALITIES, msd_order, strict=True)}
+    else:
+        missing = [m for m in (*mri.MODALITIES, 'seg') if case.get(m) is None]
+        if missing:
+            where = case.get('folder', '')
+            names = ', '.join(f'{case_id}_{m}.nii[.gz]' for m in missing)
+            raise CaseError(MISSING, f'no {", ".join(missing)} file in {where} (expected '
+                                     f'{names})')
+        channels = [read_nifti(case[m], m)[0] for m in mri.MODALITIES]
         shapes = {c.shape for c in channels}
         if len(shapes) != 1:
-            raise CaseError(f'modality shapes differ: {sorted(shapes)}')
+            shown = ', '.join(f'{m} {c.shape}' for m, c in zip(mri.MODALITIES, channels,
+                                                                strict=True))
+            raise CaseError(BAD_SHAPE, f'modality shapes differ in {case.get("folder", "")}: '
+                                       f'{shown}')
         volume = np.stack(channels, axis=-1)
-    seg, affine = mri.load_canonical(case['seg'])
+        sources = {m: f'{m} {case[m]}' for m in mri.MODALITIES}
+    seg, affine = read_nifti(case['seg'], 'segmentation')
     seg = np.rint(seg).astype(np.int64)
     if seg.shape != volume.shape[:3]:
-        raise CaseError(f'segmentation shape {seg.shape} != image shape {volume.shape[:3]}')
+        raise CaseError(BAD_SHAPE, f'segmentation {case["seg"]} has shape {seg.shape}, the '
+                                   f'images {volume.shape[:3]}')
     mri.check_labels(seg, 'msd' if version == 'msd_brain' else 'brats',
-                     f'case {case.get("case_id")} ({case["seg"]})')
+                     f'case {case_id} ({case["seg"]})')
     brain = np.any(volume != 0, axis=-1)
+    if not brain.any():
+        raise CaseError(ALL_ZERO, f'every modality in {_case_place(case)} is 0 in every voxel '
+                                  '(no brain)')
+    for c, m in enumerate(mri.MODALITIES):
+        inside = volume[..., c][brain]
+        if inside.min() == inside.max():
+            raise CaseError(CONSTANT, f'{sources[m]} is {inside.min():g} in all {inside.size} '
+                                      'brain voxels (no contrast)')
     volume = mri.zscore_in_mask(volume[None], brain[None])[0]
+    bad = _nonfinite_text(volume)
+    if bad:  # intensities so large that float32 sums overflow
+        raise CaseError(NON_FINITE, f'z-scoring {_case_place(case)} gives {bad}')
     spacing = np.sqrt(np.sum(np.square(affine[:3, :3]), axis=0))
     return volume, seg, brain, spacing
 
@@ -256,7 +359,7 @@ def case_volume(volume, seg, brain, spacing, *, version: str, resolution: int,
     """
     with_brain = np.flatnonzero(brain.any(axis=(0, 1)))
     if not len(with_brain):
-        raise CaseError('no brain voxels (all modalities are zero)')
+        raise CaseError(ALL_ZERO, 'no brain voxels (all modalities are zero)')
     first, last = (with_brain[0], with_brain[-1]) if brain_slices_only else (
         0, volume.shape[2] - 1)
     zs = range(first, last + 1)
@@ -335,41 +438,64 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         self.info.metadata['label_convention'] = 'msd' if cfg.release == 'msd_brain' else 'brats'
         self.info.metadata['modalities'] = list(mri.MODALITIES)
         self.info.metadata['regions'] = list(mri.REGIONS)
-        return {'train': self._generate_examples(cases, msd_order)}
+        return {'train': self._generate_examples(cases, msd_order, manual_dir)}
 
-    def _generate_examples(self, cases, msd_order):
+    def _case_examples(self, case: dict, msd_order) -> list[tuple[str, dict]]:
+        """Every example of one case (one volume, or its slices); raises CaseError."""
         cfg = self.builder_config
-        skipped = []
+        case_id = case['case_id']
+        volume, seg, brain, spacing = load_case(case, cfg.release, msd_order)
+        pid = case_number(case_id)
+        if cfg.volumes:
+            features = case_volume(volume, seg, brain, spacing, version=cfg.release,
+                                   resolution=cfg.resolution,
+                                   brain_slices_only=cfg.brain_slices_only)
+            examples = [(case_id, {**features, 'case_id': case_id, 'patient_id': pid})]
+        else:
+            examples = [(f'{case_id}_{z:03d}', {
+                'image': image, 'seg': label, 'label': regions, 'case_id': case_id,
+                'patient_id': pid, 'slice_index': z, 'has_tumor': int(regions[..., 0].any()),
+            }) for z, image, label, regions in case_slices(
+                volume, seg, brain, version=cfg.release, resolution=cfg.resolution,
+                brain_slices_only=cfg.brain_slices_only,
+                empty_slice_stride=cfg.empty_slice_stride)]
+        for _, example in examples:  # what is stored (float16) must be finite too
+            bad = _nonfinite_text(example['image'])
+            if bad:
+                raise CaseError(NON_FINITE, f'the stored float16 image of {_case_place(case)} '
+                                            f'has {bad}')
+        return examples
+
+    def _generate_examples(self, cases, msd_order, manual_dir=None):
+        cfg = self.builder_config
+        tag = f'brats/{cfg.name}'
+        skipped, reasons = [], []
         for case in cases:
             try:
-                volume, seg, brain, spacing = load_case(case, cfg.release, msd_order)
-                if cfg.volumes:
-                    features = case_volume(volume, seg, brain, spacing, version=cfg.release,
-                                           resolution=cfg.resolution,
-                                           brain_slices_only=cfg.brain_slices_only)
+                examples = self._case_examples(case, msd_order)
             except mri.LabelError:
                 raise  # a release in another label convention: every case would be wrong
-            except (CaseError, OSError, ValueError) as e:
-                skipped.append(f'{case["case_id"]} ({e})')
+            except CaseError as e:
+                reason, detail = e.reason, str(e)
+            except (OSError, ValueError) as e:  # anything else a broken case may raise
+                reason, detail = OTHER, f'{type(e).__name__}: {e}'
+            else:
+                yield from examples
                 continue
-            pid = case_number(case['case_id'])
-            if cfg.volumes:
-                yield case['case_id'], {**features, 'case_id': case['case_id'],
-                                        'patient_id': pid}
-                continue
-            for z, image, label, regions in case_slices(
-                    volume, seg, brain, version=cfg.release, resolution=cfg.resolution,
-                    brain_slices_only=cfg.brain_slices_only,
-                    empty_slice_stride=cfg.empty_slice_stride):
-                yield f'{case["case_id"]}_{z:03d}', {
-                    'image': image, 'seg': label, 'label': regions,
-                    'case_id': case['case_id'], 'patient_id': pid, 'slice_index': z,
-                    'has_tumor': int(regions[..., 0].any()),
-                }
+            logging.warning('%s: skipping case %s: %s: %s', tag, case['case_id'], reason, detail)
+            skipped.append(f'{case["case_id"]} ({reason}: {detail})')
+            reasons.append(reason)
         # End-of-generation report of skipped cases.
+        counts = errors.count_reasons(reasons)
         self.info.metadata['skipped_cases'] = skipped
+        self.info.metadata['skipped_by_reason'] = counts
+        if len(skipped) == len(cases):
+            raise errors.DataError(
+                f'{tag}: none of the {len(cases)} cases under {manual_dir} can be used '
+                f'({errors.reasons_text(counts)}); the first: {skipped[0]}')
         if skipped:
-            message = f'brats/{cfg.name}: skipped {len(skipped)} of {len(cases)} cases: ' + (
-                '; '.join(skipped))
+            shown = '; '.join(skipped[:10]) + (' ...' if len(skipped) > 10 else '')
+            message = (f'{tag}: skipped {len(skipped)} of {len(cases)} cases '
+                       f'({errors.reasons_text(counts)}): {shown}')
             logging.warning(message)
             print(message)

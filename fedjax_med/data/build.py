@@ -4,6 +4,11 @@
       --data_dir=~/tensorflow_datasets --resolution=224
   python -m fedjax_med.data.build --dataset=synthetic_cxr --data_dir=/tmp/tfds --num_examples=500
   python -m fedjax_med.data.build --dataset=brats2021 --volumes --manual_dir=/data/brats  # 3-D
+
+Cases and images that fail validation are skipped, each logged as a warning naming its file, and
+counted per reason in the printed summary (`skipped_by_reason`, `skipped_<split>_by_reason`).
+Raw data that cannot be built (a malformed CSV, no usable case) prints one line, `error: FILE:
+...`, and exits with status 1.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import sys
 
 from absl import app, flags
 
-from fedjax_med.data import tfds_io
+from fedjax_med.data import errors, tfds_io
 
 _DATASET = flags.DEFINE_enum('dataset', None, list(tfds_io.REAL + tfds_io.SYNTHETIC),
                              'Dataset to build (a data.name).')
@@ -48,14 +53,18 @@ def main(argv: list[str]) -> None:
         sys.exit(f'error: {e}')
     try:
         tfds_io.ensure_built(builder, _MANUAL_DIR.value)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, errors.DataError) as e:  # DataError: one line, file and problem
         sys.exit(f'error: {e}')
     print(f'{builder.name}/{builder.builder_config.name} {builder.version} in {builder.data_dir}')
     for split, info in sorted(builder.info.splits.items()):
         print(f'  {split}: {info.num_examples} examples')
     for key, value in (builder.info.metadata or {}).items():
         if key.startswith('skipped') or key == 'official_split':
-            print(f'  {key}: {value if not isinstance(value, list) else len(value)}')
+            if isinstance(value, list):
+                value = len(value)
+            elif isinstance(value, dict):  # reason -> count
+                value = errors.reasons_text(value) or 'none'
+            print(f'  {key}: {value}')
     print('tensorflow imported:', 'tensorflow' in sys.modules)
 
 

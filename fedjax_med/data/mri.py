@@ -14,6 +14,8 @@ import os
 
 import numpy as np
 
+from fedjax_med.data.errors import DataError
+
 MODALITIES: tuple[str, ...] = ('flair', 't1', 't1ce', 't2')
 REGIONS: tuple[str, ...] = ('WT', 'TC', 'ET')
 _REGION_LABELS = {
@@ -30,8 +32,9 @@ _CONVENTION_TEXT = {
 }
 
 
-class LabelError(ValueError):
-    """A segmentation in another label convention than its release's: no case can be trusted."""
+class LabelError(DataError):
+    """A segmentation in another label convention than its release's: no case can be trusted, so
+    the build stops (a `DataError`, one line naming the case and its file)."""
 
 
 def label_values(seg: np.ndarray) -> np.ndarray:
@@ -92,8 +95,17 @@ def load_canonical(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     'axial slice k' mean the same anatomy whatever the scanner or converter wrote.
     """
     import nibabel as nib
-    image = nib.as_closest_canonical(nib.load(os.fspath(path)))
-    return np.asarray(image.dataobj, dtype=np.float32), image.affine
+    return canonical_array(nib.load(os.fspath(path)))
+
+
+def canonical_array(image) -> tuple[np.ndarray, np.ndarray]:
+    """A loaded nibabel image reoriented to RAS+ (`load_canonical`): (data float32, affine).
+    Values beyond float32's range become infinite (the caller checks that they are finite)."""
+    import nibabel as nib
+    image = nib.as_closest_canonical(image)
+    with np.errstate(over='ignore', invalid='ignore'):
+        data = np.asarray(image.dataobj, dtype=np.float32)
+    return data, image.affine
 
 
 def largest_tumour_slice(regions: np.ndarray) -> int:

@@ -9,6 +9,12 @@ header has names; the parser rebuilds the bracketed names and maps every name to
 real CSV (see `resources/PROVENANCE.md`); the synthetic twin draws label vectors, patient ids,
 views, ages and sexes from it, so its label frequencies and co-occurrences are the real ones.
 Regenerate it with `python -m fedjax_med.data.nih_metadata --csv=PATH`.
+
+A CSV that cannot be used raises `errors.DataError`, one line naming the file, the line and the
+problem: an empty file, a missing column (all of them at once), a file with a header and no
+rows, and rows with too few fields, an unknown finding, view (not PA/AP) or sex (not M/F), a
+follow-up number, patient id or age that is not an integer, an empty or repeated Image Index (the
+first five bad lines are shown, with the count of all).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import os
 import sys
 
 import numpy as np
+
+from fedjax_med.data.errors import DataError
 
 CXR_LABELS: tuple[str, ...] = (
     'Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule', 'Pneumonia',
@@ -65,8 +73,7 @@ def _field(columns: dict[str, list[int]], *names: str) -> int:
     for name in names:
         if name in columns:
             return columns[name][0]
-    raise ValueError(f'NIH metadata CSV: none of the columns {names} found; columns are '
-                     f'{sorted(columns)}. Is this Data_Entry_2017(_v2020).csv?')
+    raise KeyError(' or '.join(repr(n) for n in names))
 
 
 def labels_to_multihot(finding_labels: str) -> np.ndarray:
@@ -77,48 +84,108 @@ def labels_to_multihot(finding_labels: str) -> np.ndarray:
         if not name or name == NO_FINDING:
             continue
         if name not in CXR_LABELS:
-            raise ValueError(f'Unknown finding label {name!r}; expected one of {CXR_LABELS}.')
+            raise ValueError(f'unknown finding label {name!r} (expected {NO_FINDING!r} or '
+                             f'{", ".join(CXR_LABELS)}, joined by |)')
         out[CXR_LABELS.index(name)] = 1
     return out
+
+
+_COLUMNS = {'image': ('Image Index',), 'labels': ('Finding Labels',), 'follow_up': ('Follow-up #',),
+            'patient_id': ('Patient ID',), 'age': ('Patient Age',),
+            'sex': ('Patient Gender', 'Patient Sex'), 'view': ('View Position',)}
+_MAX_SHOWN = 5
+
+
+def _integer(text: str, column: str, strip: str = '') -> int:
+    value = text.strip().rstrip(strip)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f'{column} {text!r} is not an integer') from None
+
+
+def _parse_row(row: list[str], at: dict[str, int], needed: int) -> tuple:
+    """(image, labels, follow-up, patient id, age, sex, view) of one data row; ValueError says
+    what is wrong with it."""
+    if len(row) <= needed:
+        raise ValueError(f'{len(row)} fields, expected at least {needed + 1} (as the header)')
+    image = row[at['image']].strip()
+    if not image:
+        raise ValueError('empty Image Index')
+    labels = labels_to_multihot(row[at['labels']])
+    follow_up = _integer(row[at['follow_up']], 'Follow-up #')
+    patient = _integer(row[at['patient_id']], 'Patient ID')
+    # Some releases write ages as '058Y'; an empty age is unknown (-1).
+    age = _integer(row[at['age']], 'Patient Age', 'YyMmDd') if row[at['age']].strip() else -1
+    sex = row[at['sex']].strip().upper()
+    if sex not in SEXES:
+        raise ValueError(f'unknown sex {row[at["sex"]].strip()!r} (expected one of '
+                         f'{", ".join(SEXES)})')
+    view = row[at['view']].strip().upper()
+    if view not in VIEWS:
+        raise ValueError(f'unknown View Position {row[at["view"]].strip()!r} (expected one of '
+                         f'{", ".join(VIEWS)})')
+    return image, labels, follow_up, patient, age, sex, view
 
 
 def read_data_entry_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Parses the official per-image metadata CSV by column name.
 
     Returns arrays of equal length: 'image_index' (str), 'labels' (uint8 [n, 14]), 'patient_id'
-    (int64), 'follow_up' (int64), 'age' (int64), 'sex' (str 'M'/'F'), 'view' (str 'PA'/'AP').
-    Accepts either `Patient Gender` or `Patient Sex`.
+    (int64), 'follow_up' (int64), 'age' (int64, -1 when empty), 'sex' (str 'M'/'F'), 'view'
+    (str 'PA'/'AP'). Accepts either `Patient Gender` or `Patient Sex`. Raises DataError naming
+    the file, the line(s) and the problem (see the module docstring).
     """
-    with _open_text(path) as f:
-        reader = csv.reader(f)
-        header = next(reader)
-        columns = _column_fields(header)
-        i_img = _field(columns, 'Image Index')
-        i_lab = _field(columns, 'Finding Labels')
-        i_fu = _field(columns, 'Follow-up #')
-        i_pid = _field(columns, 'Patient ID')
-        i_age = _field(columns, 'Patient Age')
-        i_sex = _field(columns, 'Patient Gender', 'Patient Sex')
-        i_view = _field(columns, 'View Position')
-        needed = max(i_img, i_lab, i_fu, i_pid, i_age, i_sex, i_view)
-        img, lab, fu, pid, age, sex, view = [], [], [], [], [], [], []
-        for line_no, row in enumerate(reader, start=2):
-            if not row:
-                continue
-            if len(row) <= needed:
-                raise ValueError(
-                    f'{path}: line {line_no} has {len(row)} fields, expected > {needed}.')
-            img.append(row[i_img].strip())
-            lab.append(labels_to_multihot(row[i_lab]))
-            fu.append(int(row[i_fu]))
-            pid.append(int(row[i_pid]))
-            # Some releases write ages as '058Y'.
-            age.append(int(row[i_age].strip().rstrip('YyMmDd') or -1))
-            sex.append(row[i_sex].strip())
-            view.append(row[i_view].strip())
+    rows, problems, first_line = [], [], {}
+    line_no = 1
+    try:
+        with _open_text(path) as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if header is None or not any(h.strip() for h in header):
+                raise DataError(f'{path}: the file is empty; expected the header line of '
+                                'Data_Entry_2017(_v2020).csv (Image Index, Finding Labels, ...).')
+            columns = _column_fields(header)
+            at, absent = {}, []
+            for key, names in _COLUMNS.items():
+                try:
+                    at[key] = _field(columns, *names)
+                except KeyError as e:
+                    absent.append(e.args[0])
+            if absent:
+                raise DataError(f'{path}: line 1 (header): no column {", ".join(absent)}; the '
+                                f'columns are {sorted(columns)}. Is this '
+                                'Data_Entry_2017(_v2020).csv?')
+            needed = max(at.values())
+            for row in reader:
+                line_no = reader.line_num
+                if not row or not any(field.strip() for field in row):
+                    continue
+                try:
+                    parsed = _parse_row(row, at, needed)
+                except ValueError as e:
+                    problems.append(f'line {line_no}: {e}')
+                    continue
+                if parsed[0] in first_line:
+                    problems.append(f'line {line_no}: Image Index {parsed[0]!r} repeats line '
+                                    f'{first_line[parsed[0]]}')
+                    continue
+                first_line[parsed[0]] = line_no
+                rows.append(parsed)
+    except DataError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # truncated .gz, binary
+        raise DataError(f'{path}: cannot be read as a CSV after line {line_no} '
+                        f'({type(e).__name__}: {e}).') from e
+    if problems:
+        shown = '; '.join(problems[:_MAX_SHOWN]) + ('; ...' if len(problems) > _MAX_SHOWN else '')
+        raise DataError(f'{path}: {len(problems)} bad row(s): {shown}')
+    if not rows:
+        raise DataError(f'{path}: no data rows after the header (line 1).')
+    img, lab, fu, pid, age, sex, view = zip(*rows, strict=True)
     return {
         'image_index': np.asarray(img),
-        'labels': np.stack(lab) if lab else np.zeros((0, len(CXR_LABELS)), np.uint8),
+        'labels': np.stack(lab),
         'patient_id': np.asarray(pid, np.int64),
         'follow_up': np.asarray(fu, np.int64),
         'age': np.asarray(age, np.int64),

@@ -5,7 +5,8 @@ into the data dir (from the manual dir for real datasets), and `read_split` read
 `builder.as_data_source()` into numpy arrays in the `FederatedDataset` conventions. BraTS in 3-D
 (`data.patch_size > 0`) is built as one volume per case and `read_patches` cuts each volume into
 patches as it is read (`data/patches.py`), so only one volume is in memory at a time.
-`load_arrays` is what `sources.load_federated` calls for built datasets.
+`load_arrays` is what `sources.load_federated` calls for built datasets. Reading refuses a
+floating-point feature with a NaN or infinite value (`DataError`: rebuild the dataset).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from fedjax_med.data import brats, nih_chestxray14, patches, synthetic_builders
+from fedjax_med.data.errors import DataError
 
 REAL = ('nih_chestxray14', 'brats2020', 'brats2021', 'msd_brain')
 SYNTHETIC = ('synthetic_cxr', 'synthetic_brats')
@@ -85,16 +87,50 @@ def _to_python(value: Any) -> Any:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _is_finite(example: dict) -> bool:
+    return all(np.isfinite(v).all() for v in example.values()
+               if isinstance(v, np.ndarray) and np.issubdtype(v.dtype, np.floating))
+
+
+def _example_name(example: dict, index: int) -> str:
+    for key in ('case_id', 'image_index'):
+        if key in example:
+            name = _to_python(example[key])
+            return f'{name} slice {example["slice_index"]}' if 'slice_index' in example else name
+    return f'example {index}'
+
+
+def _non_finite_error(builder: tfds.core.DatasetBuilder, split: str, bad: list[str],
+                      total: int | None = None) -> DataError:
+    """`total`: the examples checked (None: the first bad one stopped the reading)."""
+    bad = sorted(bad)
+    shown = ', '.join(bad[:5]) + (' ...' if len(bad) > 5 else '')
+    what = (f'{len(bad)} of {total} examples hold' if total is not None
+            else f'{shown} holds')
+    detail = f' ({shown})' if total is not None else ''
+    return DataError(f'{builder.data_path} ({split}): {what} NaN or infinite values{detail}; the '
+                     'dataset was built before the builders checked every value. Delete '
+                     f'{builder.data_path} and build it again.')
+
+
 def read_split(builder: tfds.core.DatasetBuilder, split: str) -> dict[str, np.ndarray]:
-    """All examples of one split as stacked numpy arrays (text features as str arrays)."""
+    """All examples of one split as stacked numpy arrays (text features as str arrays).
+
+    Raises DataError if a floating-point feature holds a NaN or infinite value (a dataset built
+    before the builders validated every volume): no non-finite value reaches a split."""
     source = builder.as_data_source(split=split)
     n = len(source)
     columns: dict[str, list] = {}
+    bad = []
     for start in range(0, n, _READ_BATCH):
         batch = source.__getitems__(list(range(start, min(start + _READ_BATCH, n))))
-        for example in batch:
+        for i, example in enumerate(batch, start=start):
+            if not _is_finite(example):
+                bad.append(_example_name(example, i))
             for k, v in example.items():
                 columns.setdefault(k, []).append(_to_python(v))
+    if bad:
+        raise _non_finite_error(builder, split, bad, n)
     return {k: np.stack(v) if isinstance(v[0], np.ndarray) else np.asarray(v)
             for k, v in columns.items()}
 
@@ -117,6 +153,8 @@ def read_patches(builder: tfds.core.DatasetBuilder, split: str, *, patch_size: i
     def cases():
         for i in indices:
             example = source[int(i)]
+            if not _is_finite(example):
+                raise _non_finite_error(builder, split, [_example_name(example, int(i))])
             yield {k: _to_python(v) for k, v in example.items()
                    if k in ('image', 'label') or np.ndim(v) < 2}
 
