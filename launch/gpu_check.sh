@@ -8,14 +8,21 @@
 #      a kill keeps what was measured;
 #   4. with the time left (COMPARE_SECONDS), ResNet-18 rounds with the hospitals vmapped
 #      (`--clients_in_parallel=0`, K=8 for vmap-vs-sequential), the comparison behind the
-#      configs' choice.
+#      configs' choice;
+#   5. with whatever time is left (GRID_SECONDS, default all of it), the hospital-scale grid
+#      (`launch/experiments.py --suite=nih_scale`, most informative runs first); its
+#      results.csv / results.md are copied to $OUT. A run cut off by the slot resumes from its
+#      checkpoint only where the grid folder (GRID_DIR) is kept.
 # Everything is logged under $OUT (default /tmp/fedjax_med_gpu_check):
 #   nvidia_smi.txt  env.txt  smoke.log  bench.log  bench_gpu.json  compare.log  bench_gpu_vmap.json
+#   grid.log  results.csv  results.md
 #
 # Usage (from anywhere):  OUT=/some/dir bash launch/gpu_check.sh
 #   TOTAL_SECONDS=560   wall-clock budget of the whole script (default 560 s)
 #   SMOKE_SECONDS=100   cap of the pytest smoke
 #   COMPARE_SECONDS=150 kept for step 4 (0 skips it)
+#   GRID_SECONDS=       cap of step 5 (default: the time left; 0 skips it)
+#   GRID_DIR=/tmp/fedjax_med_nih_grid   the grid's run folders
 #   PYTHON=python3      interpreter (needs jax with CUDA, flax, optax, ml_collections)
 # Missing pure-Python/abi3 packages can travel as wheels in ./.whl (see launch/README.md); they
 # are installed into /tmp/site first, without network.
@@ -100,4 +107,21 @@ if [ "$COMPARE_SECONDS" -gt 0 ] && [ "$LEFT" -ge 60 ]; then
     --vmap_k=8 --json="$OUT/bench_gpu_vmap.json" --budget_s="$((LEFT - 60))" \
     2>&1 | tee "$OUT/compare.log"
   echo "comparison exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" | tee -a "$OUT/compare.log"
+fi
+
+LEFT=$((TOTAL_SECONDS - SECONDS))
+GRID_SECONDS=${GRID_SECONDS:-$LEFT}
+if [ "$GRID_SECONDS" -gt "$LEFT" ]; then GRID_SECONDS=$LEFT; fi
+GRID_DIR=${GRID_DIR:-/tmp/fedjax_med_nih_grid}
+if [ "$GRID_SECONDS" -ge 90 ]; then
+  echo "== hospital-scale grid (--suite=nih_scale, ${GRID_SECONDS} s)"
+  timeout --signal=INT --kill-after=20 "$((GRID_SECONDS - 25))" \
+    "$PY" launch/experiments.py --suite=nih_scale --workdir="$GRID_DIR" --noreport \
+    2>&1 | tee "$OUT/grid.log"
+  echo "grid exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" | tee -a "$OUT/grid.log"
+  # results.csv / results.md of the runs finished so far (a cut-off grid did not write them).
+  "$PY" -c 'import sys; sys.path.insert(0, "launch"); import experiments; \
+rows = experiments.collect(sys.argv[1]); print(len(rows), "runs in", sys.argv[1])' "$GRID_DIR" \
+    2>&1 | tee -a "$OUT/grid.log"
+  cp "$GRID_DIR/results.csv" "$GRID_DIR/results.md" "$OUT/" 2>/dev/null || true
 fi
