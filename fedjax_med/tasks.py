@@ -37,14 +37,23 @@ and region (WT, TC, ET):
                                               the two need not be the same length in mm); 0 if
                                               both are empty, the diagonal of the case's volume in
                                               voxels if exactly one is (BraTS's 373.13 is the
-                                              diagonal of its 240 x 240 x 155 mm grid)
+                                              diagonal of its 240 x 240 x 155 grid of 1 mm
+                                              voxels)
   num_cases
   case_voxel_coverage (3-D only)              mean over cases of the fraction of the volume's
                                               voxels covered by the case's test patches
-In 3-D (data.patch_size > 0) the full volumes are not kept, only the patches cut from them (a
-few per case, half centred on tumour), so the per-case metrics are over the voxels those patches
-cover: uncovered voxels count as background in prediction and truth, and a tumour part outside
-every patch is not seen. They are per-case metrics of the patches, not of whole volumes.
+In 3-D (data.patch_size > 0) the full volumes are not kept, only the patches cut from them
+(data.patches_per_case per case, data.tumour_patch_fraction of them centred on tumour), so
+the per-case metrics are over the voxels those patches cover: uncovered voxels count as
+background in prediction and truth, and a tumour part outside every patch is not seen. They are
+per-case metrics of the patches, not of whole volumes.
+
+Cost: `split_metrics` runs on the host, once per evaluation round (once per hospital model in
+local mode), and `config.eval_case_metrics=False` skips it. HD95 is two Euclidean distance
+transforms per case and region over the bounding box of prediction and truth: milliseconds
+for the synthetic volumes, tens of milliseconds for a 140 x 128 x 128 case predicted
+near its tumour, and about a second per region (one CPU core) when the prediction is scattered
+over the whole volume, as an untrained model's can be.
 """
 
 import dataclasses
