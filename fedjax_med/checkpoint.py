@@ -20,7 +20,8 @@ import orbax.checkpoint as ocp
 # rounds already run). Any other difference is an error: the resumed run would not be the run
 # that was checkpointed. num_rounds is fixed too when the DP noise is calibrated from it
 # (`noise_calibrated_to_num_rounds`).
-RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'eval_batch_size', 'checkpoint_every',
+RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'eval_batch_size', 'eval_case_metrics',
+                    'checkpoint_every',
                     'checkpoints_to_keep', 'data.data_dir', 'data.manual_dir',
                     'clients_in_parallel')  # how hospitals are scheduled, not what they compute
 

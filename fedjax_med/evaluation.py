@@ -2,7 +2,9 @@
 
 A split is padded to whole batches ([num_batches, batch, ...] plus an example mask) once, on the
 device, in its storage dtypes (data/storage.py); `lax.map` decodes and runs one batch at a time
-and the host adds up the statistics (`unbatch_stats`).
+and the host adds up the statistics (`unbatch_stats`). Per-example arrays (`PER_EXAMPLE`: CXR
+probabilities, BraTS packed binary predictions for per-case metrics) come back unsummed, in the
+split's row order followed by the padding.
 """
 
 import math
@@ -13,6 +15,9 @@ import numpy as np
 from fedjax_med import parallel
 from fedjax_med.data import storage
 from fedjax_med.tasks import Task
+
+# Statistics kept per example ([nb, bs, ...] -> [nb * bs, ...]) instead of summed over batches.
+PER_EXAMPLE = ('probs', 'labels', 'mask', 'pred_bits')
 
 
 def batch_split(split: dict, batch_size: int, *, shrink: bool = True) -> dict:
@@ -68,13 +73,19 @@ def stack_splits(splits: list[dict], batch_size: int) -> dict:
     return out
 
 
-def build_eval_fn(apply_fn, task: Task):
-    """Returns (params, batched split) -> stacked per-batch statistics (pure; jit the caller)."""
+def build_eval_fn(apply_fn, task: Task, *, example_outputs: bool = False):
+    """Returns (params, batched split) -> stacked per-batch statistics (pure; jit the caller).
+
+    With `example_outputs`, the statistics also hold the task's per-example outputs
+    (`Task.example_outputs`, for `Task.split_metrics`)."""
+    extra = task.example_outputs if example_outputs else None
 
     def evaluate(params, split):
         def one_batch(b):
             b = storage.decode(b)
-            return task.eval_stats(apply_fn(params, b['image']), b['label'], b['mask'])
+            logits = apply_fn(params, b['image'])
+            stats = task.eval_stats(logits, b['label'], b['mask'])
+            return {**stats, **extra(logits)} if extra is not None else stats
 
         return jax.lax.map(one_batch, split)
 
@@ -86,7 +97,7 @@ def unbatch_stats(stats: dict) -> dict:
     out = {}
     for key, value in stats.items():
         v = np.asarray(value)
-        out[key] = v.reshape(-1, *v.shape[2:]) if key in ('probs', 'labels', 'mask') else v.sum(0)
+        out[key] = v.reshape(-1, *v.shape[2:]) if key in PER_EXAMPLE else v.sum(0)
     return out
 
 

@@ -174,6 +174,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     sizes = np.array([len(s['image']) for s in train_splits] + [0] * (k_pad - num_clients))
     client_data = parallel.put_clients(pad_examples(train_splits, k_pad), mesh)
     test_global = evaluation.batch_split(data.test, config.eval_batch_size)
+    # Labels and metadata (case, slice, patch, patient ids) of the global test split, on the
+    # host, for the task's per-case metrics.
+    case_metrics = bool(config.get('eval_case_metrics', True))
+    test_host = {k: v for k, v in data.test.items() if k != 'image'} if case_metrics else None
     if local_mode:  # every hospital's model sees the whole split
         test_global = parallel.put_replicated(test_global, mesh)
     else:  # one model: each device evaluates its share of the batches
@@ -246,12 +250,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     bytes_down, bytes_up = comm.round_bytes(params, config) if federated else (0, 0)
     state = rounds.init_server_state(params, config, k_pad, mesh, compressor)
     eval_fn = evaluation.build_eval_fn(apply_fn, task)
+    # The global test split also brings back what per-case (per-patient) metrics need.
+    eval_fn_cases = (evaluation.build_eval_fn(apply_fn, task, example_outputs=True)
+                     if case_metrics else eval_fn)
     if local_mode:
-        eval_global = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=None,
+        eval_global = evaluation.per_hospital(eval_fn_cases, params_axis=0, data_axis=None,
                                               mesh=mesh)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=0, data_axis=0, mesh=mesh)
     else:
-        eval_global = evaluation.over_devices(eval_fn, mesh)
+        eval_global = evaluation.over_devices(eval_fn_cases, mesh)
         eval_own = evaluation.per_hospital(eval_fn, params_axis=None, data_axis=0,
                                            mesh=mesh)
     # Every round's client learning rate, computed once (not a device call per round).
@@ -358,7 +365,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         # -- evaluation -------------------------------------------------------------------------
         if (r + 1) % config.eval_every == 0 or r + 1 == config.num_rounds:
             row.update(_evaluate(task, state.params, eval_global, eval_own, test_global,
-                                 hospital_test, hospital_names, local_mode))
+                                 hospital_test, hospital_names, local_mode, test_host))
         row.update(privacy.metrics())
         n_up = current.num_participants
         up = (bytes_up + current.protocol_up) if federated else 0
@@ -420,18 +427,27 @@ def _clipping_diagnostics(m: dict) -> dict:
 
 
 def _evaluate(task, params, eval_global, eval_own, test_global, hospital_test, names,
-              local_mode) -> dict:
-    """eval/<metric> on the global test split and hospital/<name>/<metric> on each hospital's."""
+              local_mode, test_host) -> dict:
+    """eval/<metric> on the global test split (with the task's per-case metrics,
+    `Task.split_metrics`, from `test_host`, its labels and metadata, unless that is None:
+    config.eval_case_metrics off) and hospital/<name>/<main metric> on each hospital's."""
+
+    def global_metrics(stats):
+        out = task.finalize(stats)
+        if task.split_metrics is not None and test_host is not None:
+            out.update(task.split_metrics(stats, test_host))
+        return out
+
     row = {}
     if local_mode:
         # Each hospital's own model: on the global test split (averaged) and on its own split.
         per = evaluation.split_hospitals(parallel.to_host(eval_global(params, test_global)))[
             : len(names)]
-        results = [task.finalize(s) for s in per]
+        results = [global_metrics(s) for s in per]
         for key in results[0]:
             row[f'eval/{key}'] = float(np.nanmean([res[key] for res in results]))
     else:
-        results = task.finalize(evaluation.unbatch_stats(parallel.to_host(
+        results = global_metrics(evaluation.unbatch_stats(parallel.to_host(
             eval_global(params, test_global))))
         row.update({f'eval/{k}': v for k, v in results.items()})
     own = evaluation.split_hospitals(parallel.to_host(eval_own(params, hospital_test)))[

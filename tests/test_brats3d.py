@@ -406,6 +406,12 @@ def test_train_run_3d_federated(tmp_path):
         assert key in rows[0], key
     assert np.isfinite(rows[0]['train/loss'])
     assert 0.0 <= rows[0]['eval/mean_dice'] <= 1.0
+    # Per-case metrics over each test case's patches stitched into its volume.
+    test_cases = sources.load_federated(c.data, c.seed).test['patient_id']
+    assert rows[0]['eval/num_cases'] == len(np.unique(test_cases))
+    assert 0.0 <= rows[0]['eval/mean_case_dice'] <= 1.0
+    assert 0.0 < rows[0]['eval/case_voxel_coverage'] <= 1.0
+    assert 0.0 <= rows[0]['eval/mean_hd95'] <= np.sqrt(3 * 16 ** 2)
     # The report draws 3-D test patches by their axial slice with the most tumour.
     os.makedirs(tmp_path / 'report')
     png = report.plot_brats_overlays([report.load_run(workdir)], str(tmp_path / 'report'), 2)

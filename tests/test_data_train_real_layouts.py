@@ -21,7 +21,7 @@ def test_nih_layout_builds_and_trains_one_round(tmp_path):
     c.eval_batch_size = 4
     s = train.run(c, str(tmp_path / 'run'))
     assert s['round'] == 1 and np.isfinite(s['train/loss'])
-    assert 'eval/mean_auroc' in s
+    assert 'eval/mean_auroc' in s and 'eval/accuracy_at_val_threshold' in s
 
 
 @pytest.mark.parametrize('version,prefix,ext', [('brats2021', 'BraTS2021_', '.nii.gz'),
@@ -42,3 +42,6 @@ def test_brats_layouts_build_and_train_one_round(tmp_path, version, prefix, ext)
     s = train.run(c, str(tmp_path / 'run'))
     assert s['round'] == 1 and np.isfinite(s['train/loss'])
     assert 0.0 <= s['eval/mean_dice'] <= 1.0
+    # Per-case metrics on volumes rebuilt from the slices, grouped by the text case ids.
+    assert s['eval/num_cases'] >= 1 and 0.0 <= s['eval/mean_case_dice'] <= 1.0
+    assert np.isfinite(s['eval/mean_hd95'])

@@ -59,9 +59,16 @@ def test_cli_smoke_run_without_tensorflow(tmp_path, config):
     rows = read_metrics(workdir)
     assert [r['round'] for r in rows] == [1, 2, 3]
     metric = 'eval/mean_auroc' if config == 'chestxray14' else 'eval/mean_dice'
+    # The metrics beside the main one: thresholds chosen on a validation half (CXR), per-case
+    # Dice and HD95 on the test cases' volumes (BraTS).
+    extra = (('eval/macro_f1_at_0.5', 'eval/accuracy_at_val_threshold',
+              'eval/macro_f1_at_val_threshold', 'eval/normal_vs_abnormal_accuracy')
+             if config == 'chestxray14' else
+             ('eval/mean_case_dice', 'eval/case_dice_et', 'eval/mean_hd95', 'eval/hd95_wt',
+              'eval/num_cases'))
     for r in rows:
         for key in ('train/loss', metric, 'privacy/epsilon', 'comm/bytes_up', 'comm/bytes_down',
-                    'time/round_s'):
+                    'time/round_s', *extra):
             assert key in r, key
         assert r['privacy/epsilon'] is None
         assert r['comm/bytes_up'] > 0 and r['comm/bytes_down'] == r['comm/bytes_up']

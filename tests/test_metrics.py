@@ -37,6 +37,9 @@ def test_multilabel_metrics_hand_values():
     assert out['accuracy'] == pytest.approx(5 / 8)
     # F1: a has tp 1, 2 predicted, 2 true -> 0.5; b has tp 1, 2 predicted, 1 true -> 2/3.
     assert out['macro_f1'] == pytest.approx((0.5 + 2 / 3) / 2)
+    # The same two under names that carry their threshold.
+    assert out['accuracy_at_0.5'] == out['accuracy']
+    assert out['macro_f1_at_0.5'] == out['macro_f1']
 
 
 def test_dice_hand_values_and_absent_regions():

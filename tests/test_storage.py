@@ -120,8 +120,8 @@ def test_a_run_keeps_compact_arrays_on_the_device_and_learns(monkeypatch, tmp_pa
         round_fn.fn = spied
         return round_fn
 
-    def build_eval_fn(apply_fn, task):
-        evaluate = real_build_eval_fn(apply_fn, task)
+    def build_eval_fn(apply_fn, task, **kw):
+        evaluate = real_build_eval_fn(apply_fn, task, **kw)
 
         def spied(params, split):  # runs while the jitted evaluation traces
             seen['test'].append((split['image'].dtype, split['label'].dtype))

@@ -18,9 +18,13 @@ its volume (the hospitals' acquisition shift uses them for a bias field over the
 
 The patches are drawn once, when the data is loaded, and then stay fixed for the whole run (they
 live on the devices like the 2-D slices), so `patches_per_case` sets how much of each volume the
-model sees. Evaluation uses the test cases' patches, drawn the same way, so Dice is over those
-patches (tumour-oversampled), not over whole volumes. As with 2-D slices, a patch is one example:
-sample-level DP-SGD protects a patch, and a case contributes `patches_per_case` of them.
+model sees. Evaluation uses the test cases' patches, drawn the same way, so the dataset-level
+Dice (`mean_dice`) is over those patches (tumour-oversampled; a voxel in two patches counts
+twice), not over whole volumes; the per-case metrics (`mean_case_dice`, `mean_hd95`) stitch each
+case's patches back into its volume at their 'patch_origin' (`metrics.stitch_patches`) and are
+over the voxels the patches cover (`case_voxel_coverage`), since the full volumes are not kept.
+As with 2-D slices, a patch is one example: sample-level DP-SGD protects a patch, and a case
+contributes `patches_per_case` of them.
 """
 
 from __future__ import annotations
