@@ -77,3 +77,32 @@ def test_dp_algorithms_and_config_overrides_narrow_the_grid():
     assert bad.returncode != 0 and "unknown config field 'data.num_trains'" in bad.stderr
     bad = dry('--set=local.epochs=two')
     assert bad.returncode != 0 and "local.epochs='two' is not a valid float" in bad.stderr
+
+
+def test_hospital_scale_suite_order_and_configs():
+    """--suite=nih_scale: per seed the public pretraining first, then centralised, FedAvg, its DP
+    runs from the largest epsilon (warm start before cold), then the other baselines; warm runs
+    start from their seed's pretraining run and DP runs use the large-batch DP variant."""
+    sys.path.insert(0, os.path.join(REPO, 'launch'))
+    import experiments
+
+    suite = experiments.SUITES['nih_scale']
+    specs = experiments.grid(suite)
+    assert len(specs) == 3 * 9
+    assert [s.name for s in specs[:9]] == [
+        'public-pretrain-seed0', 'centralized-nodp-dirichlet0.5-seed0',
+        'fedavg-nodp-dirichlet0.5-seed0', 'fedavg-eps4.5-dirichlet0.5-warm-seed0',
+        'fedavg-eps4.5-dirichlet0.5-seed0', 'fedavg-eps2.5-dirichlet0.5-warm-seed0',
+        'fedavg-eps2.5-dirichlet0.5-seed0', 'local-nodp-dirichlet0.5-seed0',
+        'fedprox-nodp-dirichlet0.5-seed0']
+    pretrain = experiments.make_config(specs[0], suite, None, '/grid')
+    assert pretrain.data.train_on == 'public' and pretrain.mode == 'centralized'
+    warm = experiments.make_config(specs[3], suite, None, '/grid')
+    assert warm.init_from == '/grid/chestxray14/public-pretrain-seed0'
+    assert warm.dp.mode == 'sample' and warm.dp.target_epsilon == 4.5
+    assert warm.local.batch_size == 1024 and warm.local.sampling == 'poisson'
+    cold = experiments.make_config(specs[4], suite, None, '/grid')
+    assert cold.init_from == '' and cold.local.batch_size == 1024
+    fedavg = experiments.make_config(specs[2], suite, None, '/grid')
+    assert fedavg.dp.mode == 'none' and fedavg.local.batch_size == 64
+    assert fedavg.data.public_fraction == warm.data.public_fraction == 0.1  # same hospitals
