@@ -35,7 +35,8 @@ from fedjax_med.parallel import client_sharding, replicated
 from fedjax_med.state import RoundInputs, ServerState
 from fedjax_med.tasks import Task
 
-# Purposes folded into the round key, so every random draw has its own stream (DESIGN.md, 6).
+# Purposes folded into the round key, so every random draw has its own stream
+# (docs/ARCHITECTURE.md, "Explicit randomness").
 # Each use of randomness in a round has its own branch of the round key, so no two draws share
 # a key (`jax.random.split(k, n)[i]` equals `fold_in(k, i)`: never derive one use's key from
 # another's).

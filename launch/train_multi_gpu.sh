@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Train fedjax_med on ALL local GPUs with ONE process: the hospitals (client axis) are sharded
-# over the GPUs with NamedSharding(mesh, P('clients')) and the parameters replicated; XLA inserts
-# the all-reduce of the aggregation. K is padded up to a multiple of the GPU count with inert
-# hospitals (weight 0), so results do not depend on the number of GPUs (DESIGN.md, convention 2).
+# over the GPUs with NamedSharding(mesh, P('clients')), parameters replicated, and XLA inserts the
+# all-reduce of the aggregation. K is padded to a multiple of the GPU count with inert hospitals
+# (weight 0), so results do not depend on it (docs/ARCHITECTURE.md: Sharding and the device count).
 #
 # Usage:
 #   launch/train_multi_gpu.sh CONFIG WORKDIR [--config.FIELD=VALUE ...]

@@ -1,4 +1,5 @@
-"""The repository is `ruff` clean (pyproject.toml's rules), as DESIGN.md asks."""
+"""The repository is `ruff` clean (pyproject.toml's rules), as docs/ARCHITECTURE.md asks (section
+"Code style")."""
 
 import os
 import subprocess

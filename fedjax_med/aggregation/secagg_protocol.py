@@ -24,11 +24,11 @@ the sum and their b_u is rebuilt from the others' shares, but they return no sha
 
 Simulation concessions: one process plays every party, and all randomness (key pairs, b_u, share
 polynomials, nonces) comes from a seeded numpy generator so that a run is reproducible
-(DESIGN.md convention 6). A deployment draws it from `os.urandom`/`secrets`, authenticates the
-key advertisements (signatures; not modelled, 0 bytes) and runs the consistency round needed
-against a malicious server. Byte counts cover protocol messages only (the masked update itself
-is counted by `compression.bytes_per_update`): public keys 32 bytes, client ids 4 bytes, field
-elements 16 bytes, ciphertexts nonce(12) + payload + tag(16).
+(docs/ARCHITECTURE.md, "Explicit randomness"). A deployment draws it from `os.urandom`/`secrets`,
+authenticates the key advertisements (signatures; not modelled, 0 bytes) and runs the consistency
+round needed against a malicious server. Byte counts cover protocol messages only (the masked
+update itself is counted by `compression.bytes_per_update`): public keys 32 bytes, client ids 4
+bytes, field elements 16 bytes, ciphertexts nonce(12) + payload + tag(16).
 """
 
 from __future__ import annotations
