@@ -288,7 +288,12 @@ def run_one(spec: RunSpec, suite: Suite, workdir: str, data_dir: str | None) -> 
 COLUMNS = ('task', 'mode', 'algorithm', 'prox_mu', 'dp_target_epsilon', 'achieved_epsilon',
            'partition', 'alpha', 'seed', 'num_hospitals', 'rounds', 'main_metric', 'final_metric',
            'best_metric', 'centralized_reference', 'rounds_to_95pct_centralized',
-           'bytes_per_hospital', 'wall_time_s', 'device', 'run_dir')
+           'bytes_per_hospital', 'wall_time_s', 'device', 'run_dir', 'secondary_1', 'secondary_2')
+# Per task, the two metrics a reader puts next to the paper's besides the main one (results.csv's
+# secondary_1 / secondary_2, last evaluation): chest X-ray accuracies at thresholds chosen on a
+# validation half of the test split, BraTS per-case Dice and HD95 as the challenge computes them.
+SECONDARY = {'chestxray14': ('normal_vs_abnormal_accuracy', 'accuracy_at_val_threshold'),
+             'brats': ('mean_case_dice', 'mean_hd95')}
 
 
 def _centralized_key(run: report.Run, dp_target: float) -> tuple:
@@ -329,7 +334,9 @@ def result_rows(runs: Sequence[report.Run]) -> list[dict]:
             'rounds_to_95pct_centralized': '' if reached is None else reached,
             'bytes_per_hospital': r.total_bytes_per_hospital, 'wall_time_s': r.wall_time_s,
             'device': r.info.get('device', ''),
-            'run_dir': os.path.relpath(r.path, os.path.dirname(os.path.dirname(r.path)))})
+            'run_dir': os.path.relpath(r.path, os.path.dirname(os.path.dirname(r.path))),
+            **{f'secondary_{i + 1}': r.final(f'eval/{key}')
+               for i, key in enumerate(SECONDARY.get(r.task, ()))}})
     return rows
 
 
@@ -368,10 +375,12 @@ def write_markdown(rows: Sequence[dict], path: str) -> None:
     for task in sorted({r['task'] for r in rows}):
         task_rows = [r for r in rows if r['task'] == task]
         metric = task_rows[0]['main_metric']
+        second = ''.join(f' {name} |' for name in SECONDARY.get(task, ()))
         lines += [f'## {task} ({metric})', '',
                   f'| algorithm | DP target ε | partition | n | final {metric} | best {metric} '
-                  '| achieved ε | 95% of central. (rounds) | MB / hospital | train s |',
-                  '|---|---|---|---|---|---|---|---|---|---|']
+                  f'|{second} achieved ε | 95% of central. (rounds) | MB / hospital | train s |',
+                  '|---|---|---|---|---|---|' + '---|' * len(SECONDARY.get(task, ()))
+                  + '---|---|---|---|']
         groups: dict[tuple, list[dict]] = {}
         for r in task_rows:
             key = (r['algorithm'], r['dp_target_epsilon'], r['partition'], str(r['alpha']))
@@ -384,7 +393,9 @@ def write_markdown(rows: Sequence[dict], path: str) -> None:
                 f'| {algorithm} | {eps:g} | {part} | {len(group)} | '
                 f'{_mean_std([g["final_metric"] for g in group], 4)} | '
                 f'{_mean_std([g["best_metric"] for g in group], 4)} | '
-                f'{_mean_std([g["achieved_epsilon"] for g in group], 2) if eps else "–"} | '
+                + ''.join(f'{_mean_std([g[f"secondary_{i + 1}"] for g in group], 4)} | '
+                          for i in range(len(SECONDARY.get(task, ()))))
+                + f'{_mean_std([g["achieved_epsilon"] for g in group], 2) if eps else "–"} | '
                 f'{_mean_std(reached, 1)} ({len(reached)}/{len(group)}) | '
                 f'{_mean_std([g["bytes_per_hospital"] / 1e6 for g in group], 3)} | '
                 f'{_mean_std([g["wall_time_s"] for g in group], 1)} |')
