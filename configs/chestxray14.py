@@ -102,6 +102,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 1
         c.eval_batch_size = 64
     else:
-        raise ValueError(f'Unknown variant {arg!r} of configs/chestxray14.py; use one of '
-                         "'' (paper), 'synthetic', 'smoke', 'dp'.")
+        raise base.unknown_variant(arg, 'configs/chestxray14.py', ('synthetic', 'smoke', 'dp'))
     return c
