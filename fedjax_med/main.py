@@ -88,13 +88,9 @@ def _flag_error_problem(message: str, argv: list[str]) -> tuple[str, str] | None
         return None
     if match := re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', lines[0]):
         field, value, why = match.groups()
-        from fedjax_med import validate
-
-        config = _load_config(_config_path(argv))
-        try:
-            default = validate._get(config, field) if config is not None else None
-        except (KeyError, AttributeError):
-            default = None
+        default = _load_config(_config_path(argv))
+        for part in field.split('.'):
+            default = default.get(part) if isinstance(default, ml_collections.ConfigDict) else None
         kind = TYPE_NAMES.get(type(default))
         if kind:
             return 'config error', (f'--config.{field}={value}: config.{field} takes {kind} '

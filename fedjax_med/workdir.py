@@ -25,8 +25,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import gc
 import json
 import os
 import shutil
@@ -271,6 +273,26 @@ def _short(error: BaseException) -> str:
     return f'{type(error).__name__}: {text[:120]}'
 
 
+_RESTORE_NOISE = ('Event loop is closed', 'while reading array')
+
+
+def _quiet_failed_restores() -> None:
+    """After a failed restore, TensorStore reads still in flight finish on Orbax's closed event
+    loop and report it through `sys.unraisablehook` (a traceback per read, printed at any later
+    time); such reports are dropped from now on. Any other unraisable error is reported."""
+    previous = sys.unraisablehook
+    if getattr(previous, 'fedjax_med_quiet', False):
+        return
+
+    def hook(unraisable):
+        text = str(unraisable.exc_value)
+        if not any(noise in text for noise in _RESTORE_NOISE):
+            previous(unraisable)
+
+    hook.fedjax_med_quiet = True
+    sys.unraisablehook = hook
+
+
 def _step_dirs(directory: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
@@ -328,6 +350,8 @@ def latest_intact_round(checkpointer, directory: str, *, primary: bool = True,
                 return step
             except Exception as e:  # noqa: BLE001 - any failure to read means not intact
                 problem = _short(e)
+                _quiet_failed_restores()
+                gc.collect()  # the failed reads' coroutines report now, to the quiet hook
         _report_broken(directory, step, problem, primary, note)
         moved = True
     if moved:
@@ -376,6 +400,7 @@ class Session:
                                                                    primary)
         self.lock = WorkdirLock(workdir)
         self.created = False
+        self.had_checkpoints_dir = False
         self.stop_signal: int | None = None
         self.in_rounds = False  # set by the round loop: a signal before it stops at once
         self._handlers: dict = {}
@@ -388,6 +413,7 @@ class Session:
             from fedjax_med.validate import ConfigError
             raise ConfigError([problem])
         self.created = not os.path.exists(self.workdir)
+        self.had_checkpoints_dir = os.path.isdir(os.path.join(self.workdir, 'checkpoints'))
         self._install_signal_handlers()
         os.makedirs(self.workdir, exist_ok=True)
         try:
@@ -413,12 +439,15 @@ class Session:
 
     def _leave(self, failed: bool) -> None:
         self._restore_signal_handlers()
-        if failed and self.created and self.primary and not _step_dirs(
-                os.path.join(self.workdir, 'checkpoints')):
+        checkpoints = os.path.join(self.workdir, 'checkpoints')
+        if failed and self.created and self.primary and not _step_dirs(checkpoints):
             # Nothing was trained here: leave no workdir behind (only files this run wrote).
             self.lock.release()
             shutil.rmtree(self.workdir, ignore_errors=True)
             return
+        if failed and self.primary and not self.had_checkpoints_dir:
+            with contextlib.suppress(OSError):  # the empty folder the checkpointer made
+                os.rmdir(checkpoints)
         self.lock.release()
 
     def _sync(self, name: str) -> None:
