@@ -44,8 +44,12 @@ def summary_lines(summary: dict, *, workdir: str, main_metric: str, num_rounds: 
     done = int(summary.get('round') or 0)
     evaluated = next((r for r in reversed(rows) if f'eval/{main_metric}' in r), {})
     lines = ['', '=' * 30 + ' fedjax_med run summary ' + '=' * 30]
-    status = ('finished' if done >= num_rounds else
-              'not finished: rerun the same command to continue')
+    if summary.get('summary/stopped'):
+        status = f'stopped early: {summary["summary/stopped"]}'
+    elif done >= num_rounds:
+        status = 'finished'
+    else:
+        status = 'not finished: rerun the same command to continue'
     lines.append(f'rounds        {done}/{num_rounds} ({status})')
     if evaluated:
         keys = [k for k, v in evaluated.items() if k.startswith('eval/') and k.count('/') == 1

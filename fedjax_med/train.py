@@ -410,6 +410,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
     summary['summary/num_devices'] = int(mesh.devices.size)
     summary['summary/num_training_clients'] = num_clients
     summary['summary/round_traces'] = round_fn.num_traces
+    if isinstance(upcoming, str):  # the loop ended at the privacy budget
+        summary['summary/stopped'] = 'privacy budget reached'
     if primary:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
             json.dump(json_safe(summary), f, indent=2)

@@ -166,8 +166,9 @@ class WorkdirLock:
                     f'{os.path.dirname(self.path)} is locked by a run on another host '
                     f'({self._describe(holder)}), which cannot be checked from here. If no run '
                     f'uses this workdir any more, delete {self.path} and rerun.'])
+            gone = ('which no longer holds it' if alive else 'which is no longer running')
             note = (f'taking over the lock of {os.path.dirname(self.path)} left by '
-                    f'{self._describe(holder)}, which is no longer running.')
+                    f'{self._describe(holder)}, {gone}.')
         record = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
                              'started': time.time(), 'argv': sys.argv[:1]})
         os.ftruncate(fd, 0)
