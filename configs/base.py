@@ -4,6 +4,8 @@ The task configs (chestxray14.py, brats.py) start from `get_base_config()` and c
 need. Fields are grouped by the part of the code that reads them.
 """
 
+import difflib
+
 import ml_collections
 
 
@@ -122,3 +124,12 @@ def get_base_config() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     del arg
     return get_base_config()
+
+
+def unknown_variant(arg: str, path: str, variants: tuple[str, ...]) -> ValueError:
+    """The error for a misspelt variant of a task config (`--config=PATH:VARIANT`), with the
+    closest variant as a suggestion."""
+    close = difflib.get_close_matches(arg.lower(), variants, n=1, cutoff=0.6)
+    hint = f' Did you mean {path}:{close[0]}?' if close else ''
+    return ValueError(f'Unknown variant {arg!r} of {path}; use one of '
+                      f"'' (paper), {', '.join(map(repr, variants))}.{hint}")

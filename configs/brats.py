@@ -132,6 +132,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 5
         c.clients_in_parallel = 1  # as in 'paper'
     else:
-        raise ValueError(f'Unknown variant {arg!r} of configs/brats.py; use one of '
-                         "'' (paper), 'synthetic', 'smoke', 'dp', 'patch3d'.")
+        raise base.unknown_variant(arg, 'configs/brats.py',
+                                   ('synthetic', 'smoke', 'dp', 'patch3d'))
     return c

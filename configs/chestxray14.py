@@ -114,9 +114,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 1
         c.eval_batch_size = 64
     else:
-        raise ValueError(f'Unknown variant {arg!r} of configs/chestxray14.py; use one of '
-                         "'' (paper), 'synthetic', 'smoke', 'dp', 'nih_scale', 'nih_scale_dp', "
-                         "'nih_public'.")
+        raise base.unknown_variant(arg, 'configs/chestxray14.py',
+                                   ('synthetic', 'smoke', 'dp', 'nih_scale', 'nih_scale_dp',
+                                    'nih_public'))
     return c
 
 

@@ -40,6 +40,10 @@ class Checkpointer:
     def latest_round(self) -> int | None:
         return self._manager.latest_step()
 
+    def reload(self) -> None:
+        """Re-reads which checkpoints exist (after folders were moved out of the directory)."""
+        self._manager.reload()
+
     def save(self, round_index: int, state, host_state: dict) -> None:
         self._manager.save(round_index, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)))

@@ -19,7 +19,8 @@ import optax
 from absl import logging
 
 from fedjax_med import checkpoint as ckpt_lib
-from fedjax_med import evaluation, parallel, rounds
+from fedjax_med import closing, evaluation, health, parallel, rounds
+from fedjax_med import workdir as workdir_lib
 from fedjax_med.aggregation import fedavg
 from fedjax_med.data import batching
 from fedjax_med.models import build_model
@@ -115,17 +116,42 @@ def _fmt_time(seconds: float) -> str:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | None = None,
-        stop_after: int | None = None) -> dict:
-    """Trains as configured; resumes from the latest checkpoint in `workdir` if there is one.
+        stop_after: int | None = None, overwrite: bool = False) -> dict:
+    """Trains as configured; resumes from the newest intact checkpoint in `workdir` if there is
+    one, and prints a closing summary.
+
+    The workdir is locked for the run, a previous run's outputs are never overwritten unless
+    `overwrite`, and SIGINT / SIGTERM stop at the end of a round with it checkpointed
+    (`workdir.py`).
 
     Args:
       config: a config from configs/ (validated here).
       workdir: where config.json, metrics.jsonl and checkpoints/ go.
       num_devices: use only the first N devices (default: all).
       stop_after: stop after this many rounds in this process (tests of interruption).
+      overwrite: delete a previous run in `workdir` (its checkpoints and outputs) and start over.
     Returns:
       The last row written to metrics.jsonl plus 'summary' entries.
+    Raises:
+      validate.ConfigError: a config that cannot run (or a real dataset that is not built).
+      workdir.WorkdirError: the workdir is in use, holds another run, or outputs without a
+        checkpoint.
+      FloatingPointError: a round went non-finite (nothing of it logged or saved).
+      workdir.Stopped: SIGINT / SIGTERM.
     """
+    validate(config)
+    primary = parallel.is_primary()
+    with workdir_lib.Session(workdir, config, overwrite=overwrite, primary=primary) as session:
+        summary = _run(config, workdir, num_devices, stop_after, session)
+    if primary:
+        closing.print_summary(summary, workdir=workdir, main_metric=TASKS[config.task].main_metric,
+                              num_rounds=config.num_rounds,
+                              command_s=time.time() - session.started)
+    return summary
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | None,
+         stop_after: int | None, session: workdir_lib.Session) -> dict:
     # ---------------------------------------------------------------------------------------------
     # Config
     # ---------------------------------------------------------------------------------------------
@@ -140,15 +166,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     # before config.json is written, so a refused rerun leaves the workdir as it was.
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
                                          config.checkpoints_to_keep)
-    latest = checkpointer.latest_round()
+    latest = session.latest_intact_round(checkpointer)  # refuses to overwrite outputs
     if latest is not None:
         diffs = ckpt_lib.config_differences(checkpointer.restore_host(latest)['config'],
                                             config_dict)
         if diffs:
             checkpointer.close()
-            raise ValueError(f'{workdir} holds a checkpoint of a different run:\n  - '
-                             + '\n  - '.join(diffs)
-                             + '\nUse a new --workdir, or restore those values to resume.')
+            raise session.resume_mismatch(diffs)
     if primary:
         with open(os.path.join(workdir, 'config.json'), 'w') as f:
             json.dump(config_dict, f, indent=2, sort_keys=True)
@@ -274,7 +298,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         state, host = checkpointer.restore(latest, state)
         start, history, cum = host['round'], host['history'], host['cum_bytes']
         privacy.load_state_dict(host['privacy'])
-        say(f'Resumed from round {start} in {workdir}')
+        say(session.resume_line(start, config.num_rounds))
     writer = MetricsWriter(workdir, history, write=primary)
     # The round key, made replicated on the mesh (which may span processes).
     round_key = jax.jit(rounds.round_key, static_argnums=0,
@@ -287,6 +311,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     end = config.num_rounds if stop_after is None else min(config.num_rounds, start + stop_after)
     times = []
     saved = start  # the round of the latest checkpoint
+    monitor = health.RoundMonitor(config, float(optax.tree.norm(params)), history, primary=primary,
+                                  noise=health.noise_norm(config, privacy, num_params))
 
     def save(done: int) -> None:
         """Checkpoints the state after `done` rounds."""
@@ -335,6 +361,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     # Dispatch is asynchronous: round r+1's host work runs while round r computes, so the device
     # does not wait for index arrays, accounting or SecAgg set-up between rounds.
     upcoming = prepare(start) if start < end else None
+    session.in_rounds = True  # from here a first SIGINT / SIGTERM stops after the round
     for r in range(start, end):
         t0 = time.perf_counter()
         current = upcoming
@@ -348,13 +375,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         upcoming = prepare(r + 1) if r + 1 < end else None
         m = parallel.to_host(m)
         train_loss = float(m['train/loss'])
-        bad_updates = int(m['train/nonfinite_updates'])
-        if not math.isfinite(train_loss) or bad_updates:
-            # Not saved: the latest checkpoint is the last good state.
-            raise FloatingPointError(
-                f'Round {r + 1}: training loss is {train_loss}, {bad_updates} hospital update(s) '
-                f'not finite. Lower config.local.learning_rate (now {lc.learning_rate}) or '
-                'config.server.learning_rate, or check the data.')
+        monitor.check(r, m)  # not finite: raises, nothing logged or saved (health.py)
 
         row = {'round': r + 1, 'train/loss': train_loss,
                'train/update_norm': float(m.get('train/update_norm', np.nan)),
@@ -393,6 +414,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
         # -- checkpoint -------------------------------------------------------------------------
         if (r + 1) % config.checkpoint_every == 0 or r + 1 == end:
             save(r + 1)
+        if session.stop_requested and r + 1 < end:  # SIGINT / SIGTERM: stop here, saved
+            session.stop(done=r + 1, saved=saved, save=save, close=checkpointer.close)
     checkpointer.close()
 
     # ---------------------------------------------------------------------------------------------
@@ -404,6 +427,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     summary['summary/num_devices'] = int(mesh.devices.size)
     summary['summary/num_training_clients'] = num_clients
     summary['summary/round_traces'] = round_fn.num_traces
+    if isinstance(upcoming, str):  # the loop ended at the privacy budget
+        summary['summary/stopped'] = 'privacy budget reached'
     if primary:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
             json.dump(json_safe(summary), f, indent=2)

@@ -39,12 +39,35 @@ POSITIVE = ('num_rounds', 'local.unroll_steps', 'data.resolution', 'data.num_cli
             'local.epochs', 'local.learning_rate', 'eval_every', 'eval_batch_size',
             'checkpoint_every', 'checkpoints_to_keep', 'model.width', 'model.depth',
             'data.patches_per_case', 'data.slices_per_case', 'data.dirichlet_alpha',
-            'data.findings_per_client', 'data.empty_slice_stride')
+            'data.findings_per_client', 'data.empty_slice_stride',
+            'server.learning_rate', 'server.epsilon', 'local.decay_rate', 'dp.clip_learning_rate')
 NON_NEGATIVE = ('clients_per_round', 'clients_in_parallel', 'local.prox_mu', 'data.patch_size',
                 'data.quantity_sigma', 'data.max_cases',
-                'dp.noise_multiplier', 'dp.target_epsilon',
-                'dp.delta', 'dp.chunk_size', 'secagg.dropout_fraction', 'secagg.threshold',
-                'secagg.neighbours')
+                'dp.noise_multiplier', 'dp.target_epsilon', 'dp.chunk_size',
+                'secagg.dropout_fraction', 'secagg.threshold', 'secagg.neighbours',
+                'dp.count_noise_std')
+# Fields checked against a range: (test, message after 'config.FIELD=VALUE '). NaN fails every
+# test; a value that is not finite is reported once, by the finiteness check.
+RANGES = {
+    'local.momentum': (lambda v: 0 <= v < 1, 'must be in [0, 1) (the momentum optimiser\'s '
+                       'decay); e.g. 0.9.'),
+    'server.momentum': (lambda v: 0 <= v < 1, 'must be in [0, 1) (fedavgm\'s server momentum); '
+                        'e.g. 0.9.'),
+    'server.beta1': (lambda v: 0 <= v < 1, 'must be in [0, 1) (fedadam / fedyogi); e.g. 0.9.'),
+    'server.beta2': (lambda v: 0 <= v < 1, 'must be in [0, 1) (fedadam / fedyogi); e.g. 0.99.'),
+    'dp.target_quantile': (lambda v: 0 < v < 1, 'must be in (0, 1) (the fraction of hospital '
+                           'updates adaptive clipping aims to leave unclipped); e.g. 0.5.'),
+    'dp.delta': (lambda v: 0 <= v < 1, 'must be in [0, 1) (0 means 1 / (10 n) per hospital); '
+                 'e.g. 1e-5.'),
+    'compression.bits': (lambda v: v == int(v) and 1 <= v <= 24, 'must be an integer in 1..24 '
+                         '(bits per coordinate of a quantised update); e.g. 8.'),
+    'compression.topk_fraction': (lambda v: 0 < v <= 1, 'must be in (0, 1] (the fraction of '
+                                  'coordinates top-k sends); e.g. 0.01.'),
+    'secagg.clip': (lambda v: v > 0, 'must be > 0 (the per-coordinate clip of the fixed-point '
+                    'encoding); e.g. 1.0.'),
+}
+# Numeric fields for which infinity means something (no count release); NaN never does.
+MAY_BE_INFINITE = ('dp.count_noise_std',)
 REAL_BRATS = ('brats2020', 'brats2021', 'msd_brain')
 TASK_OF_DATA = {'synthetic_cxr': 'chestxray14', 'nih_chestxray14': 'chestxray14',
                 'synthetic_brats': 'brats', 'brats2020': 'brats', 'brats2021': 'brats',
@@ -99,6 +122,24 @@ def unknown_field_problem(config: ml_collections.ConfigDict, dotted: str) -> str
     hint = (f' Did you mean {" or ".join(f"--config.{n}" for n in close)}?' if close else '')
     return (f'--config.{dotted}: config has no field {dotted!r}.{hint} Every field is listed, '
             'with a comment, in configs/base.py.')
+
+
+def _nonfinite_problems(config: ml_collections.ConfigDict) -> tuple[list[str], set[str]]:
+    """(one problem per float field that is NaN or infinite, the set of those fields)."""
+    problems, fields = [], set()
+    for field in field_names(config):
+        value = _get(config, field)
+        if not isinstance(value, float) or math.isfinite(value):
+            continue
+        if field in MAY_BE_INFINITE and not math.isnan(value):
+            continue
+        fields.add(field)
+        rule = ('> 0' if field in POSITIVE else '>= 0' if field in NON_NEGATIVE
+                else RANGES[field][1].split(' (')[0].removeprefix('must be ') if field in RANGES
+                else '')
+        problems.append(f'config.{field}={value!r} must be a finite number'
+                        + (f' {rule}' if rule else '') + '.')
+    return problems, fields
 
 
 def _get(config, dotted):
@@ -359,7 +400,8 @@ def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (a ValueError) with one message per problem found (all at once)."""
-    problems, unknown = [], set()
+    problems, nonfinite = _nonfinite_problems(config)
+    unknown = set()
     for field, allowed in CHOICES.items():
         value = _get(config, field)
         if value not in allowed:
@@ -370,8 +412,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if not _get(config, field) > 0:
             problems.append(f'config.{field}={_get(config, field)!r} must be > 0.')
     for field in NON_NEGATIVE:
-        if _get(config, field) < 0:
+        if not _get(config, field) >= 0:
             problems.append(f'config.{field}={_get(config, field)!r} must be >= 0.')
+    for field, (ok, rule) in RANGES.items():
+        if not ok(_get(config, field)):
+            problems.append(f'config.{field}={_get(config, field)!r} {rule}')
     k = config.data.num_clients
     if config.clients_per_round > k:
         problems.append(f'config.clients_per_round={config.clients_per_round} exceeds '
@@ -407,5 +452,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                             "use 'quantize' or 'none' with config.secagg.enabled=True.")
         if config.mode == 'federated':
             problems += _secagg_problems(config)
+    # A NaN or infinite field is reported once, by the finiteness check, not by its range too.
+    problems = [p for p in problems if p.startswith(tuple(
+        f'config.{f}={_get(config, f)!r} must be a finite' for f in nonfinite)) or not p.startswith(
+        tuple(f'config.{f}=' for f in nonfinite))]
     if problems:
         raise ConfigError(problems)

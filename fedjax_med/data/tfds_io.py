@@ -175,6 +175,25 @@ def to_model_arrays(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
+def builder_for(cfg: ml_collections.ConfigDict, seed: int) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of the dataset `cfg` (a config's `data`) reads (built or not)."""
+    name = cfg.name
+    task = 'chestxray14' if name in ('nih_chestxray14', 'synthetic_cxr') else 'brats'
+    patch_size = int(cfg.get('patch_size', 0)) if task == 'brats' else 0
+    per_case = int(cfg.get('patches_per_case', 8)) if patch_size else int(
+        cfg.get('slices_per_case', 16))
+    if name == 'synthetic_brats':
+        num_examples = -(-(int(cfg.num_train) + int(cfg.num_test)) // per_case)
+    else:
+        num_examples = int(cfg.num_train) + int(cfg.num_test)
+    return make_builder(name, data_dir=cfg.data_dir, resolution=int(cfg.resolution),
+                        num_examples=num_examples, seed=seed,
+                        slices_per_case=int(cfg.get('slices_per_case', 16)),
+                        brain_slices_only=bool(cfg.get('brain_slices_only', True)),
+                        empty_slice_stride=int(cfg.get('empty_slice_stride', 1)),
+                        volumes=patch_size > 0)
+
+
 def load_arrays(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, np.ndarray], dict]:
     """Reads a (built, or buildable) dataset for load_federated.
 
@@ -186,16 +205,7 @@ def load_arrays(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, np
     patch_size = int(cfg.get('patch_size', 0)) if task == 'brats' else 0
     per_case = int(cfg.get('patches_per_case', 8)) if patch_size else int(
         cfg.get('slices_per_case', 16))
-    if name == 'synthetic_brats':
-        num_examples = -(-(int(cfg.num_train) + int(cfg.num_test)) // per_case)
-    else:
-        num_examples = int(cfg.num_train) + int(cfg.num_test)
-    builder = make_builder(name, data_dir=cfg.data_dir, resolution=int(cfg.resolution),
-                           num_examples=num_examples, seed=seed,
-                           slices_per_case=int(cfg.get('slices_per_case', 16)),
-                           brain_slices_only=bool(cfg.get('brain_slices_only', True)),
-                           empty_slice_stride=int(cfg.get('empty_slice_stride', 1)),
-                           volumes=patch_size > 0)
+    builder = builder_for(cfg, seed)
     ensure_built(builder, cfg.manual_dir)
     splits = sorted(builder.info.splits.keys())
     max_cases = int(cfg.get('max_cases', 0))
