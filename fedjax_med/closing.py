@@ -37,6 +37,13 @@ def _duration(seconds: float) -> str:
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+# The metrics the block shows besides the main one, when the run has them (metrics.jsonl has all):
+# chest X-ray accuracies at validation-chosen thresholds, BraTS per-case Dice and HD95 and the
+# dataset-level Dice of each region.
+HEADLINE = ('accuracy_at_val_threshold', 'normal_vs_abnormal_accuracy', 'mean_case_dice',
+            'mean_hd95', 'dice_wt', 'dice_tc', 'dice_et', 'own_mean_auroc', 'own_mean_dice')
+
+
 def summary_lines(summary: dict, *, workdir: str, main_metric: str, num_rounds: int,
                   command_s: float | None = None) -> list[str]:
     """The closing block, one string per line."""
@@ -52,9 +59,9 @@ def summary_lines(summary: dict, *, workdir: str, main_metric: str, num_rounds: 
         status = 'not finished: rerun the same command to continue'
     lines.append(f'rounds        {done}/{num_rounds} ({status})')
     if evaluated:
-        keys = [k for k, v in evaluated.items() if k.startswith('eval/') and k.count('/') == 1
-                and (_number(v) or v is None)]
-        keys.sort(key=lambda k: (k != f'eval/{main_metric}', k))
+        keys = [f'eval/{name}' for name in (main_metric, *HEADLINE)
+                if f'eval/{name}' in evaluated and (_number(evaluated[f'eval/{name}'])
+                                                    or evaluated[f'eval/{name}'] is None)]
         at = evaluated.get('round')
         where = '' if at == done else f' (evaluated at round {at})'
         metrics = ', '.join(f'{k[len("eval/"):]} {_fmt(evaluated[k])}' for k in keys)

@@ -41,6 +41,10 @@ _OVERWRITE = flags.DEFINE_boolean(
     'overwrite', False, 'Start over in a --workdir that holds a previous run: delete its '
     'checkpoints/, metrics.jsonl, summary.json and config.json first (without it such a workdir '
     'is resumed, or refused when it cannot be).')
+_CACHE = flags.DEFINE_string(
+    'compilation_cache', None, "Folder of JAX's persistent compilation cache, so a rerun or "
+    "resume loads its programs instead of compiling them ('' turns it off; default "
+    '$FEDJAX_MED_COMPILATION_CACHE or ~/.cache/fedjax_med/jax; JAX_COMPILATION_CACHE_DIR wins).')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 HELP_FLAGS = ('-?', '-h', '-help', '--help', '--helpshort', '--helpfull', '--helpxml')
@@ -171,10 +175,14 @@ def main(argv):
         parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
                                         _PROCESS_ID.value)
     workdir_lib.EXIT_ON_SECOND_SIGNAL = True
+    parallel.enable_compilation_cache(_CACHE.value)
+    from fedjax_med.data.errors import DataError
     try:
         train.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except validate.ConfigError as e:
         _config_error(e.problems)
+    except DataError as e:  # a dataset that cannot be built or read: one line naming the file
+        _error('data error', [str(e)])
     except workdir_lib.WorkdirError as e:
         _error('error', e.problems)
     except FloatingPointError as e:

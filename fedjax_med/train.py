@@ -26,7 +26,7 @@ from fedjax_med.data import batching
 from fedjax_med.models import build_model
 from fedjax_med.state import RoundInputs
 from fedjax_med.tasks import TASKS
-from fedjax_med.validate import validate
+from fedjax_med.validate import ConfigError, validate
 
 # Purposes of host-side random generators: np.random.default_rng([seed, round, PURPOSE, ...]).
 HOST_PARTICIPANTS, HOST_BATCHES, HOST_SECAGG = 1, 2, 3
@@ -242,7 +242,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
     num_steps = int(steps.max())
     from fedjax_med import privacy_setup
 
-    privacy = privacy_setup.PrivacySetup(config, sizes[:num_clients], steps[:num_clients])
+    try:
+        privacy = privacy_setup.PrivacySetup(config, sizes[:num_clients], steps[:num_clients])
+    except ValueError as e:  # a privacy target these hospitals cannot meet: the user's to fix
+        raise ConfigError([str(e)]) from None
     max_batch = lc.batch_size
     if lc.sampling == 'poisson':
         # Padded Poisson batches: a step that draws more than max_batch examples is truncated.
