@@ -1,6 +1,7 @@
 """launch/experiments.py: a slice of the smoke grid end to end, then a rerun that skips it all."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -82,27 +83,38 @@ def test_dp_algorithms_and_config_overrides_narrow_the_grid():
 def test_hospital_scale_suite_order_and_configs():
     """--suite=nih_scale: per seed the public pretraining first, then centralised, FedAvg, its DP
     runs from the largest epsilon (warm start before cold), then the other baselines; warm runs
-    start from their seed's pretraining run and DP runs use the large-batch DP variant."""
-    sys.path.insert(0, os.path.join(REPO, 'launch'))
-    import experiments
-
-    suite = experiments.SUITES['nih_scale']
-    specs = experiments.grid(suite)
-    assert len(specs) == 3 * 9
-    assert [s.name for s in specs[:9]] == [
+    start from their seed's pretraining run and DP runs use the large-batch DP variant. (In a
+    child process: launch/experiments.py defines absl flags that other modules also define.)"""
+    code = """if True:
+        import json, sys
+        sys.path.insert(0, 'launch')
+        import experiments
+        suite = experiments.SUITES['nih_scale']
+        specs = experiments.grid(suite)
+        cfg = lambda i: experiments.make_config(specs[i], suite, None, '/grid')
+        pick = lambda c: {'mode': c.mode, 'train_on': c.data.train_on, 'init_from': c.init_from,
+                          'dp': c.dp.mode, 'eps': c.dp.target_epsilon, 'batch': c.local.batch_size,
+                          'sampling': c.local.sampling, 'public': c.data.public_fraction}
+        print(json.dumps({'names': [s.name for s in specs],
+                          'configs': [pick(cfg(i)) for i in range(5)]}))
+    """
+    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                            cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert len(out['names']) == 3 * 9
+    assert out['names'][:9] == [
         'public-pretrain-seed0', 'centralized-nodp-dirichlet0.5-seed0',
         'fedavg-nodp-dirichlet0.5-seed0', 'fedavg-eps4.5-dirichlet0.5-warm-seed0',
         'fedavg-eps4.5-dirichlet0.5-seed0', 'fedavg-eps2.5-dirichlet0.5-warm-seed0',
         'fedavg-eps2.5-dirichlet0.5-seed0', 'local-nodp-dirichlet0.5-seed0',
         'fedprox-nodp-dirichlet0.5-seed0']
-    pretrain = experiments.make_config(specs[0], suite, None, '/grid')
-    assert pretrain.data.train_on == 'public' and pretrain.mode == 'centralized'
-    warm = experiments.make_config(specs[3], suite, None, '/grid')
-    assert warm.init_from == '/grid/chestxray14/public-pretrain-seed0'
-    assert warm.dp.mode == 'sample' and warm.dp.target_epsilon == 4.5
-    assert warm.local.batch_size == 1024 and warm.local.sampling == 'poisson'
-    cold = experiments.make_config(specs[4], suite, None, '/grid')
-    assert cold.init_from == '' and cold.local.batch_size == 1024
-    fedavg = experiments.make_config(specs[2], suite, None, '/grid')
-    assert fedavg.dp.mode == 'none' and fedavg.local.batch_size == 64
-    assert fedavg.data.public_fraction == warm.data.public_fraction == 0.1  # same hospitals
+    pretrain, central, fedavg, warm, cold = out['configs']
+    assert pretrain['train_on'] == 'public' and pretrain['mode'] == 'centralized'
+    assert central['train_on'] == 'hospitals' and central['mode'] == 'centralized'
+    assert warm['init_from'] == '/grid/chestxray14/public-pretrain-seed0'
+    assert warm['dp'] == 'sample' and warm['eps'] == 4.5
+    assert warm['batch'] == 1024 and warm['sampling'] == 'poisson'
+    assert cold['init_from'] == '' and cold['batch'] == 1024
+    assert fedavg['dp'] == 'none' and fedavg['batch'] == 64
+    assert fedavg['public'] == warm['public'] == 0.1  # the same hospitals in every run
