@@ -94,7 +94,8 @@ def test_hospital_scale_suite_order_and_configs():
         cfg = lambda i: experiments.make_config(specs[i], suite, None, '/grid')
         pick = lambda c: {'mode': c.mode, 'train_on': c.data.train_on, 'init_from': c.init_from,
                           'dp': c.dp.mode, 'eps': c.dp.target_epsilon, 'batch': c.local.batch_size,
-                          'sampling': c.local.sampling, 'public': c.data.public_fraction}
+                          'sampling': c.local.sampling, 'public': c.data.public_fraction,
+                          'epochs': c.local.epochs}
         print(json.dumps({'names': [s.name for s in specs],
                           'configs': [pick(cfg(i)) for i in range(5)]}))
     """
@@ -118,3 +119,4 @@ def test_hospital_scale_suite_order_and_configs():
     assert cold['init_from'] == '' and cold['batch'] == 1024
     assert fedavg['dp'] == 'none' and fedavg['batch'] == 64
     assert fedavg['public'] == warm['public'] == 0.1  # the same hospitals in every run
+    assert central['epochs'] == 0.1 and fedavg['epochs'] == warm['epochs'] == 0.5
