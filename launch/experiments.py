@@ -486,8 +486,11 @@ def run_suite(suite: Suite, workdir: str, data_dir: str | None = None, *,
                 trained += 1
             else:
                 skipped += 1
-        except Exception:  # one failed run must not lose the rest of the grid
-            traceback.print_exc()
+        except Exception as e:  # one failed run must not lose the rest of the grid
+            if type(e).__name__ == 'WorkdirError':  # e.g. another grid process trains it now
+                print(f'skipped {spec.task}/{spec.name}: {e}', flush=True)
+            else:
+                traceback.print_exc()
             failed.append(f'{spec.task}/{spec.name}')
     print(f'{trained} run(s) trained, {skipped} already finished (skipped), '
           f'{len(failed)} failed.', flush=True)
