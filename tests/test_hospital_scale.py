@@ -5,13 +5,17 @@ and a warm-started run starts exactly from the source run's parameters."""
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import chestxray14
 from fedjax_med import checkpoint, train
 from fedjax_med.data import nih_metadata, sources, synthetic
+from fedjax_med.models import build_model
 from fedjax_med.validate import ConfigError, validate
+from tests.test_config_errors import smoke
 
 
 def test_every_row_of_the_nih_table_once():
@@ -102,7 +106,6 @@ def test_warm_start_from_public_pretraining(tmp_path):
 
 
 def jax_leaves(tree):
-    import jax
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
@@ -111,13 +114,10 @@ def test_init_from_refuses_another_model(tmp_path):
     config.num_rounds = 1
     src = str(tmp_path / 'src')
     train.run(config, src)
-    import jax.numpy as jnp
-
-    from fedjax_med.models import build_model
     other = config.copy_and_resolve_references()
     other.model.width = 16
     model = build_model(other.model, other.task)
-    like = model.init(__import__('jax').random.key(0), jnp.zeros((1, 16, 16, 1)))
+    like = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)))
     with pytest.raises(ValueError, match=r'init_from.*shape'):
         checkpoint.load_params(src, like)
     with pytest.raises(ValueError, match='no checkpoint'):
@@ -132,13 +132,7 @@ def test_init_from_refuses_another_model(tmp_path):
     ({'init_from': '/no/such/run'}, "init_from='/no/such/run' is not a folder"),
 ])
 def test_config_errors(change, message):
-    config = chestxray14.get_config('smoke')
-    for dotted, value in change.items():
-        *parents, leaf = dotted.split('.')
-        node = config
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config = smoke(**{k.replace('.', '__'): v for k, v in change.items()})
     with pytest.raises(ConfigError, match=message):
         validate(config)
 
