@@ -307,7 +307,7 @@ def _public_data_problems(config: ml_collections.ConfigDict) -> list[str]:
     init_from = config.get('init_from', '')
     if init_from:
         path = os.path.expanduser(init_from)
-        if not (os.path.isdir(os.path.join(path, 'checkpoints')) or os.path.isdir(path)):
+        if not os.path.isdir(path):  # a workdir, or its checkpoints/ folder
             problems.append(f'config.init_from={init_from!r} is not a folder; give the workdir '
                             'of a finished run (or its checkpoints/ folder).')
     return problems
