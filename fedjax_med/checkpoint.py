@@ -132,7 +132,7 @@ def _inert_fields(config: dict) -> set[str]:
 
 
 def noise_calibrated_to_num_rounds(config: dict) -> bool:
-    """Whether the run's DP noise is calibrated from num_rounds (privacy_setup.py: DP on with
+    """Whether the run's DP noise is calibrated from num_rounds (privacy/plan.py: DP on with
     dp.target_epsilon > 0; otherwise dp.noise_multiplier is used as given)."""
     dp = config.get('dp', {})
     return dp.get('mode', 'none') != 'none' and dp.get('target_epsilon', 0) > 0

@@ -5,6 +5,9 @@ device, in its storage dtypes (data/storage.py); `lax.map` decodes and runs one 
 and the host adds up the statistics (`unbatch_stats`). Per-example arrays (`PER_EXAMPLE`: CXR
 probabilities, BraTS packed binary predictions for per-case metrics) come back unsummed, in the
 split's row order followed by the padding.
+
+`Evaluator` is what a run uses: the global test split and every hospital's own test split on
+the devices, the jitted evaluation functions, and `evaluator(params) -> metrics row`.
 """
 
 import math
@@ -122,3 +125,74 @@ def split_hospitals(stats) -> list[dict]:
 
 def param_count(params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+class Evaluator:
+    """A run's evaluation: `evaluator(params)` -> the metrics row's eval/ and hospital/ entries.
+
+    eval/<metric> is on the global test split (with the task's per-case metrics,
+    `Task.split_metrics`, unless `case_metrics` is off); hospital/<name>/<main metric> on each
+    hospital's own test split, and eval/own_<main metric> their mean. In local mode each
+    hospital's own model is evaluated (eval/ is the mean over the hospitals' models).
+
+    Args:
+      test: the global test split (arrays of the split; 'image', 'label' and metadata).
+      hospital_tests: each hospital's own test split.
+      names: the hospitals' names (for the hospital/ keys).
+      local_mode: params carry a leading client axis (one model per hospital).
+    """
+
+    def __init__(self, *, apply_fn, task: Task, mesh, test: dict, hospital_tests: list[dict],
+                 names: list[str], local_mode: bool, batch_size: int, case_metrics: bool):
+        self.task, self.names, self.local_mode = task, list(names), local_mode
+        test_batched = batch_split(test, batch_size)
+        # Labels and metadata (case, slice, patch, patient ids) of the global test split, on the
+        # host, for the task's per-case metrics.
+        self.test_host = {k: v for k, v in test.items() if k != 'image'} if case_metrics \
+            else None
+        if local_mode:  # every hospital's model sees the whole split
+            self.test = parallel.put_replicated(test_batched, mesh)
+        else:  # one model: each device evaluates its share of the batches
+            self.test = parallel.put_clients(pad_batches(test_batched, mesh.devices.size), mesh)
+        # Each hospital's own test split lives on the device that holds its training data.
+        self.hospital_test = parallel.put_clients(parallel.pad_client_axis(
+            stack_splits(hospital_tests, batch_size),
+            parallel.padded_num_clients(len(hospital_tests), mesh)), mesh)
+        eval_fn = build_eval_fn(apply_fn, task)
+        # The global test split also brings back what per-case (per-patient) metrics need.
+        eval_fn_cases = build_eval_fn(apply_fn, task, example_outputs=True) if case_metrics \
+            else eval_fn
+        if local_mode:
+            self.eval_global = per_hospital(eval_fn_cases, params_axis=0, data_axis=None,
+                                            mesh=mesh)
+            self.eval_own = per_hospital(eval_fn, params_axis=0, data_axis=0, mesh=mesh)
+        else:
+            self.eval_global = over_devices(eval_fn_cases, mesh)
+            self.eval_own = per_hospital(eval_fn, params_axis=None, data_axis=0, mesh=mesh)
+
+    def _global_metrics(self, stats: dict) -> dict:
+        out = self.task.finalize(stats)
+        if self.task.split_metrics is not None and self.test_host is not None:
+            out.update(self.task.split_metrics(stats, self.test_host))
+        return out
+
+    def __call__(self, params) -> dict:
+        task, names, row = self.task, self.names, {}
+        stats = parallel.to_host(self.eval_global(params, self.test))
+        if self.local_mode:
+            # Each hospital's own model: on the global test split (averaged) and on its own split.
+            results = [self._global_metrics(s) for s in split_hospitals(stats)[: len(names)]]
+            for key in results[0]:
+                row[f'eval/{key}'] = float(np.nanmean([res[key] for res in results]))
+        else:
+            row.update({f'eval/{k}': v
+                        for k, v in self._global_metrics(unbatch_stats(stats)).items()})
+        own = split_hospitals(parallel.to_host(self.eval_own(params, self.hospital_test)))[
+            : len(names)]
+        own_main = []
+        for name, stats in zip(names, own, strict=True):
+            value = task.finalize(stats)[task.main_metric]
+            row[f'hospital/{name}/{task.main_metric}'] = value
+            own_main.append(value)
+        row[f'eval/own_{task.main_metric}'] = float(np.nanmean(own_main))
+        return row

@@ -4,11 +4,10 @@
   python launch/profile_rounds.py --config=configs/brats.py:smoke --workdir=/tmp/prof \
       --warmup_rounds=1 --rounds=1 --config.num_rounds=4
 
-Runs `train.run` for `--warmup_rounds`, then resumes from that checkpoint for `--rounds` + 2 more
-rounds inside `jax.profiler.trace(WORKDIR/trace)`, so the trace holds rounds exactly as
-`python -m fedjax_med.main` runs them. The resumed process builds its round function again, so
-the first traced round includes compilation (or a compilation-cache load) and is left out, as is
-the last (its window would run on to the end of the trace). It then reads the Perfetto
+Runs `train.run` (so the rounds are exactly those `python -m fedjax_med.main` runs) with a hook
+that starts a `jax.profiler` trace (WORKDIR/trace) once `--warmup_rounds` rounds are done
+(compilation included) and stops it `--rounds` + 1 rounds later; the last traced round is left
+out of the table (its window runs on to the end of the trace). It then reads the Perfetto
 trace (`*.trace.json.gz`; open it in https://ui.perfetto.dev or TensorBoard's profile plugin for
 the full picture) and prints, per traced round:
 
@@ -52,21 +51,29 @@ def main(argv: Sequence[str]) -> None:
 
     config = _CONFIG.value
     workdir = os.path.expanduser(_WORKDIR.value)
-    needed = _WARMUP.value + _ROUNDS.value + 2
+    if _WARMUP.value < 1 or _ROUNDS.value < 1:
+        raise app.UsageError('--warmup_rounds and --rounds must be at least 1 (the first round '
+                             'compiles).')
+    needed = _WARMUP.value + _ROUNDS.value + 1
     if needed > config.num_rounds:
-        raise app.UsageError(f'--warmup_rounds + --rounds + 2 = {needed} exceeds '
+        raise app.UsageError(f'--warmup_rounds + --rounds + 1 = {needed} exceeds '
                              f'config.num_rounds={config.num_rounds}; lower them.')
     if not flags.FLAGS['verbosity'].present:
         logging.set_verbosity(logging.ERROR)  # Orbax is chatty at INFO
-    train.run(config, workdir, stop_after=_WARMUP.value)
     trace_dir = os.path.join(workdir, 'trace')
     options = jax.profiler.ProfileOptions()
     options.python_tracer_level = 0  # Python call events flood the trace buffer and cut it short
-    with jax.profiler.trace(trace_dir, create_perfetto_trace=True, profiler_options=options):
-        # + 2: the first round compiles (or loads from the cache), the last one's window would
-        # run on to the end of the trace (final checkpoint, shutdown).
-        train.run(config, workdir, stop_after=_ROUNDS.value + 2)
-    rows = profiling.summarize(profiling.load_trace(trace_dir))[1:-1]
+    first, last = _WARMUP.value, _WARMUP.value + _ROUNDS.value + 1
+
+    def trace_rounds(done: int) -> None:
+        if done == first:
+            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True,
+                                     profiler_options=options)
+        elif done == last:
+            jax.profiler.stop_trace()
+
+    train.run(config, workdir, stop_after=last, hooks=[trace_rounds])
+    rows = profiling.summarize(profiling.load_trace(trace_dir))[:-1]
     print(profiling.format_rows(rows))
     print(f'Trace: {trace_dir} (Perfetto: *.trace.json.gz)')
 

@@ -62,10 +62,10 @@ def test_dp_run_with_noise_as_given_can_be_resumed_with_more_rounds(tmp_path):
 def test_budget_stop_checkpoints_the_last_round_run(tmp_path, monkeypatch, capsys):
     # With noise calibrated from num_rounds the budget is not reached in a run's own rounds, so
     # the accountant's answer is forced: the budget is spent after round 2 of 3.
-    from fedjax_med import privacy_setup
     from fedjax_med.checkpoint import Checkpointer
+    from fedjax_med.privacy import plan as privacy_plan
 
-    monkeypatch.setattr(privacy_setup.PrivacySetup, 'check_budget',
+    monkeypatch.setattr(privacy_plan.PrivacyPlan, 'check_budget',
                         lambda self, steps: 'Privacy budget reached' if self.rounds_done >= 2
                         else None)
     c = chestxray14.get_config('smoke')

@@ -1,4 +1,4 @@
-"""Sample-level noise calibration of a run (privacy_setup.py): each hospital's sigma and epsilon."""
+"""Sample-level noise calibration of a run (privacy/plan.py): each hospital's sigma and epsilon."""
 
 import math
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from configs import base
-from fedjax_med import privacy_setup
 from fedjax_med.data import batching
 from fedjax_med.privacy import accounting
+from fedjax_med.privacy import plan as privacy_plan
 
 
 def _setup(sizes, *, per_hospital=True, target=3.0, noise=0.0, rounds=4, batch=32, epochs=1.0):
@@ -19,7 +19,7 @@ def _setup(sizes, *, per_hospital=True, target=3.0, noise=0.0, rounds=4, batch=3
     c.dp.noise_per_hospital = per_hospital
     sizes = np.asarray(sizes)
     steps = np.array([batching.steps_per_round(n, batch, epochs) for n in sizes])
-    return privacy_setup.PrivacySetup(c, sizes, steps), steps
+    return privacy_plan.PrivacyPlan(c, sizes, steps), steps
 
 
 def _run_all_rounds(setup, steps, rounds):

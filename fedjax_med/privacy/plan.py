@@ -1,4 +1,5 @@
-"""Couples the privacy pieces for one run: noise calibration, the accountant, the budget stop.
+"""The privacy plan of a run, built once: noise calibration, each hospital's sigma, the padded
+Poisson batch, the accountant and the budget stop (`PrivacyPlan`).
 
 Sample-level DP ('sample'): hospital k runs DP-SGD with Poisson rate q_k = B / n_k and
 steps_k = ceil(epochs * n_k / B) local steps per round in which it takes part; its patients'
@@ -18,6 +19,13 @@ replacement (RDP). With adaptive clipping the update noise uses z_delta (Andrew 
 the configured z is what is accounted. With secure aggregation each hospital adds its share of
 the noise; hospitals that drop take their share with them, so the accounted noise multiplier is
 z * sqrt(survivors / m) for the guaranteed number of survivors.
+
+Poisson batches are padded to `max_batch` slots; a step that draws more is truncated. Under
+DP-SGD `max_batch` keeps each hospital's chance of that anywhere in the run at most 1e-3 of its
+delta, counted with its (planned) epsilon (data/batching.py).
+
+Besides its own package (accounting, client_dp) this module imports `data.batching`, for the
+Poisson tail bounds.
 """
 
 import math
@@ -25,11 +33,19 @@ import math
 import ml_collections
 import numpy as np
 
+from fedjax_med.data import batching
 from fedjax_med.privacy import accounting, client_dp
 
 
-class PrivacySetup:
-    """Host-side privacy state of a run (checkpointed through `state_dict`)."""
+class PrivacyPlan:
+    """Host-side privacy state of a run (its accountant checkpointed through `state_dict`).
+
+    Args:
+      config: the run's config.
+      sizes, steps: each training hospital's examples and local steps per round (no padding).
+    Raises:
+      ValueError: a privacy target these hospitals cannot meet.
+    """
 
     def __init__(self, config: ml_collections.ConfigDict, sizes: np.ndarray, steps: np.ndarray):
         self.config, dp = config, config.dp
@@ -77,6 +93,22 @@ class PrivacySetup:
             self.accounted_noise = z * shrink
             self.noise_multiplier = (client_dp.effective_noise_multiplier(z, dp.count_noise_std)
                                      if dp.adaptive_clip else z)
+        self.max_batch = self._max_batch(sizes, steps)
+
+    def _max_batch(self, sizes: np.ndarray, steps: np.ndarray) -> int:
+        """Slots of a padded local batch: the batch size, or for Poisson sampling the bound of
+        data/batching.py (under DP-SGD tight enough to add at most 1e-3 delta_k)."""
+        config = self.config
+        if config.local.sampling != 'poisson':
+            return config.local.batch_size
+        tail = batching.POISSON_TAIL
+        if self.mode == 'sample':
+            planned = config.dp.target_epsilon or float(np.max(
+                self.accountant.epsilon_after(steps * config.num_rounds)))
+            tail = batching.run_overflow_tail(
+                steps, config.num_rounds, self.deltas,
+                epsilon=planned if math.isfinite(planned) and planned < 50 else None)
+        return batching.poisson_max_batch(config.local.batch_size, sizes, tail)
 
     # -- client-level helpers ---------------------------------------------------------------
     def _client_epsilon(self, z: float, rounds: int) -> float:
