@@ -19,9 +19,9 @@ import optax
 from absl import logging
 
 from fedjax_med import checkpoint as ckpt_lib
-from fedjax_med import closing, evaluation, health, parallel, rounds
+from fedjax_med import closing, comm, evaluation, health, parallel, rounds
 from fedjax_med import workdir as workdir_lib
-from fedjax_med.aggregation import fedavg
+from fedjax_med.aggregation import compression, registry, secagg_host
 from fedjax_med.data import batching
 from fedjax_med.models import build_model
 from fedjax_med.state import RoundInputs
@@ -29,7 +29,9 @@ from fedjax_med.tasks import TASKS
 from fedjax_med.validate import ConfigError, validate
 
 # Purposes of host-side random generators: np.random.default_rng([seed, round, PURPOSE, ...]).
-HOST_PARTICIPANTS, HOST_BATCHES, HOST_SECAGG = 1, 2, 3
+# SecAgg's dropout draw is defined where it is drawn (aggregation/secagg_host.py).
+HOST_PARTICIPANTS, HOST_BATCHES = 1, 2
+HOST_SECAGG = secagg_host.HOST_SECAGG
 
 
 def lr_schedule(lc: ml_collections.ConfigDict, num_rounds: int):
@@ -152,6 +154,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
 
 def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | None,
          stop_after: int | None, session: workdir_lib.Session) -> dict:
+    # One function on purpose: its banner sections run once, top to bottom, and share many locals
+    # (mesh, data, sizes, privacy, state); docs/ARCHITECTURE.md ("One run") walks through them.
     # ---------------------------------------------------------------------------------------------
     # Config
     # ---------------------------------------------------------------------------------------------
@@ -267,9 +271,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
     # ---------------------------------------------------------------------------------------------
     # Round function, compression, communication sizes
     # ---------------------------------------------------------------------------------------------
-    from fedjax_med import comm
-
-    compressor = comm.make_compressor(config.compression) if federated else None
+    compressor = compression.make_compressor(config.compression) if federated else None
     round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=task, config=config, mesh=mesh,
                                      client_noise_multiplier=privacy.noise_multiplier,
                                      expected_clients=privacy.expected_clients,
@@ -291,7 +293,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
     # Every round's client learning rate, computed once (not a device call per round).
     schedule = lr_schedule(lc, config.num_rounds)
     lr_by_round = np.array([schedule(r) for r in range(config.num_rounds)], np.float32)
-    aggregator = fedavg.aggregator(config.server.aggregator, config.server.trim_fraction)
+    aggregation_weights = registry.spec(config.server.aggregator).weights
 
     # ---------------------------------------------------------------------------------------------
     # Resume
@@ -343,12 +345,12 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
         else:
             batches = batching.shuffle_batches(sampler_sizes, lc.batch_size, lc.epochs,
                                                num_steps, rng_for)
-        weights = aggregator.weights(sizes.astype(np.float32), participating.astype(np.float32))
+        weights = aggregation_weights(sizes.astype(np.float32), participating.astype(np.float32))
         secagg_inputs, protocol_up, protocol_down = (), 0, 0
         num_participants = int(participating[:num_clients].sum())
         num_senders = num_participants
         if config.secagg.enabled:
-            secagg_inputs, protocol_up, protocol_down = comm.secagg_round(
+            secagg_inputs, protocol_up, protocol_down = secagg_host.secagg_round(
                 config, r, participating, num_clients)
             num_senders = int(np.sum(secagg_inputs.survivor))
         inputs = RoundInputs(
