@@ -79,7 +79,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.server.beta1 = 0.9            # fedadam / fedyogi
     c.server.beta2 = 0.99           # fedadam / fedyogi
     c.server.epsilon = 1e-3         # adaptivity tau (Reddi et al. 2021)
-    c.server.aggregator = 'weighted'  # weighted (by examples) | uniform | median | trimmed_mean (robust, unweighted; no SecAgg or client DP)
+    c.server.aggregator = 'weighted'  # weighted (by examples) | uniform | median | trimmed_mean (robust, unweighted; no SecAgg or client DP) | a name in fedjax_med/aggregation/registry.py
     c.server.trim_fraction = 0.1    # trimmed_mean: fraction of values dropped from each end per coordinate, in [0, 0.5)
 
     # ---- differential privacy ------------------------------------------------------------------

@@ -23,8 +23,8 @@ import numpy as np
 from absl import logging
 
 from fedjax_med import checkpoint as ckpt_lib
-from fedjax_med import evaluation, host_round, parallel, rounds, streams
-from fedjax_med.aggregation import fedavg
+from fedjax_med import comm, evaluation, host_round, parallel, rounds, streams
+from fedjax_med.aggregation import compression, registry
 from fedjax_med.data import batching
 from fedjax_med.models import build_model
 from fedjax_med.state import ServerState
@@ -138,18 +138,16 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = Tr
         raise ConfigError([str(e)]) from None
 
     federated = config.mode == 'federated'
-    from fedjax_med import comm  # cryptography: only once the config is valid
-
-    compressor = comm.make_compressor(config.compression) if federated else None
+    compressor = compression.make_compressor(config.compression) if federated else None
     round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=task, config=config, mesh=mesh,
                                      client_noise_multiplier=privacy.noise_multiplier,
                                      expected_clients=privacy.expected_clients,
                                      compressor=compressor, model=model)
     bytes_down, bytes_up = comm.round_bytes(params, config) if federated else (0, 0)
     state = rounds.init_server_state(params, config, k_pad, mesh, compressor)
-    aggregator = fedavg.aggregator(config.server.aggregator, config.server.trim_fraction)
-    planner = host_round.RoundPlanner(config, sizes=sizes, steps=steps, num_clients=num_clients,
-                                      privacy=privacy, aggregator=aggregator, mesh=mesh)
+    planner = host_round.RoundPlanner(
+        config, sizes=sizes, steps=steps, num_clients=num_clients, privacy=privacy,
+        weights=registry.spec(config.server.aggregator).weights, mesh=mesh)
     evaluator = evaluation.Evaluator(
         apply_fn=apply_fn, task=task, mesh=mesh, test=data.test,
         hospital_tests=data.clients_test, names=list(data.client_names),

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from fedjax_med import parallel, streams
+from fedjax_med.aggregation import secagg_host
 from fedjax_med.data import batching
 from fedjax_med.state import RoundInputs
 
@@ -64,13 +65,14 @@ class RoundPlanner:
       steps: local steps of each hospital per round ([K_pad]; 0 for padding).
       num_clients: K, the real hospitals (the rest of the client axis is padding).
       privacy: the run's privacy plan (budget check, sigma_k, the Poisson batch size).
-      aggregator: `aggregation.fedavg.Aggregator` (its `weights`).
+      weights: the aggregator's host-side weight rule, (num_examples [K], participating [K])
+        -> weights [K] (`aggregation.registry.AggregatorSpec.weights`).
       mesh: where the inputs go.
     """
 
     def __init__(self, config: ml_collections.ConfigDict, *, sizes: np.ndarray,
-                 steps: np.ndarray, num_clients: int, privacy, aggregator, mesh):
-        self.config, self.privacy, self.aggregator, self.mesh = config, privacy, aggregator, mesh
+                 steps: np.ndarray, num_clients: int, privacy, weights, mesh):
+        self.config, self.privacy, self.weights, self.mesh = config, privacy, weights, mesh
         self.sizes, self.steps, self.num_clients = sizes, steps, num_clients
         self.k_pad = len(sizes)
         self.num_steps = int(steps.max())
@@ -94,15 +96,12 @@ class RoundPlanner:
         if stop_reason:
             return stop_reason
         batches = self._batches(r, np.where(participating, self.sizes, 0))
-        weights = self.aggregator.weights(self.sizes.astype(np.float32),
-                                          participating.astype(np.float32))
+        weights = self.weights(self.sizes.astype(np.float32), participating.astype(np.float32))
         secagg_inputs, protocol_up, protocol_down = (), 0, 0
         num_participants = int(participating[:num_clients].sum())
         num_senders = num_participants
         if config.secagg.enabled:
-            from fedjax_med import comm  # cryptography, only when SecAgg is on
-
-            secagg_inputs, protocol_up, protocol_down = comm.secagg_round(
+            secagg_inputs, protocol_up, protocol_down = secagg_host.secagg_round(
                 config, r, participating, num_clients)
             num_senders = int(np.sum(secagg_inputs.survivor))
         inputs = RoundInputs(

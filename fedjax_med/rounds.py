@@ -5,16 +5,18 @@ options) and returns `round_fn(state, client_data, inputs, key) -> (state, metri
 
   1. every hospital's local update, `client.local_update` vmapped over the client axis;
   2. optional update compression (per-hospital state, e.g. top-k error feedback);
-  3. aggregation: `config.server.aggregator` (FedAvg weighted mean, or the robust
-     coordinate-wise median / trimmed mean), client-level DP (clip + noise), or secure
-     aggregation (fixed-point encoding + pairwise masks, summed modulo 2^32);
-  4. the server optimiser step.
+  3. aggregation: the run's `aggregation.base.Strategy`, picked once by
+     `aggregation.registry.strategy_for` from the config: `config.server.aggregator` in the
+     clear (FedAvg weighted mean, or the robust coordinate-wise median / trimmed mean),
+     client-level DP (clip + noise), secure aggregation (fixed-point encoding + pairwise masks,
+     summed modulo 2^32), or both;
+  4. the server optimiser step, then the round's metrics.
 
 The client axis of `client_data` and `inputs` is sharded over the mesh; parameters are
 replicated. Each device runs only its own hospitals' local updates (`map_clients`: a `shard_map`
 over the client axis), and sums over the client axis are plain reductions for which XLA inserts
 the all-reduces.
-In 'local' mode each hospital keeps its own parameters (leading client axis) and step 3-4 become
+In 'local' mode each hospital keeps its own parameters (leading client axis) and steps 3-4 become
 params_k += delta_k.
 """
 
@@ -30,27 +32,13 @@ import optax
 
 from fedjax_med import client as client_lib
 from fedjax_med import parallel
-from fedjax_med.aggregation import fedavg, server_opt
+from fedjax_med.aggregation import registry, server_opt
 from fedjax_med.parallel import client_sharding, replicated
 from fedjax_med.state import RoundInputs, ServerState
+
+# Each use of randomness in a round has its own branch of the round key (streams.py names them).
+from fedjax_med.streams import KEY_COMPRESS, KEY_TRAIN, round_key  # noqa: F401 (re-exported)
 from fedjax_med.tasks import Task
-
-# Purposes folded into the round key, so every random draw has its own stream
-# (docs/ARCHITECTURE.md, "Explicit randomness").
-# Each use of randomness in a round has its own branch of the round key, so no two draws share
-# a key (`jax.random.split(k, n)[i]` equals `fold_in(k, i)`: never derive one use's key from
-# another's).
-KEY_TRAIN, KEY_SECAGG, KEY_CLIENT_DP, KEY_COMPRESS, KEY_CLIENT_DP_COUNT = range(5)
-# Client-level DP under SecAgg encodes each noised share in units of the clip norm S over
-# [-R, R] with R = 1 + _NOISE_RANGE_SIGMAS * z / sqrt(m): a clipped update has coordinates in
-# [-1, 1] (|coordinate| <= L2 norm <= S) and the share's noise has std z / sqrt(m), so a share is
-# clamped only when its noise exceeds 12 standard deviations (probability 2 Phi(-12) < 4e-33 per
-# coordinate). A clamp would make the sum's noise smaller than the accountant assumes.
-_NOISE_RANGE_SIGMAS = 12.0
-
-
-def round_key(seed: int, round_index) -> jax.Array:
-    return jax.random.fold_in(jax.random.key(seed), round_index)
 
 
 @dataclasses.dataclass
@@ -160,107 +148,34 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
     sigma from the round's inputs (`RoundInputs.noise_multiplier`).
     """
     local_mode = config.mode == 'local'
-    client_update = make_client_update(apply_fn=apply_fn, task=task, config=config, model=model)
+    local_updates = _local_updates_fn(apply_fn, task, config, mesh, model)
     server = server_opt.server_optimizer(config.server)
-    aggregator = fedavg.aggregator(config.server.aggregator, config.server.trim_fraction)
-    dp, sa = config.dp, config.secagg
-    if dp.mode == 'client' or sa.enabled:
-        from fedjax_med.aggregation import secure
-        from fedjax_med.privacy import client_dp
-    # SecAgg on one device expands each pairwise mask once for both its hospitals; with the
-    # client axis sharded, each device expands its own hospitals' masks (same bits either way).
-    one_device = mesh is None or mesh.devices.size == 1
+    # Local mode is not aggregation: every hospital keeps its own model (params with a client
+    # axis) and adds its own update, so nothing is combined and there is no server step. A
+    # Strategy returns one update for one global model, so local mode stays a branch here.
+    strategy = None if local_mode else registry.strategy_for(
+        config, client_noise_multiplier=client_noise_multiplier,
+        expected_clients=expected_clients,
+        # SecAgg on one device expands each pairwise mask once for both its hospitals; with the
+        # client axis sharded, each device expands its own hospitals' masks (same bits).
+        single_device=mesh is None or mesh.devices.size == 1)
     result = RoundFn(fn=None)
 
     def round_fn(state: ServerState, client_data: dict, inputs: RoundInputs, key: jax.Array):
         result.num_traces += 1  # runs at trace time only
-        train_key = jax.random.fold_in(key, KEY_TRAIN)
-        client_keys = jax.vmap(lambda i: jax.random.fold_in(train_key, i))(inputs.client_ids)
-        params_axis = 0 if local_mode else None
-        broadcast = state.params
-        if config.compression.broadcast_dtype == 'bfloat16':
-            # Hospitals receive the model in bfloat16: they start from the rounded weights.
-            broadcast = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), broadcast)
-        out = map_clients(client_update, (params_axis, 0, 0, 0, 0, 0, 0, None, 0),
-                          _clients_in_parallel(config.clients_in_parallel), mesh)(
-            broadcast, client_data, inputs.indices, inputs.mask, inputs.step_active,
-            inputs.expected_batch, inputs.noise_multiplier, inputs.learning_rate, client_keys)
-        deltas, client_state = out.delta, state.client_state
-        if compressor is not None:
-            ckeys = jax.vmap(lambda i: jax.random.fold_in(
-                jax.random.fold_in(key, KEY_COMPRESS), i))(inputs.client_ids)
-            deltas, new_cs = jax.vmap(compressor.apply)(deltas, client_state, ckeys)
-            # Hospitals that sat this round out keep their residual unchanged.
-            taking_part = inputs.weights > 0
-            client_state = jax.tree.map(
-                lambda n, o: jnp.where(taking_part.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-                new_cs, client_state)
-
+        out = local_updates(state.params, client_data, inputs, key)
+        deltas, client_state = _compress(compressor, out.delta, state.client_state, inputs, key)
         metrics = _round_metrics(out, inputs)
-        clip_norm = state.clip_norm
         if local_mode:
-            take = lambda d: d * (inputs.weights > 0).reshape((-1,) + (1,) * (d.ndim - 1))
-            params = jax.tree.map(lambda p, d: p + take(d), state.params, deltas)
-            opt_state = state.opt_state
+            params, opt_state, clip_norm = (_add_own_updates(state.params, deltas, inputs.weights),
+                                            state.opt_state, state.clip_norm)
         else:
-            participating = (inputs.weights > 0).astype(jnp.float32)
-            if dp.mode == 'client':
-                clipped, norms = client_dp.clip_client_updates(deltas, clip_norm)
-                metrics['dp/unclipped_fraction'] = jnp.sum(
-                    (norms <= clip_norm) * participating) / jnp.maximum(participating.sum(), 1)
-                if sa.enabled:
-                    # Each hospital adds its share of the noise before masking: the server
-                    # never sees an un-noised sum (see privacy/client_dp.py).
-                    # Shares are encoded in units of S over a range wide enough for their noise
-                    # (`_NOISE_RANGE_SIGMAS`); `secagg.clip` applies to plain FedAvg only.
-                    share_std = client_dp.distributed_noise_std(client_noise_multiplier, 1.0,
-                                                                expected_clients)
-                    enc_range = 1.0 + _NOISE_RANGE_SIGMAS * share_std
-                    nkey = client_dp_keys(key)[0]
-                    noised = jax.vmap(lambda d, i: _add_noise(
-                        jax.tree.map(lambda x: x / clip_norm, d), jax.random.fold_in(nkey, i),
-                        share_std))(clipped, inputs.client_ids)
-                    summed = secure.secure_sum(
-                        noised, participating, inputs.secagg.survivor,
-                        jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
-                        clip=enc_range,
-                        scale=secure.scale_for(enc_range, participating.shape[0]),
-                        single_device=one_device)
-                    mean_delta = jax.tree.map(lambda s: s * clip_norm / expected_clients, summed)
-                else:
-                    mean_delta = client_dp.noised_mean(
-                        clipped, participating, client_dp_keys(key)[0],
-                        clip_norm=clip_norm, noise_multiplier=client_noise_multiplier,
-                        expected_clients=expected_clients)
-                if dp.adaptive_clip:
-                    clip_norm = client_dp.adaptive_clip_update(
-                        clip_norm, norms, participating,
-                        client_dp_keys(key)[1],
-                        target_quantile=dp.target_quantile, learning_rate=dp.clip_learning_rate,
-                        count_noise_std=dp.count_noise_std, expected_clients=expected_clients)
-            elif sa.enabled:
-                # Each hospital sends (w_k / W) * delta_k and its weight share w_k / W through
-                # the secure sum (W = total weight of this round's cohort, public); hospitals that
-                # drop send nothing, so dividing the two sums gives the survivors' weighted mean.
-                # The share, in [0, 1], travels as share * secagg.clip so that the per-coordinate
-                # clip of the encoding never cuts it, whatever secagg.clip is.
-                share = inputs.weights / jnp.maximum(inputs.weights.sum(), 1e-12)
-                scaled = {'delta': jax.tree.map(
-                    lambda d: d * share.reshape((-1,) + (1,) * (d.ndim - 1)), deltas),
-                    'weight': share * sa.clip}
-                summed = secure.secure_sum(
-                    scaled, participating, inputs.secagg.survivor,
-                    jax.random.fold_in(key, KEY_SECAGG), inputs.secagg,
-                    clip=sa.clip, scale=secure.scale_for(sa.clip, participating.shape[0]),
-                    single_device=one_device)
-                weight = summed['weight'] / sa.clip
-                mean_delta = jax.tree.map(lambda s: s / jnp.maximum(weight, 1e-12),
-                                          summed['delta'])
-            else:
-                mean_delta = aggregator.combine(deltas, inputs.weights)
+            combined = strategy.combine(deltas, inputs, key, state.clip_norm)
             params, opt_state = server_opt.server_step(server, state.params, state.opt_state,
-                                                       mean_delta)
-            metrics['train/update_norm'] = optax.tree.norm(mean_delta)
+                                                       combined.mean_delta)
+            clip_norm = combined.clip_norm
+            metrics.update(combined.metrics)
+            metrics['train/update_norm'] = optax.tree.norm(combined.mean_delta)
         metrics['train/param_norm'] = optax.tree.norm(params)
         new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
                                 clip_norm=clip_norm, client_state=client_state)
@@ -271,22 +186,49 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
     return result
 
 
-def client_dp_keys(round_key: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(key of the update noise, key of the adaptive-clipping count noise) of client-level DP.
+def _local_updates_fn(apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,
+                      model) -> Callable:
+    """`(params, client_data, inputs, round key) -> client.ClientOutput` of every hospital: the
+    broadcast model (rounded to bfloat16 if so configured), then `client.local_update` mapped
+    over the client axis, each hospital with its own key."""
+    client_update = make_client_update(apply_fn=apply_fn, task=task, config=config, model=model)
+    params_axis = 0 if config.mode == 'local' else None
+    mapped = map_clients(client_update, (params_axis, 0, 0, 0, 0, 0, 0, None, 0),
+                         _clients_in_parallel(config.clients_in_parallel), mesh)
+    bfloat16_broadcast = config.compression.broadcast_dtype == 'bfloat16'
 
-    The update noise splits its key over leaves and hospitals; the count noise must not draw
-    from any of those keys, or the two releases would share noise that an observer could
-    cancel. Both therefore branch from the round key directly.
-    """
-    return (jax.random.fold_in(round_key, KEY_CLIENT_DP),
-            jax.random.fold_in(round_key, KEY_CLIENT_DP_COUNT))
+    def local_updates(params, client_data: dict, inputs: RoundInputs, key: jax.Array):
+        train_key = jax.random.fold_in(key, KEY_TRAIN)
+        client_keys = jax.vmap(lambda i: jax.random.fold_in(train_key, i))(inputs.client_ids)
+        if bfloat16_broadcast:
+            # Hospitals receive the model in bfloat16: they start from the rounded weights.
+            params = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), params)
+        return mapped(params, client_data, inputs.indices, inputs.mask, inputs.step_active,
+                      inputs.expected_batch, inputs.noise_multiplier, inputs.learning_rate,
+                      client_keys)
+
+    return local_updates
 
 
-def _add_noise(tree, key, std):
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape, x.dtype)
-                                        for x, k in zip(leaves, keys, strict=True)])
+def _compress(compressor, deltas, client_state, inputs: RoundInputs, key: jax.Array):
+    """(what the server receives from each hospital, dequantised; the new per-hospital
+    compressor state). Hospitals that sat this round out keep their state (top-k residual)."""
+    if compressor is None:
+        return deltas, client_state
+    ckeys = jax.vmap(lambda i: jax.random.fold_in(
+        jax.random.fold_in(key, KEY_COMPRESS), i))(inputs.client_ids)
+    deltas, new_cs = jax.vmap(compressor.apply)(deltas, client_state, ckeys)
+    taking_part = inputs.weights > 0
+    client_state = jax.tree.map(
+        lambda n, o: jnp.where(taking_part.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
+        new_cs, client_state)
+    return deltas, client_state
+
+
+def _add_own_updates(params, deltas, weights: jax.Array):
+    """Local mode: params_k += delta_k for the hospitals taking part (weight > 0)."""
+    take = lambda d: d * (weights > 0).reshape((-1,) + (1,) * (d.ndim - 1))
+    return jax.tree.map(lambda p, d: p + take(d), params, deltas)
 
 
 def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[str, Any]:

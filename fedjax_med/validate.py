@@ -10,8 +10,7 @@ import os
 
 import ml_collections
 
-from fedjax_med.aggregation.fedavg import AGGREGATORS
-from fedjax_med.aggregation.robust import ROBUST_AGGREGATORS
+from fedjax_med.aggregation import registry
 from fedjax_med.aggregation.server_opt import SERVER_OPTIMIZERS
 from fedjax_med.client import CLIENT_OPTIMIZERS
 from fedjax_med.models import COMPUTE_DTYPES, MODELS
@@ -28,7 +27,8 @@ CHOICES = {
     'local.schedule': ('constant', 'cosine', 'exponential'),
     'local.sampling': ('shuffle', 'poisson'),
     'server.optimizer': SERVER_OPTIMIZERS,
-    'server.aggregator': AGGREGATORS,
+    # A live view of the registry: an aggregator registered later is valid too.
+    'server.aggregator': registry.AGGREGATORS.keys(),
     'dp.mode': ('none', 'sample', 'client'),
     'dp.accountant': ('rdp', 'pld'),
     'compression.kind': ('none', 'quantize', 'topk'),
@@ -180,13 +180,15 @@ def _patch_problems(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
-    """A robust aggregator sorts each hospital's update, so it needs them in the clear and
-    un-noised; without a federation (centralized, local) the aggregator is never used."""
+    """An aggregator other than the weighted mean (e.g. a robust one, which sorts each hospital's
+    update) needs the updates in the clear and un-noised (`registry.AggregatorSpec`); without a
+    federation (centralized, local) the aggregator is never used."""
     sc, problems = config.server, []
     if not 0.0 <= sc.trim_fraction < 0.5:
         problems.append(f'config.server.trim_fraction={sc.trim_fraction!r} must be in [0, 0.5) '
                         '(the fraction dropped from each end of every coordinate); e.g. 0.1.')
-    if config.mode != 'federated' or sc.aggregator not in ROBUST_AGGREGATORS:
+    spec = registry.AGGREGATORS.get(sc.aggregator)
+    if config.mode != 'federated' or spec is None or not spec.needs_clear_updates:
         return problems
     if config.secagg.enabled:
         problems.append(f"config.server.aggregator={sc.aggregator!r} needs each hospital's update "
@@ -198,7 +200,7 @@ def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
                         "config.dp.mode='client': client-level DP noises the sum of clipped "
                         'updates and the privacy accounting covers only that noised sum. Use '
                         "config.server.aggregator='weighted' or 'uniform' with client-level DP, "
-                        "or config.dp.mode='sample' or 'none' with a robust aggregator.")
+                        "or config.dp.mode='sample' or 'none' with this aggregator.")
     return problems
 
 

@@ -14,8 +14,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import base, brats, chestxray14
-from fedjax_med import comm
-from fedjax_med.aggregation import secagg_protocol
+from fedjax_med.aggregation import secagg_host, secagg_protocol
 from fedjax_med.data import brats as brats_data
 from fedjax_med.data import mri
 from fedjax_med.validate import ConfigError, validate
@@ -197,7 +196,7 @@ def _protocol_outcome(config, rounds: int) -> str:
     k = config.data.num_clients
     try:
         for r in range(rounds):
-            comm.secagg_round(config, r, np.ones(k, bool), k)
+            secagg_host.secagg_round(config, r, np.ones(k, bool), k)
     except secagg_protocol.RoundFailedError:
         return 'failed'
     except ValueError:

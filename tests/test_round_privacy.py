@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import base
-from fedjax_med import comm, parallel, rounds
+from fedjax_med import parallel, rounds
+from fedjax_med.aggregation import client_dp_mean, secagg_host
 from fedjax_med.state import RoundInputs
 from fedjax_med.tasks import TASKS
 from tests.test_client import init_params, linear_apply, make_data
@@ -30,7 +31,7 @@ def round_parts(config, expected_clients=1.0, noise_multiplier=0.0):
         w = np.asarray(weights, np.float32)
         secagg = ()
         if config.secagg.enabled:
-            secagg, _, _ = comm.secagg_round(config, r, w > 0, K)
+            secagg, _, _ = secagg_host.secagg_round(config, r, w > 0, K)
         return RoundInputs(
             indices=indices, mask=np.ones(indices.shape, np.float32),
             step_active=np.repeat(w[:, None] > 0, STEPS, axis=1), weights=w,
@@ -103,7 +104,7 @@ def test_secagg_fedavg_weights_are_not_cut_by_the_coordinate_clip():
 
 
 def test_client_dp_noise_keys_are_all_distinct():
-    update_key, count_key = rounds.client_dp_keys(rounds.round_key(3, 7))
+    update_key, count_key = client_dp_mean.client_dp_keys(rounds.round_key(3, 7))
     drawn = set()
     # The update noise splits its key over leaves (central noise) or folds in hospital ids and
     # then splits over leaves (noise shares under SecAgg).

@@ -1,7 +1,7 @@
 """Hospital -> server update compression, as optax-style init/apply pairs, plus exact byte counts.
 
-`compressor(kind, ...)` returns `Compressor(init, apply)` for ONE hospital; the round vmaps it
-over the client axis:
+`compressor(kind, ...)` returns `Compressor(init, apply)` for ONE hospital (`make_compressor`
+reads a run's `config.compression`); the round vmaps it over the client axis:
 
   state = compressor.init(params)                       # per-hospital state (pytree)
   values, state = compressor.apply(update, state, key)  # what the server receives, dequantised
@@ -204,6 +204,14 @@ def compressor(
         return inverse_randomized_hadamard(quantized, rotate_key, update), state
 
     return Compressor(init, apply)
+
+
+def make_compressor(cc) -> Compressor | None:
+    """The per-hospital update compressor of `config.compression`, or None when updates are sent
+    as float32."""
+    if cc.kind == 'none':
+        return None
+    return compressor(cc.kind, bits=cc.bits, topk_fraction=cc.topk_fraction, rotate=cc.rotate)
 
 
 def _sizes(params_like: PyTree) -> list[int]:

@@ -1,0 +1,46 @@
+"""The SecAgg strategy: the survivors' weighted mean through the secure sum (`secure.secure_sum`),
+so that the server learns only the sum of the masked updates.
+
+Each hospital sends (w_k / W) * delta_k and its weight share w_k / W as one extra coordinate
+(W = the total weight of this round's cohort, public). Hospitals that drop out send nothing, so
+the ratio of the two sums is the weighted mean of the survivors. The share, in [0, 1], travels as
+share * secagg.clip, so that the per-coordinate clip of the encoding never cuts it, whatever
+secagg.clip is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from fedjax_med.aggregation import secure
+from fedjax_med.aggregation.base import KEY_SECAGG, Combined, PyTree, StrategyArgs
+from fedjax_med.state import RoundInputs
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureMean:
+    clip: float           # secagg.clip: the encoding's per-coordinate clip
+    single_device: bool   # one device expands each pairwise mask once for both its hospitals
+
+    def combine(self, deltas: PyTree, inputs: RoundInputs, key: jax.Array,
+                clip_norm: jax.Array) -> Combined:
+        participating = (inputs.weights > 0).astype(jnp.float32)
+        share = inputs.weights / jnp.maximum(inputs.weights.sum(), 1e-12)
+        scaled = {'delta': jax.tree.map(
+            lambda d: d * share.reshape((-1,) + (1,) * (d.ndim - 1)), deltas),
+            'weight': share * self.clip}
+        summed = secure.secure_sum(
+            scaled, participating, inputs.secagg.survivor, jax.random.fold_in(key, KEY_SECAGG),
+            inputs.secagg, clip=self.clip,
+            scale=secure.scale_for(self.clip, participating.shape[0]),
+            single_device=self.single_device)
+        weight = summed['weight'] / self.clip
+        mean_delta = jax.tree.map(lambda s: s / jnp.maximum(weight, 1e-12), summed['delta'])
+        return Combined(mean_delta, clip_norm, {})
+
+
+def build(args: StrategyArgs) -> SecureMean:
+    return SecureMean(clip=args.config.secagg.clip, single_device=args.single_device)
