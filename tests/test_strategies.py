@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from configs import base, chestxray14
-from fedjax_med import parallel, rounds, train
+from fedjax_med import parallel, rounds, streams, train
 from fedjax_med.aggregation import (
     client_dp_mean,
     client_dp_secure_mean,
@@ -174,11 +174,18 @@ def test_strategy_for_reads_privacy_first():
         registry.strategy_for(config(server__aggregator='krum'), **args())
 
 
-def test_round_key_purposes_are_distinct():
-    purposes = (rounds.KEY_TRAIN, rounds.KEY_SECAGG, rounds.KEY_CLIENT_DP, rounds.KEY_COMPRESS,
-                rounds.KEY_CLIENT_DP_COUNT)
-    assert purposes == (0, 1, 2, 3, 4)
-    assert train.HOST_SECAGG == secagg_host.HOST_SECAGG == 3
+def test_random_stream_purposes_are_distinct_and_unchanged():
+    # The values are part of every run's results (streams.py): a change shifts every draw.
+    device = (streams.KEY_TRAIN, streams.KEY_SECAGG, streams.KEY_CLIENT_DP, streams.KEY_COMPRESS,
+              streams.KEY_CLIENT_DP_COUNT)
+    assert device == (0, 1, 2, 3, 4)
+    host = (streams.HOST_PARTICIPANTS, streams.HOST_BATCHES, streams.HOST_SECAGG)
+    assert host == (1, 2, 3)
+    data = [v for k, v in vars(streams).items() if k.startswith('DATA_')]
+    assert len(data) == len(set(data)) == 10
+    # Everything that draws uses these names, not its own copies.
+    assert secagg_host.HOST_SECAGG is streams.HOST_SECAGG
+    assert rounds.KEY_TRAIN is streams.KEY_TRAIN and rounds.round_key is streams.round_key
 
 
 # --- (b) a toy aggregator, added through the registry only ---------------------------------------
