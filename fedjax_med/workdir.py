@@ -38,6 +38,8 @@ import sys
 import threading
 import time
 
+from fedjax_med.data.registry import SYNTHETIC
+
 LOCK_NAME = '.lock'
 BROKEN_DIR = 'checkpoints.broken'
 # The files a run writes (besides checkpoints/ and the lock): what --overwrite deletes.
@@ -369,7 +371,7 @@ def missing_data_problem(config) -> str | None:
     config.data.data_dir nor buildable from config.data.manual_dir, in one line (None when it
     is, and for the in-memory synthetic twins)."""
     data = config.data
-    if data.name in ('synthetic_cxr', 'synthetic_brats') and not data.synthetic_via_tfds:
+    if data.name in SYNTHETIC and not data.synthetic_via_tfds:
         return None
     from fedjax_med.data import tfds_io  # TFDS: only for data that needs it
 
