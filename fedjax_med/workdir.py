@@ -39,6 +39,7 @@ import threading
 import time
 
 from fedjax_med.data.registry import SYNTHETIC
+from fedjax_med.writers import TENSORBOARD_DIR
 
 LOCK_NAME = '.lock'
 BROKEN_DIR = 'checkpoints.broken'
@@ -220,9 +221,10 @@ def previous_outputs(workdir: str) -> list[str]:
 
 def clear_previous_run(workdir: str) -> list[str]:
     """--overwrite: deletes a previous run's files (checkpoints/, checkpoints.broken/,
-    metrics.jsonl, summary.json, config.json); returns what it deleted. Other files stay."""
+    tensorboard/, metrics.jsonl, summary.json, config.json); returns what it deleted. Other files
+    stay."""
     deleted = []
-    for name in ('checkpoints', BROKEN_DIR):
+    for name in ('checkpoints', BROKEN_DIR, TENSORBOARD_DIR):
         path = os.path.join(workdir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
