@@ -29,6 +29,7 @@ import json
 import math
 import numbers
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -111,12 +112,12 @@ def _scalar(value: Any) -> float | None:
 class TensorBoardWriter(MetricWriter):
     """TensorBoard event files in `logdir` (a folder this writer owns), written with tensorboardX.
 
-    Each row's numeric scalars become scalar summaries (float32 `simple_value`s) at step
-    `row['round']`, tagged by their keys ('train/loss', 'eval/mean_auroc', ...; TensorBoard groups
-    tags by their first part). Lists, strings, booleans, None and values that are not finite are
-    left out: what metrics.jsonl has as a number, TensorBoard has. tensorboardX replaces
-    characters TensorBoard does not allow in a tag (anything but letters, digits, '_', '-', '.'
-    and '/') with '_'.
+    Each row becomes one event at step `row['round']` whose summary holds the row's numeric
+    scalars as float32 `simple_value`s, tagged by their keys as metrics.jsonl has them
+    ('train/loss', 'eval/mean_auroc', ...; TensorBoard groups tags by their first part). Lists,
+    strings, booleans, None and values that are not finite are left out: what metrics.jsonl has
+    as a number, TensorBoard has. Writes are synchronous (tensorboardX's `EventsWriter`, not the
+    queue and thread of its `SummaryWriter`): after `write_row` or `flush` the event is in the file.
 
     Made with a resume's `history`, it deletes the event files already in `logdir` and writes the
     history again into a new one, as metrics.jsonl is rewritten: rounds that a killed run logged
@@ -125,24 +126,29 @@ class TensorBoardWriter(MetricWriter):
     """
 
     def __init__(self, logdir: str, history: Sequence[dict] = ()):
-        from tensorboardX import SummaryWriter  # imported only by runs that write TensorBoard
+        # tensorboardX needs only protobuf; imported only by runs that write TensorBoard.
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2, summary_pb2
 
+        self._event, self._summary = event_pb2.Event, summary_pb2.Summary
         self.logdir = logdir
         os.makedirs(logdir, exist_ok=True)
         for name in os.listdir(logdir):
             if name.startswith(_EVENT_FILE_PREFIX):
                 os.remove(os.path.join(logdir, name))
-        self._writer = SummaryWriter(logdir=logdir)
+        # Names the file events.out.tfevents.<time>.<host>; its first event is the file version.
+        self._writer = EventsWriter(os.path.join(logdir, 'events'))
         for row in history:
             self._add(row)
         self.flush()
 
     def _add(self, row: Mapping[str, Any]) -> None:
-        step = int(row[STEP_KEY])
-        for key, value in row.items():
-            value = _scalar(value) if key != STEP_KEY else None
-            if value is not None:
-                self._writer.add_scalar(key, value, global_step=step)
+        values = [self._summary.Value(tag=key, simple_value=value) for key, value in
+                  ((k, _scalar(v)) for k, v in row.items() if k != STEP_KEY) if value is not None]
+        if values:
+            self._writer.write_event(self._event(
+                wall_time=time.time(), step=int(row[STEP_KEY]),
+                summary=self._summary(value=values)))
 
     def write_row(self, row: Mapping[str, Any]) -> None:
         self._add(row)

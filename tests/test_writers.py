@@ -23,7 +23,7 @@ NAN, INF = float('nan'), float('inf')
 ROWS = [
     {'round': 1, 'train/loss': 0.75, 'eval/mean_auroc': 0.5, 'comm/bytes_up': 1234,
      'comm/compression_ratio': None, 'privacy/epsilon_per_hospital': [0.5, 1.25],
-     'hospital/hospital_0/mean_auroc': NAN},
+     'hospital/hospital_0/mean_auroc': NAN, 'hospital/view=PA/mean_auroc': 0.625},
     {'round': 2, 'train/loss': 0.5, 'eval/auroc/Hernia': NAN, 'eval/mean_dice': -INF,
      'privacy/epsilon_per_hospital': [INF, 2.0], 'summary/stopped': 'privacy budget reached',
      'dp/flag': True, 'time/round_s': 0.25},
@@ -52,7 +52,7 @@ def test_json_safe_turns_non_finite_floats_into_none_also_in_lists():
     assert writers.json_safe(ROWS[0]) == {
         'round': 1, 'train/loss': 0.75, 'eval/mean_auroc': 0.5, 'comm/bytes_up': 1234,
         'comm/compression_ratio': None, 'privacy/epsilon_per_hospital': [0.5, 1.25],
-        'hospital/hospital_0/mean_auroc': None}
+        'hospital/hospital_0/mean_auroc': None, 'hospital/view=PA/mean_auroc': 0.625}
     assert writers.json_safe({'a': [NAN, 1, 'x'], 'b': -INF, 'c': 's', 'd': 3}) == {
         'a': [None, 1, 'x'], 'b': None, 'c': 's', 'd': 3}
 
@@ -156,6 +156,7 @@ def test_tensorboard_holds_every_numeric_scalar_of_each_row_at_its_round(tmp_pat
         'train/loss': [(1, 0.75), (2, 0.5), (3, 0.25)],
         'eval/mean_auroc': [(1, 0.5)],
         'comm/bytes_up': [(1, 1234.0)],
+        'hospital/view=PA/mean_auroc': [(1, 0.625)],  # tags are the keys, unchanged
         'time/round_s': [(2, 0.25)],
         'dp/grad_norm_mean': [(3, 1.5)],
         'clients/steps': [(3, 7.0)],
