@@ -116,6 +116,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.eval_every = 1                # evaluate the global test split every N rounds (and the last)
     c.eval_batch_size = 128         # evaluation batch size
     c.eval_case_metrics = True      # global test split, on the host: BraTS per-case Dice and HD95 on case volumes, CXR accuracy/F1 at thresholds chosen on a validation half (fedjax_med/tasks.py); mean_dice / mean_auroc do not need them
+    c.tensorboard = True            # also write the metrics as TensorBoard event files to WORKDIR/tensorboard/ (tensorboardX, no TensorFlow); metrics.jsonl is always written
     c.checkpoint_every = 5          # save an Orbax checkpoint every N rounds (and the last)
     c.checkpoints_to_keep = 2       # how many checkpoints to keep
     return c

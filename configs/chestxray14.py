@@ -33,7 +33,17 @@ Example:
 
 import ml_collections
 
-from configs import base
+try:
+    from . import base  # imported as the package `configs` (tests, launch/, notebooks)
+except ImportError:  # loaded from its path (--config=configs/...): configs/ is not installed
+    import importlib.util
+    import os
+
+    _spec = importlib.util.spec_from_file_location(
+        'fedjax_med_configs_base', os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                'base.py'))
+    base = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(base)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -21,7 +21,7 @@ import orbax.checkpoint as ocp
 # that was checkpointed. num_rounds is fixed too when the DP noise is calibrated from it
 # (`noise_calibrated_to_num_rounds`).
 RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'eval_batch_size', 'eval_case_metrics',
-                    'checkpoint_every',
+                    'tensorboard', 'checkpoint_every',
                     'checkpoints_to_keep', 'data.data_dir', 'data.manual_dir',
                     'clients_in_parallel')  # how hospitals are scheduled, not what they compute
 
@@ -102,7 +102,8 @@ ADDED_FIELDS = {'dp.fast_clipping': False, 'data.patch_size': 0, 'data.patches_p
                 'dp.noise_per_hospital': False, 'data.max_cases': 0,
                 'data.brain_slices_only': True, 'data.empty_slice_stride': 1,
                 'data.synthetic_via_tfds': False, 'data.max_images_per_patient': 4,
-                'data.public_fraction': 0.0, 'data.train_on': 'hospitals', 'init_from': ''}
+                'data.public_fraction': 0.0, 'data.train_on': 'hospitals', 'init_from': '',
+                'tensorboard': False}
 
 
 def with_added_fields(saved: dict) -> dict:

@@ -41,7 +41,6 @@ from matplotlib.figure import Figure
 
 from fedjax_med.data import storage
 
-MAIN_METRIC = {'chestxray14': 'mean_auroc', 'brats': 'mean_dice'}
 METRIC_NAME = {'mean_auroc': 'mean AUROC', 'mean_dice': 'mean Dice'}
 # The paper's headline bounds, drawn as reference lines.
 PAPER_EPSILON_BOUND = 4.5
@@ -53,6 +52,13 @@ REGION_COLOURS = {'WT': '#ffd700', 'TC': '#ff4040', 'ET': '#00e5ff'}
 # top of both (TC shows in its gaps); the styles also tell the regions apart without colour.
 REGION_STYLES = {'WT': (2.6, 'solid'), 'TC': (1.3, 'solid'), 'ET': (1.3, (0, (2.5, 2.5)))}
 REGION_NAMES = {'WT': 'whole tumour', 'TC': 'tumour core', 'ET': 'enhancing tumour'}
+
+
+def main_metric(task: str) -> str:
+    """The task's main metric, a key under eval/ (`tasks.Task.main_metric`)."""
+    from fedjax_med.tasks import TASKS  # imports jax: only when it is needed, not with this module
+
+    return TASKS[task].main_metric
 
 
 # -------------------------------------------------------------------------------------------------
@@ -79,7 +85,7 @@ class Run:
 
     @property
     def main_metric(self) -> str:
-        return MAIN_METRIC[self.task]
+        return main_metric(self.task)
 
     @property
     def seed(self) -> int:
@@ -301,7 +307,7 @@ def _legend(fig: Figure, axes, order: Callable[[str], object] | None = None) -> 
 # -------------------------------------------------------------------------------------------------
 
 def plot_metric_vs_round(runs: Sequence[Run], out_dir: str, task: str) -> str | None:
-    key = f'eval/{MAIN_METRIC[task]}'
+    key = f'eval/{main_metric(task)}'
     facets = _facets(runs)
     colours = _colours({r.label for r in runs})
     fig, axes = _new_figure(len(facets))
@@ -317,7 +323,7 @@ def plot_metric_vs_round(runs: Sequence[Run], out_dir: str, task: str) -> str | 
         ax.set(title=facet, xlabel='round')
         _round_axis(ax)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(METRIC_NAME[MAIN_METRIC[task]] + ' (global test)')
+    axes[0].set_ylabel(METRIC_NAME[main_metric(task)] + ' (global test)')
     _legend(fig, axes)
     return _save(fig, out_dir, f'{task}_metric_vs_round.png')
 
@@ -398,14 +404,14 @@ def plot_privacy_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | 
         ax.set_xlim(0, 1.08 * max([PAPER_EPSILON_BOUND, *eps]))
         ax.set(title=facet, xlabel='achieved ε (max over hospitals)')
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel('final ' + METRIC_NAME[MAIN_METRIC[task]])
+    axes[0].set_ylabel('final ' + METRIC_NAME[main_metric(task)])
     # Each algorithm's DP and no-DP entries together, the paper's bound last.
     _legend(fig, axes, order=lambda label: (label.startswith('paper'), label))
     return _save(fig, out_dir, f'{task}_privacy_utility.png')
 
 
 def plot_comm_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | None:
-    key = f'eval/{MAIN_METRIC[task]}'
+    key = f'eval/{main_metric(task)}'
     federated = [r for r in runs if r.config['mode'] == 'federated']
     if not federated:
         return None
@@ -431,7 +437,7 @@ def plot_comm_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | Non
                        label='centralised (no DP), final')
         ax.set(title=facet, xlabel='cumulative MB per hospital (up + down)')
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel(METRIC_NAME[MAIN_METRIC[task]])
+    axes[0].set_ylabel(METRIC_NAME[main_metric(task)])
     _legend(fig, axes)
     return _save(fig, out_dir, f'{task}_comm_utility.png')
 
@@ -457,7 +463,7 @@ def plot_hospital_fairness(runs: Sequence[Run], out_dir: str, task: str) -> str 
         ax.set_xticks(np.arange(len(hospitals)), [h.replace('hospital_', 'H') for h in hospitals])
         ax.set(title=facet, xlabel='hospital (own test split)')
         ax.grid(alpha=0.3, axis='y')
-    axes[0].set_ylabel(METRIC_NAME[MAIN_METRIC[task]])
+    axes[0].set_ylabel(METRIC_NAME[main_metric(task)])
     _legend(fig, axes)
     return _save(fig, out_dir, f'{task}_hospital_fairness.png')
 
@@ -602,7 +608,7 @@ def plot_cxr_attribution(runs: Sequence[Run], out_dir: str, num_examples: int = 
     import jax.numpy as jnp
 
     from fedjax_med import attribution
-    from fedjax_med.tasks import CXR_LABELS
+    from fedjax_med.data.nih_metadata import CXR_LABELS
 
     chosen = _pick_pair(runs)
     if not chosen:

@@ -65,10 +65,7 @@ import numpy as np
 import optax
 
 from fedjax_med import metrics
-
-CXR_LABELS = ('Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule',
-              'Pneumonia', 'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis',
-              'Pleural_Thickening', 'Hernia')
+from fedjax_med.data.nih_metadata import CXR_LABELS  # the 14 findings, in output order
 
 
 @dataclasses.dataclass(frozen=True)

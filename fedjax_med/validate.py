@@ -11,16 +11,20 @@ import os
 import ml_collections
 
 from fedjax_med.aggregation import registry
+from fedjax_med.aggregation.compression import KINDS as COMPRESSION_KINDS
 from fedjax_med.aggregation.server_opt import SERVER_OPTIMIZERS
 from fedjax_med.client import CLIENT_OPTIMIZERS
+from fedjax_med.data.partition import STRATEGIES as PARTITIONS
+from fedjax_med.data.registry import BRATS_VERSIONS, DATASETS, SYNTHETIC, TASK_OF
 from fedjax_med.models import COMPUTE_DTYPES, MODELS
+from fedjax_med.tasks import TASKS
 
+# The accepted values of each choice field. Most are read from the module that implements them.
 CHOICES = {
-    'task': ('chestxray14', 'brats'),
+    'task': tuple(TASKS),
     'mode': ('federated', 'centralized', 'local'),
-    'data.name': ('synthetic_cxr', 'nih_chestxray14', 'synthetic_brats', 'brats2020', 'brats2021',
-                  'msd_brain'),
-    'data.partition': ('iid', 'dirichlet', 'pathological', 'quantity', 'natural'),
+    'data.name': DATASETS,
+    'data.partition': PARTITIONS,
     'model.name': tuple(MODELS),
     'model.compute_dtype': tuple(COMPUTE_DTYPES),
     'local.optimizer': tuple(CLIENT_OPTIMIZERS),
@@ -31,7 +35,7 @@ CHOICES = {
     'server.aggregator': registry.AGGREGATORS.keys(),
     'dp.mode': ('none', 'sample', 'client'),
     'dp.accountant': ('rdp', 'pld'),
-    'compression.kind': ('none', 'quantize', 'topk'),
+    'compression.kind': COMPRESSION_KINDS,
     'compression.broadcast_dtype': ('float32', 'bfloat16'),
 }
 POSITIVE = ('num_rounds', 'local.unroll_steps', 'data.resolution', 'data.num_clients',
@@ -68,10 +72,6 @@ RANGES = {
 }
 # Numeric fields for which infinity means something (no count release); NaN never does.
 MAY_BE_INFINITE = ('dp.count_noise_std',)
-REAL_BRATS = ('brats2020', 'brats2021', 'msd_brain')
-TASK_OF_DATA = {'synthetic_cxr': 'chestxray14', 'nih_chestxray14': 'chestxray14',
-                'synthetic_brats': 'brats', 'brats2020': 'brats', 'brats2021': 'brats',
-                'msd_brain': 'brats'}
 
 
 class ConfigError(ValueError):
@@ -207,7 +207,7 @@ def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
 def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Data fields that would otherwise fail deep in the readers, or be silently ignored."""
     data, problems = config.data, []
-    if data.name in ('synthetic_cxr', 'synthetic_brats'):
+    if data.name in SYNTHETIC:
         if not data.num_train > 0:
             problems.append(f'config.data.num_train={data.num_train!r} must be > 0: the synthetic '
                             'twin generates num_train training examples over all hospitals '
@@ -226,8 +226,8 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
         problems.append(f'config.data.test_fraction={data.test_fraction!r} must be in [0, 1) (the '
                         "fraction of each hospital's patients held out for testing); e.g. 0.2.")
     # Options of the BraTS TFDS readers (tfds_io.load_arrays, brats.BratsConfig).
-    via_tfds = data.name in REAL_BRATS or (data.name == 'synthetic_brats'
-                                           and data.synthetic_via_tfds)
+    via_tfds = data.name in BRATS_VERSIONS or (data.name == 'synthetic_brats'
+                                               and data.synthetic_via_tfds)
     if data.max_cases > 0 and not via_tfds:
         problems.append(f'config.data.max_cases={data.max_cases} subsets BraTS cases read through '
                         f'TFDS; it has no effect with config.data.name={data.name!r}'
@@ -239,9 +239,9 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
     builder_options = [f'config.data.{f}={data[f]!r}' for f, changed in
                        (('brain_slices_only', not data.brain_slices_only),
                         ('empty_slice_stride', data.empty_slice_stride > 1)) if changed]
-    if builder_options and data.name not in REAL_BRATS:
+    if builder_options and data.name not in BRATS_VERSIONS:
         problems.append(f'{" and ".join(builder_options)}: options of the real BraTS builder '
-                        f'({", ".join(REAL_BRATS)}); they have no effect with '
+                        f'({", ".join(BRATS_VERSIONS)}); they have no effect with '
                         f'config.data.name={data.name!r}. Leave them at their defaults '
                         '(brain_slices_only=True, empty_slice_stride=1).')
     if data.empty_slice_stride > 1 and data.patch_size > 0:
@@ -423,7 +423,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.clients_per_round > k:
         problems.append(f'config.clients_per_round={config.clients_per_round} exceeds '
                         f'config.data.num_clients={k}; use at most {k} (0 means all).')
-    task = TASK_OF_DATA.get(config.data.name)
+    task = TASK_OF.get(config.data.name)
     if task and task != config.task and 'task' not in unknown:
         problems.append(f'config.data.name={config.data.name!r} is {task} data but '
                         f'config.task={config.task!r}; set config.task={task!r}.')

@@ -38,6 +38,9 @@ import sys
 import threading
 import time
 
+from fedjax_med.data.registry import SYNTHETIC
+from fedjax_med.writers import TENSORBOARD_DIR
+
 LOCK_NAME = '.lock'
 BROKEN_DIR = 'checkpoints.broken'
 # The files a run writes (besides checkpoints/ and the lock): what --overwrite deletes.
@@ -218,9 +221,10 @@ def previous_outputs(workdir: str) -> list[str]:
 
 def clear_previous_run(workdir: str) -> list[str]:
     """--overwrite: deletes a previous run's files (checkpoints/, checkpoints.broken/,
-    metrics.jsonl, summary.json, config.json); returns what it deleted. Other files stay."""
+    tensorboard/, metrics.jsonl, summary.json, config.json); returns what it deleted. Other files
+    stay."""
     deleted = []
-    for name in ('checkpoints', BROKEN_DIR):
+    for name in ('checkpoints', BROKEN_DIR, TENSORBOARD_DIR):
         path = os.path.join(workdir, name)
         if os.path.isdir(path):
             shutil.rmtree(path)
@@ -369,7 +373,7 @@ def missing_data_problem(config) -> str | None:
     config.data.data_dir nor buildable from config.data.manual_dir, in one line (None when it
     is, and for the in-memory synthetic twins)."""
     data = config.data
-    if data.name in ('synthetic_cxr', 'synthetic_brats') and not data.synthetic_via_tfds:
+    if data.name in SYNTHETIC and not data.synthetic_via_tfds:
         return None
     from fedjax_med.data import tfds_io  # TFDS: only for data that needs it
 

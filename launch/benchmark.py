@@ -55,8 +55,8 @@ from collections.abc import Callable
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # `configs` and `fedjax_med` live at the repository root
+if sys.path[:1] != [REPO]:  # first, ahead of any installed package of these names
+    sys.path.insert(0, REPO)  # `configs` (not installed) and `fedjax_med` live here
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -54,8 +54,8 @@ from collections.abc import Sequence
 from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # `configs` is a top-level folder of the repository
+if sys.path[:1] != [REPO]:  # first, ahead of any installed package named `configs`
+    sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not installed
 
 from configs import brats, chestxray14  # noqa: E402
 from fedjax_med import report  # noqa: E402

@@ -30,8 +30,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # `configs` is a top-level folder of the repository
+if sys.path[:1] != [REPO]:  # first, ahead of any installed package named `configs`
+    sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not installed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (with :variant).',
                                           lock_config=True)

@@ -11,5 +11,5 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)  # `configs` is a top-level folder of the repository
+if sys.path[:1] != [REPO]:  # first, ahead of any installed package named `configs`
+    sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not installed

@@ -311,3 +311,38 @@ def test_unknown_field_problem_walks_nested_fields():
         "--config.dp.mode.x: config has no field 'dp.mode.x'.")
     assert unknown_field_problem(ml_collections.ConfigDict({'a': 1}), 'zzz').endswith(
         'Every field is listed, with a comment, in configs/base.py.')
+
+
+# ---------------------------------------------------------------------------------------------
+# configs/ is a folder of the repository, not an installed package
+# ---------------------------------------------------------------------------------------------
+
+def test_configs_is_not_installed_and_a_task_config_loads_by_path_without_it(monkeypatch):
+    import importlib.util
+    import tomllib
+
+    with open(os.path.join(REPO, 'pyproject.toml'), 'rb') as f:
+        find = tomllib.load(f)['tool']['setuptools']['packages']['find']
+    assert find['include'] == ['fedjax_med*']
+
+    class NoConfigs:  # as where `configs` is neither installed nor on sys.path
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name.partition('.')[0] == 'configs':
+                raise ModuleNotFoundError(f'No module named {name!r}')
+            return None
+
+    monkeypatch.setattr(sys, 'meta_path', [NoConfigs(), *sys.meta_path])
+    for name in [m for m in sys.modules if m.partition('.')[0] == 'configs']:
+        monkeypatch.delitem(sys.modules, name)
+    for task in ('brats', 'chestxray14'):
+        # What config_flags does with --config=PATH: a module of no package, from its file.
+        spec = importlib.util.spec_from_file_location(f'{task}_config',
+                                                      os.path.join(REPO, 'configs', f'{task}.py'))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        assert module.base.__file__ == os.path.join(REPO, 'configs', 'base.py')
+        config = module.get_config('smoke')
+        assert config.task == task
+        validate(config)
+    assert 'configs' not in sys.modules

@@ -36,7 +36,7 @@ def _execute(name, tmp_path, monkeypatch):
     # is not activated.
     monkeypatch.setenv('PATH', os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
     nb = nbformat.read(os.path.join(REPO, 'colab', name), as_version=4)
-    # Run from the repository root, where `configs` is importable (pip install puts it on path).
+    # Run from the repository root, where `configs` is importable (configs/ is not installed).
     NotebookClient(nb, timeout=300, kernel_name='python3',
                    resources={'metadata': {'path': REPO}}).execute()
     errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs

@@ -144,7 +144,7 @@ def _fake_run(mode='none', target=0.0, sigma=0.0, eps=float('nan'), metric=0.5, 
               'task': task, 'mode': training, 'seed': seed, 'num_rounds': rounds,
               'local': {'prox_mu': 0.0}, 'server': {'optimizer': optimizer},
               'data': {'partition': 'iid', 'dirichlet_alpha': 0.5}}
-    key = f'eval/{report.MAIN_METRIC[task]}'
+    key = f'eval/{report.main_metric(task)}'
     rows = [{'round': k, 'privacy/epsilon': eps * k / rounds, key: metric * k / rounds}
             for k in range(1, rounds + 1)]
     return report.Run(path=f'/runs/{training}{optimizer}{mode}{target}{sigma}{seed}',

@@ -1,6 +1,7 @@
 """Datasets (TFDS builders, synthetic twins), hospital partitions and client batching.
 
   sources.py            load_federated(data_config, seed) -> FederatedDataset (the entry point)
+  registry.py           the dataset names: the task of each, synthetic twins, real releases
   storage.py            compact storage dtypes (uint8 X-rays and labels, float16 MRI) and the
                         one decode to float32 inputs, used inside the jitted round and evaluation
   synthetic.py          synthetic_cxr / synthetic_brats: in-memory synthetic twins (numpy)

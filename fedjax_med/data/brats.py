@@ -60,8 +60,8 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from fedjax_med.data import errors, mri
+from fedjax_med.data.registry import BRATS_VERSIONS
 
-VERSIONS = ('brats2020', 'brats2021', 'msd_brain')
 # Names of MSD channels (dataset.json 'modality') for our FLAIR, T1, T1ce, T2 order.
 _MSD_CHANNELS = (('flair',), ('t1w', 't1'), ('t1gd', 't1ce', 't1c'), ('t2w', 't2'))
 
@@ -87,8 +87,8 @@ class BratsConfig(tfds.core.BuilderConfig):
     def __init__(self, *, version: str = 'brats2020', resolution: int = 128,
                  brain_slices_only: bool = True, empty_slice_stride: int = 1,
                  volumes: bool = False, **kwargs):
-        if version not in VERSIONS:
-            raise ValueError(f'Unknown BraTS version {version!r}; use one of {VERSIONS}.')
+        if version not in BRATS_VERSIONS:
+            raise ValueError(f'Unknown BraTS version {version!r}; use one of {BRATS_VERSIONS}.')
         if volumes and empty_slice_stride != 1:
             raise ValueError(f'empty_slice_stride={empty_slice_stride} thins 2-D slices; 3-D '
                              'volumes keep every slice. Set it to 1 with volumes=True.')
@@ -385,8 +385,10 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     name = 'brats'
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-    BUILDER_CONFIGS = ([BratsConfig(version=v, resolution=r) for v in VERSIONS for r in (128, 64)]
-                       + [BratsConfig(version=v, resolution=128, volumes=True) for v in VERSIONS])
+    BUILDER_CONFIGS = ([BratsConfig(version=v, resolution=r) for v in BRATS_VERSIONS
+                        for r in (128, 64)]
+                       + [BratsConfig(version=v, resolution=128, volumes=True)
+                          for v in BRATS_VERSIONS])
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:

@@ -18,8 +18,9 @@ import sys
 from absl import app, flags
 
 from fedjax_med.data import errors, tfds_io
+from fedjax_med.data.registry import BRATS_VERSIONS, REAL, SYNTHETIC
 
-_DATASET = flags.DEFINE_enum('dataset', None, list(tfds_io.REAL + tfds_io.SYNTHETIC),
+_DATASET = flags.DEFINE_enum('dataset', None, list(REAL + SYNTHETIC),
                              'Dataset to build (a data.name).')
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Raw files of a real dataset.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default ~/tensorflow_datasets).')
@@ -35,8 +36,7 @@ _EMPTY_STRIDE = flags.DEFINE_integer('empty_slice_stride', 1,
 _VOLUMES = flags.DEFINE_bool('volumes', False,
                              'BraTS: store one 3-D volume per case (for data.patch_size > 0).')
 
-_DEFAULT_RESOLUTION = {'nih_chestxray14': 224, 'brats2020': 128, 'brats2021': 128,
-                       'msd_brain': 128}
+_DEFAULT_RESOLUTION = {'nih_chestxray14': 224, **{version: 128 for version in BRATS_VERSIONS}}
 
 
 def main(argv: list[str]) -> None:

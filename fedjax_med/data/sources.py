@@ -73,16 +73,9 @@ import ml_collections
 import numpy as np
 
 from fedjax_med.data import nih_metadata, partition, storage, synthetic
+from fedjax_med.data.registry import TASK_OF
 
 Arrays = dict[str, np.ndarray]
-TASK_OF = {
-    'synthetic_cxr': 'chestxray14',
-    'nih_chestxray14': 'chestxray14',
-    'synthetic_brats': 'brats',
-    'brats2020': 'brats',
-    'brats2021': 'brats',
-    'msd_brain': 'brats',
-}
 
 
 @dataclasses.dataclass

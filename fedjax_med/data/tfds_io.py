@@ -20,9 +20,8 @@ import tensorflow_datasets as tfds
 
 from fedjax_med.data import brats, nih_chestxray14, patches, synthetic_builders
 from fedjax_med.data.errors import DataError
+from fedjax_med.data.registry import BRATS_VERSIONS, REAL, SYNTHETIC, TASK_OF
 
-REAL = ('nih_chestxray14', 'brats2020', 'brats2021', 'msd_brain')
-SYNTHETIC = ('synthetic_cxr', 'synthetic_brats')
 _READ_BATCH = 256
 
 
@@ -43,10 +42,10 @@ def make_builder(name: str, *, data_dir: str | None, resolution: int, num_exampl
     if name == 'nih_chestxray14':
         cfg = nih_chestxray14.NihChestXray14Config(resolution=resolution)
         return _instantiate(nih_chestxray14.NihChestXray14, cfg, **kw)
-    if volumes and name not in (*brats.VERSIONS, 'synthetic_brats'):
-        raise ValueError(f'{name} has no 3-D volumes; only BraTS data ({brats.VERSIONS}, '
+    if volumes and name not in (*BRATS_VERSIONS, 'synthetic_brats'):
+        raise ValueError(f'{name} has no 3-D volumes; only BraTS data ({BRATS_VERSIONS}, '
                          "'synthetic_brats') can be built with volumes=True.")
-    if name in brats.VERSIONS:
+    if name in BRATS_VERSIONS:
         cfg = brats.BratsConfig(version=name, resolution=resolution,
                                 brain_slices_only=brain_slices_only,
                                 empty_slice_stride=empty_slice_stride, volumes=volumes)
@@ -178,7 +177,7 @@ def to_model_arrays(raw: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def builder_for(cfg: ml_collections.ConfigDict, seed: int) -> tfds.core.DatasetBuilder:
     """The TFDS builder of the dataset `cfg` (a config's `data`) reads (built or not)."""
     name = cfg.name
-    task = 'chestxray14' if name in ('nih_chestxray14', 'synthetic_cxr') else 'brats'
+    task = 'chestxray14' if TASK_OF.get(name) == 'chestxray14' else 'brats'
     patch_size = int(cfg.get('patch_size', 0)) if task == 'brats' else 0
     per_case = int(cfg.get('patches_per_case', 8)) if patch_size else int(
         cfg.get('slices_per_case', 16))
@@ -201,7 +200,7 @@ def load_arrays(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, np
     carries an official test split (NIH with its split lists), and an info dict.
     """
     name = cfg.name
-    task = 'chestxray14' if name in ('nih_chestxray14', 'synthetic_cxr') else 'brats'
+    task = 'chestxray14' if TASK_OF.get(name) == 'chestxray14' else 'brats'
     patch_size = int(cfg.get('patch_size', 0)) if task == 'brats' else 0
     per_case = int(cfg.get('patches_per_case', 8)) if patch_size else int(
         cfg.get('slices_per_case', 16))
