@@ -85,7 +85,11 @@ def summary_lines(summary: dict, *, workdir: str, main_metric: str, num_rounds: 
     if command_s is not None:
         time_line += f'; this command {_duration(command_s)}'
     lines.append(time_line)
-    lines.append(f'outputs       {workdir}: metrics.jsonl, summary.json, config.json, checkpoints/')
+    tensorboard = os.path.isdir(os.path.join(workdir, 'tensorboard'))
+    lines.append(f'outputs       {workdir}: metrics.jsonl, summary.json, config.json, checkpoints/'
+                 + (', tensorboard/' if tensorboard else ''))
+    if tensorboard:
+        lines.append(f'tensorboard   tensorboard --logdir {workdir}')
     lines.append(f'report        python -m fedjax_med.report {workdir}')
     lines.append('=' * 84)
     return lines

@@ -9,6 +9,16 @@ Every draw comes from `np.random.default_rng([seed, round, PURPOSE, ...])` (purp
 
 The training loop calls `prepare(r + 1)` while the device runs round r (dispatch is
 asynchronous), so none of this sits between two rounds on the device.
+
+**The round's client axis holds the participants.** With m of K hospitals a round
+(`config.clients_per_round`), `RoundInputs` has M_pad slots (m padded to the device count), not
+K_pad rows: slot j is hospital `client_ids[j]` (participants in increasing order, then padding
+slots whose id is K_pad, out of range: no data, weight 0, no active step). The round gathers
+the participants' data and per-hospital state by these ids and scatters the state back
+(`rounds.py`), so a round costs what its participants compute and compiles once whatever the
+draw. Each slot's index arrays, weights, sigma_k and random keys are those of its hospital, so
+the result is today's masked round over all K up to the order of floating-point sums. When every
+hospital takes part the slots are the K_pad rows, in order.
 """
 
 from typing import NamedTuple
@@ -84,6 +94,16 @@ class RoundPlanner:
                                        1).astype(np.float32)
         self.noise_multiplier = np.zeros(self.k_pad, np.float32)  # padding never trains
         self.noise_multiplier[:num_clients] = privacy.noise_multipliers
+        self.num_slots = num_slots(config, num_clients, mesh)
+
+    def slot_ids(self, participating: np.ndarray) -> np.ndarray:
+        """int32 [M_pad]: the hospital of each slot of the round's client axis (K_pad: none)."""
+        if self.num_slots == self.k_pad:
+            return np.arange(self.k_pad, dtype=np.int32)
+        ids = np.full(self.num_slots, self.k_pad, np.int32)
+        chosen = np.flatnonzero(participating)
+        ids[: len(chosen)] = chosen
+        return ids
 
     def prepare(self, r: int) -> PreparedRound | str:
         """Round r's inputs, sent to the devices; a message instead if the privacy budget would
@@ -95,8 +115,12 @@ class RoundPlanner:
         stop_reason = self.privacy.check_budget(round_steps[:num_clients])
         if stop_reason:
             return stop_reason
-        batches = self._batches(r, np.where(participating, self.sizes, 0))
-        weights = self.weights(self.sizes.astype(np.float32), participating.astype(np.float32))
+        ids = self.slot_ids(participating)
+        # Per hospital [K_pad] -> per slot [M_pad]; a padding slot gets `fill`.
+        take = lambda x, fill=0: np.concatenate([x, np.full(1, fill, x.dtype)])[ids]
+        batches = self._batches(r, take(np.where(participating, self.sizes, 0)), ids)
+        weights = take(self.weights(self.sizes.astype(np.float32),
+                                    participating.astype(np.float32)))
         secagg_inputs, protocol_up, protocol_down = (), 0, 0
         num_participants = int(participating[:num_clients].sum())
         num_senders = num_participants
@@ -104,21 +128,57 @@ class RoundPlanner:
             secagg_inputs, protocol_up, protocol_down = secagg_host.secagg_round(
                 config, r, participating, num_clients)
             num_senders = int(np.sum(secagg_inputs.survivor))
+            secagg_inputs = _secagg_slots(secagg_inputs, ids)
         inputs = RoundInputs(
             indices=batches.indices, mask=batches.mask, step_active=batches.step_active,
-            weights=weights, expected_batch=self.expected_batch,
-            noise_multiplier=self.noise_multiplier,
-            client_ids=np.arange(k_pad, dtype=np.int32),
+            weights=weights, expected_batch=take(self.expected_batch, 1.0),
+            noise_multiplier=take(self.noise_multiplier), client_ids=ids,
             learning_rate=self.lr_by_round[r], secagg=secagg_inputs)
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(self.mesh, inputs))
         return PreparedRound(inputs, round_steps, num_participants, num_senders,
                              batches.overflow, protocol_up, protocol_down)
 
-    def _batches(self, r: int, sampler_sizes: np.ndarray) -> batching.ClientBatches:
+    def _batches(self, r: int, sampler_sizes: np.ndarray,
+                 ids: np.ndarray) -> batching.ClientBatches:
+        """Index arrays of each slot, drawn from the stream of the slot's hospital."""
         lc, seed = self.config.local, self.config.seed
-        rng_for = lambda k: np.random.default_rng([seed, r, streams.HOST_BATCHES, k])
+        rng_for = lambda j: np.random.default_rng([seed, r, streams.HOST_BATCHES, int(ids[j])])
         if lc.sampling == 'poisson':
             return batching.poisson_batches(sampler_sizes, lc.batch_size, lc.epochs,
                                             self.num_steps, self.privacy.max_batch, rng_for)
         return batching.shuffle_batches(sampler_sizes, lc.batch_size, lc.epochs,
                                         self.num_steps, rng_for)
+
+
+def num_slots(config: ml_collections.ConfigDict, num_clients: int, mesh) -> int:
+    """M_pad, the length of the round's client axis: the m hospitals of a round, padded to the
+    device count, or all K_pad when every hospital takes part."""
+    m = config.clients_per_round
+    k_pad = parallel.padded_num_clients(num_clients, mesh)
+    if config.mode != 'federated' or m == 0 or m >= num_clients:
+        return k_pad
+    return min(parallel.padded_num_clients(m, mesh), k_pad)
+
+
+def _secagg_slots(inputs, ids: np.ndarray):
+    """The host protocol's per-hospital arrays ([K_pad] and [K_pad, K_pad]) on the round's
+    slots; a padding slot (id K_pad) has no keys, signs or survival."""
+    k_pad = np.shape(inputs.survivor)[0]
+    if len(ids) == k_pad and np.array_equal(ids, np.arange(k_pad)):
+        return inputs
+
+    def rows(x):
+        x = np.asarray(x)
+        return np.concatenate([x, np.zeros((1, *x.shape[1:]), x.dtype)])[ids]
+
+    def pairs(x):
+        x = np.asarray(x)
+        padded = np.zeros((k_pad + 1, k_pad + 1, *x.shape[2:]), x.dtype)
+        padded[:k_pad, :k_pad] = x
+        return padded[np.ix_(ids, ids)]
+
+    return inputs._replace(
+        pair_keys=pairs(inputs.pair_keys), pair_signs=pairs(inputs.pair_signs),
+        self_keys=rows(inputs.self_keys), survivor=rows(inputs.survivor),
+        recovered_self_keys=rows(inputs.recovered_self_keys),
+        recovered_pair_keys=pairs(inputs.recovered_pair_keys))

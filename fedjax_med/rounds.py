@@ -163,8 +163,13 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
 
     def round_fn(state: ServerState, client_data: dict, inputs: RoundInputs, key: jax.Array):
         result.num_traces += 1  # runs at trace time only
-        out = local_updates(state.params, client_data, inputs, key)
-        deltas, client_state = _compress(compressor, out.delta, state.client_state, inputs, key)
+        # The round's client axis holds its participants (host_round.py): gather their data
+        # and per-hospital state, and scatter the state back after the round.
+        slots = _Slots(inputs.client_ids, client_data, mesh)
+        out = local_updates(state.params, slots.gather(client_data), inputs, key)
+        deltas, client_state = _compress(compressor, out.delta,
+                                         slots.gather(state.client_state), inputs, key)
+        client_state = slots.scatter(state.client_state, client_state)
         metrics = _round_metrics(out, inputs)
         if local_mode:
             params, opt_state, clip_norm = (_add_own_updates(state.params, deltas, inputs.weights),
@@ -184,6 +189,33 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
     state_sharding = _state_sharding(mesh, local_mode)
     result.fn = parallel.jit(round_fn, donate_argnums=(0,), out_shardings=(state_sharding, None))
     return result
+
+
+class _Slots:
+    """The round's client axis, M_pad slots of hospitals `ids` (K_pad: a padding slot), against
+    the K_pad rows of per-hospital data and state. When the slots are the rows (every hospital
+    takes part) gathering and scattering are the identity: nothing is copied."""
+
+    def __init__(self, ids: jax.Array, client_data: dict, mesh):
+        self.ids, self.mesh = ids, mesh
+        rows = jax.tree.leaves(client_data)[0].shape[0]
+        self.identity = ids.shape[0] == rows  # static: then ids is arange(K_pad)
+
+    def gather(self, tree):
+        """Rows of the slots' hospitals; a padding slot gets zeros."""
+        if self.identity:
+            return tree
+        take = lambda x: jnp.take(x, self.ids, axis=0, mode='fill', fill_value=0)
+        out = jax.tree.map(take, tree)
+        if self.mesh is not None and self.mesh.devices.size > 1:
+            out = jax.lax.with_sharding_constraint(out, client_sharding(self.mesh))
+        return out
+
+    def scatter(self, rows, new):
+        """`rows` with the slots' hospitals' rows replaced by `new` (padding slots dropped)."""
+        if self.identity:
+            return new
+        return jax.tree.map(lambda r, n: r.at[self.ids].set(n, mode='drop'), rows, new)
 
 
 def _local_updates_fn(apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,

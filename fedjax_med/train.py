@@ -6,7 +6,6 @@ rounds (the jitted round, accounting, evaluation, logging, checkpoints) and writ
 """
 
 import json
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -18,38 +17,10 @@ import optax
 from absl import logging
 
 from fedjax_med import checkpoint as ckpt_lib
-from fedjax_med import closing, experiment, health, host_round, parallel
+from fedjax_med import closing, experiment, health, host_round, parallel, writers
 from fedjax_med import workdir as workdir_lib
 from fedjax_med.tasks import TASKS
 from fedjax_med.validate import validate
-
-
-def json_safe(row: dict) -> dict:
-    """`row` with NaN and infinite floats (e.g. AUROC of a label absent from a split), which are
-    not JSON, as None (null), also inside lists."""
-    fix = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-    return {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in row.items()}
-
-
-class MetricsWriter:
-    """metrics.jsonl: one JSON object per round; rewritten from the checkpoint on resume."""
-
-    def __init__(self, workdir: str, history: list[dict], *, write: bool = True):
-        self.path = os.path.join(workdir, 'metrics.jsonl')
-        self.history = list(history)
-        self.enabled = write  # False on every process but the first of a multi-process run
-        if self.enabled:
-            with open(self.path, 'w') as f:
-                f.writelines(json.dumps(h) + '\n' for h in self.history)
-
-    def write(self, row: dict) -> None:
-        row = json_safe(row)
-        self.history.append(row)
-        if not self.enabled:
-            return
-        with open(self.path, 'a') as f:
-            f.write(json.dumps(row) + '\n')
-            f.flush()
 
 
 def _fmt_time(seconds: float) -> str:
@@ -125,7 +96,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
         start, history, cum = host['round'], host['history'], host['cum_bytes']
         exp.privacy.load_state_dict(host['privacy'])
         say(session.resume_line(start, config.num_rounds))
-    writer = MetricsWriter(workdir, history, write=primary)
+    writer = writers.create_default_writer(workdir, history, primary=primary,
+                                           tensorboard=config.get('tensorboard', False))
     monitor = health.RoundMonitor(config, float(optax.tree.norm(exp.params)), history,
                                   primary=primary,
                                   noise=health.noise_norm(config, exp.privacy, exp.num_params))
@@ -166,7 +138,7 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
         cum = _communication(exp, current, cum, row)
         jax.block_until_ready(state)
         row['time/round_s'] = time.perf_counter() - t0
-        writer.write(row)
+        writer.write_row(row)
         last = row
         times.append(row['time/round_s'])
         say(_progress_line(row, exp.task.main_metric, config.num_rounds,
@@ -178,10 +150,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
         if session.stop_requested and r + 1 < end:  # SIGINT / SIGTERM: stop here, saved
             session.stop(done=r + 1, saved=saved, save=save, close=checkpointer.close)
     checkpointer.close()
+    writer.close()
     summary = _summary(exp, last, budget_stop=isinstance(upcoming, str))
     if primary:
         with open(os.path.join(workdir, 'summary.json'), 'w') as f:
-            json.dump(json_safe(summary), f, indent=2)
+            json.dump(writers.json_safe(summary), f, indent=2)
     return summary
 
 

@@ -62,7 +62,9 @@ CASES = {
                            'data.num_train': 32, 'data.num_test': 16,
                            'data.patches_per_case': 4, 'local.batch_size': 4,
                            'eval_batch_size': 8}),
-    # Partial participation on the vectorised path: 4 of 16 hospitals a round.
+    # Partial participation on the vectorised path: 4 of 16 hospitals a round. Recorded when the
+    # round still trained all 16 with the absent ones masked; the round over the 4 participants
+    # alone (host_round.py) reproduces them bit for bit.
     **{f'cxr_k16_m4_{name}': ('chestxray14', {
         'data.num_clients': 16, 'data.partition': 'iid', 'clients_per_round': 4,
         'clients_in_parallel': 0, 'local.batch_size': 4, **fields})

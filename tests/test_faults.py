@@ -102,7 +102,9 @@ def test_a_run_ends_with_a_summary_and_a_rerun_prints_the_same(straight, copy_of
     assert block[1] == 'rounds        3/3 (finished)'
     assert block[2].startswith('global test   mean_auroc ')
     assert any(li.startswith('communication ') and 'MB up' in li for li in block)
-    assert f'outputs       {path}: metrics.jsonl, summary.json, config.json, checkpoints/' in block
+    assert (f'outputs       {path}: metrics.jsonl, summary.json, config.json, checkpoints/, '
+            'tensorboard/') in block
+    assert f'tensorboard   tensorboard --logdir {path}' in block
     assert f'report        python -m fedjax_med.report {path}' in block
     again = copy_of()
     _, out, _ = run_captured(config(), again)
@@ -240,8 +242,8 @@ def test_outputs_without_a_checkpoint_are_kept_unless_overwrite(copy_of):
     # --overwrite starts over, here with another config (which a resume would refuse).
     summary, _, err = run_captured(config(num_rounds=1, seed=1), path, overwrite=True)
     assert isinstance(summary, dict) and summary['round'] == 1
-    assert (f'fedjax_med: --overwrite: deleted the previous run in {path} (metrics.jsonl, '
-            'summary.json, config.json).') in err
+    assert (f'fedjax_med: --overwrite: deleted the previous run in {path} (tensorboard/, '
+            'metrics.jsonl, summary.json, config.json).') in err
     assert [r['round'] for r in rows(path)] == [1]
 
 
@@ -506,8 +508,8 @@ def test_cli_sigint_exits_130_with_one_line_and_no_traceback(copy_of):
     assert proc.returncode == 130, err
     assert 'Traceback' not in err and 'KeyboardInterrupt' not in err
     assert err.splitlines() == [
-        f'fedjax_med: --overwrite: deleted the previous run in {path} (metrics.jsonl, '
-        'summary.json, config.json).',
+        f'fedjax_med: --overwrite: deleted the previous run in {path} (tensorboard/, '
+        'metrics.jsonl, summary.json, config.json).',
         'fedjax_med: SIGINT: stopping after the round in progress, with a checkpoint (SIGINT '
         'again stops at once).',
         f'fedjax_med: stopped by SIGINT after round {done}; the last checkpoint is round {done} '

@@ -48,7 +48,7 @@ class ClientDPSecureMean(client_dp_mean.ClientDPMean):
             noised, participating, inputs.secagg.survivor, jax.random.fold_in(key, KEY_SECAGG),
             inputs.secagg, clip=enc_range,
             scale=secure.scale_for(enc_range, participating.shape[0]),
-            single_device=self.single_device)
+            single_device=self.single_device, client_ids=inputs.client_ids)
         return jax.tree.map(lambda s: s * clip_norm / self.expected_clients, summed)
 
 

@@ -377,12 +377,15 @@ def secure_sum(
     clip: float,
     scale: float,
     single_device: bool = True,
+    client_ids: jax.Array | None = None,
 ) -> PyTree:
     """Sum of the survivors' clipped updates, computed through encode -> mask -> sum -> unmask.
 
     Returns the (float32) sum, not the mean: a weighted mean needs the weights folded into the
     updates by the caller (and the total weight aggregated alongside). Senders are clients with
-    participating[u] * survivor[u] = 1. The rounding key of client u is fold_in(key, u).
+    participating[u] * survivor[u] = 1. The rounding key of client u is fold_in(key, id_u), id_u
+    = client_ids[u] (default u: the axis is the hospitals), so a hospital rounds with the same
+    coins whichever slot of the round's client axis it takes.
     `single_device`: whether the client axis is on one device (see `mask_updates`).
     """
     num_clients = jnp.shape(participating)[0]
@@ -391,7 +394,8 @@ def secure_sum(
     # 62 leaves, x (K + 2) PRG sites) and fast to compile.
     leaves, treedef = jax.tree.flatten(updates_stacked)
     flat = jnp.concatenate([x.reshape(num_clients, -1) for x in leaves], axis=1)
-    client_keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(jnp.arange(num_clients))
+    ids = jnp.arange(num_clients) if client_ids is None else client_ids
+    client_keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(ids)
     encoded = jax.vmap(lambda t, k: encode(t, k, clip=clip, scale=scale))(flat, client_keys)
     masked = mask_updates(
         encoded, secagg_inputs.pair_keys, secagg_inputs.pair_signs, secagg_inputs.self_keys,

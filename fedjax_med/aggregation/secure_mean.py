@@ -36,7 +36,7 @@ class SecureMean:
             scaled, participating, inputs.secagg.survivor, jax.random.fold_in(key, KEY_SECAGG),
             inputs.secagg, clip=self.clip,
             scale=secure.scale_for(self.clip, participating.shape[0]),
-            single_device=self.single_device)
+            single_device=self.single_device, client_ids=inputs.client_ids)
         weight = summed['weight'] / self.clip
         mean_delta = jax.tree.map(lambda s: s / jnp.maximum(weight, 1e-12), summed['delta'])
         return Combined(mean_delta, clip_norm, {})

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedjax_med import streams
 from fedjax_med.data import storage
 
 STRATEGIES = ('iid', 'dirichlet', 'pathological', 'quantity', 'natural')
@@ -231,7 +232,7 @@ def partition_examples(strategy: str, *, unit_ids: np.ndarray, num_clients: int,
     Returns:
       K sorted int64 arrays of example indices: disjoint, covering all n examples.
     """
-    rng = np.random.default_rng([seed, 0x9A27])
+    rng = np.random.default_rng([seed, streams.DATA_PARTITION])
     uniq, example_unit = group_units(unit_ids)
     num_units = len(uniq)
     if strategy in ('dirichlet', 'pathological') and unit_classes is None:
@@ -323,7 +324,7 @@ def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 def acquisition_params(hospital_index: int, task: str, seed: int) -> dict[str, np.ndarray]:
     """The fixed scanner parameters of one hospital (what `apply_acquisition_shift` uses)."""
-    rng = np.random.default_rng([seed, hospital_index, 0xAC91])
+    rng = np.random.default_rng([seed, hospital_index, streams.DATA_SHIFT_CXR])
     if task == 'chestxray14':
         return {
             'gamma': np.exp(rng.uniform(-0.4, 0.4)),
@@ -365,7 +366,7 @@ def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str, 
     images = storage.decode_images(np.asarray(images))
     if len(images) == 0:
         return images
-    rng = np.random.default_rng([seed, hospital_index, 0xAC92])
+    rng = np.random.default_rng([seed, hospital_index, streams.DATA_SHIFT_MRI])
     res = images.shape[1]
     if task == 'chestxray14':
         out = np.clip(images, 0.0, 1.0) ** p['gamma']

@@ -33,7 +33,9 @@ from collections.abc import Iterable
 
 import numpy as np
 
-_PURPOSE = 0x9A7C  # seeds np.random.default_rng([seed, _PURPOSE, patient_id])
+from fedjax_med import streams
+
+_PURPOSE = streams.DATA_PATCHES  # seeds np.random.default_rng([seed, _PURPOSE, patient_id])
 
 
 def case_rng(seed: int, patient_id: int) -> np.random.Generator:

@@ -72,6 +72,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
+from fedjax_med import streams
 from fedjax_med.data import nih_metadata, partition, storage, synthetic
 from fedjax_med.data.registry import TASK_OF
 
@@ -233,7 +234,7 @@ def _load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federa
         test_fraction = int(cfg.num_test) / (int(cfg.num_train) + int(cfg.num_test))
     else:
         test_fraction = float(cfg.test_fraction)
-    rng = np.random.default_rng([seed, 0x7E57])
+    rng = np.random.default_rng([seed, streams.DATA_TEST_SPLIT])
     train_idx, test_idx = [], []
     for idx in parts:
         if is_official_test is not None:
@@ -277,7 +278,7 @@ def hold_out_patients(patient_ids: np.ndarray, fraction: float,
     """(indices of a seeded `fraction` of the patients, indices of the rest): whole patients, so
     no patient of the held-out (public) part appears in any hospital."""
     uniq, example_unit = partition.group_units(np.asarray(patient_ids))
-    rng = np.random.default_rng([seed, 0x9AB1])
+    rng = np.random.default_rng([seed, streams.DATA_PUBLIC])
     chosen = np.zeros(len(uniq), bool)
     chosen[rng.permutation(len(uniq))[:max(1, round(fraction * len(uniq)))]] = True
     held = chosen[example_unit]

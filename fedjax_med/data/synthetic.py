@@ -24,6 +24,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from fedjax_med import streams
 from fedjax_med.data import mri, nih_metadata, patches
 
 _CHUNK = 256  # examples generated together; bounds the temporaries to a few tens of MB
@@ -82,7 +83,7 @@ def sample_cxr_metadata(num: int, seed: int, max_images_per_patient: int = 4,
     'sex' (0 M, 1 F), 'follow_up' (int64 [num]); rows of one patient are contiguous.
     """
     table = nih_metadata.load_metadata_table() if table is None else table
-    rng = np.random.default_rng([seed, 0xC0A1])
+    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_CXR])
     pids = table['patient_id']
     # The table is sorted by patient id, so each patient is one contiguous run of rows.
     starts = np.flatnonzero(np.r_[True, pids[1:] != pids[:-1]])
@@ -254,7 +255,7 @@ def synthetic_cxr(num: int, resolution: int, seed: int,
     rows = sample_cxr_metadata(num, seed) if metadata_rows is None else dict(metadata_rows)
     if len(rows['label']) != num:
         raise ValueError(f'metadata_rows has {len(rows["label"])} rows, expected num={num}.')
-    rng = np.random.default_rng([seed, 0xC0A2])
+    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_CXR_META])
     images = np.empty((num, resolution, resolution, 1), np.float32)
     for start in range(0, num, _CHUNK):
         sl = slice(start, min(start + _CHUNK, num))
@@ -381,7 +382,7 @@ def synthetic_brats(num_cases: int, resolution: int, slices_per_case: int,
       index), 'slice_index', 'has_tumor', 'grade' (1 HGG-like, 0 LGG-like), with
       n = num_cases * slices_per_case.
     """
-    rng = np.random.default_rng([seed, 0xB2A7])
+    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_BRATS])
     n = num_cases * slices_per_case
     images = np.empty((n, resolution, resolution, 4), np.float32)
     labels = np.empty((n, resolution, resolution, 3), np.float32)
@@ -417,7 +418,7 @@ def synthetic_brats_volumes(num_cases: int, resolution: int, seed: int) -> Itera
       'label' float32 [R, R, R, 3] (WT, TC, ET), 'patient_id' and 'case_id' (the int case index)
       and 'grade' (1 HGG-like, 0 LGG-like).
     """
-    rng = np.random.default_rng([seed, 0xB2A7])
+    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_BRATS])
     # About 2^20 voxels per chunk keeps the generator's temporaries to a few hundred MB.
     per_chunk = max(1, 2**20 // resolution**3)
     for start in range(0, num_cases, per_chunk):

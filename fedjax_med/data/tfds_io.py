@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from fedjax_med import streams
 from fedjax_med.data import brats, nih_chestxray14, patches, synthetic_builders
 from fedjax_med.data.errors import DataError
 from fedjax_med.data.registry import BRATS_VERSIONS, REAL, SYNTHETIC, TASK_OF
@@ -146,7 +147,7 @@ def read_patches(builder: tfds.core.DatasetBuilder, split: str, *, patch_size: i
     source = builder.as_data_source(split=split)
     indices = np.arange(len(source))
     if 0 < max_cases < len(indices):
-        rng = np.random.default_rng([seed, 0xCA5E])
+        rng = np.random.default_rng([seed, streams.DATA_CASE_SUBSET])
         indices = np.sort(rng.choice(indices, max_cases, replace=False))
 
     def cases():
@@ -224,7 +225,7 @@ def load_arrays(cfg: ml_collections.ConfigDict, seed: int) -> tuple[dict[str, np
     examples = {k: np.concatenate([parts[s][k] for s in splits]) for k in parts[splits[0]]}
     if task == 'brats' and max_cases > 0 and not patch_size:
         cases = np.unique(examples['patient_id'])
-        keep = np.random.default_rng([seed, 0xCA5E]).choice(
+        keep = np.random.default_rng([seed, streams.DATA_CASE_SUBSET]).choice(
             cases, min(max_cases, len(cases)), replace=False)
         examples = {k: v[np.isin(examples['patient_id'], keep)] for k, v in examples.items()}
     info = {'provenance': f'TFDS {builder.name}/{builder.builder_config.name} '
