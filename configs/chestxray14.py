@@ -23,6 +23,10 @@ Variants (`--config=configs/chestxray14.py:VARIANT`):
              non-private training to land near published NIH AUROCs (NIH_SCALE_SIGNAL).
   nih_scale_dp  nih_scale + DP-SGD as done at scale: expected Poisson batches of 1,024, per-example
              gradients 64 at a time, epsilon = 4.5 per hospital (--config.dp.target_epsilon).
+  cross_device  the shape simulators of many small clients are benchmarked on: 1,000 hospitals
+             of about 50 training images (16 px synthetic twin, IID), 50 of them a round, one
+             local epoch at batch 10. The round's client axis holds the 50 participants only,
+             so a round costs 50 hospitals' work (launch/participation_benchmark.py).
   nih_public the public set of nih_scale alone, trained centrally (no hospital's data): a
              pretrained model for --config.init_from=WORKDIR. The privacy guarantee of a
              warm-started run covers the hospitals' data only; the public set is public.
@@ -106,6 +110,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             c.dp.chunk_size = 8
     elif variant in ('nih_scale', 'nih_scale_dp', 'nih_public'):
         _nih_scale(c, variant)
+    elif variant == 'cross_device':
+        c.data.name = 'synthetic_cxr'
+        c.data.resolution = 16
+        c.data.num_clients = 1000
+        c.data.num_train = 50_000
+        c.data.num_test = 10_000
+        c.data.partition = 'iid'
+        c.model.name = 'resnet_small'
+        c.model.width = 8
+        c.model.depth = 2
+        c.num_rounds = 50
+        c.clients_per_round = 50
+        c.local.epochs = 1.0
+        c.local.batch_size = 10
+        c.local.learning_rate = 3e-3
+        c.local.schedule = 'constant'
+        c.eval_every = 10
+        c.checkpoint_every = 10
     elif variant == 'smoke':
         c.data.name = 'synthetic_cxr'
         c.data.resolution = 16
@@ -125,8 +147,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_batch_size = 64
     else:
         raise base.unknown_variant(arg, 'configs/chestxray14.py',
-                                   ('synthetic', 'smoke', 'dp', 'nih_scale', 'nih_scale_dp',
-                                    'nih_public'))
+                                   ('synthetic', 'smoke', 'dp', 'cross_device', 'nih_scale',
+                                    'nih_scale_dp', 'nih_public'))
     return c
 
 

@@ -64,6 +64,7 @@ class PreparedRound(NamedTuple):
     poisson_overflow: int      # Poisson draws cut to the maximum batch (logged when > 0)
     protocol_up: int           # SecAgg protocol bytes per hospital, up / down
     protocol_down: int
+    participants: list[int] | None = None  # the hospitals taking part, when not all of them
 
 
 class RoundPlanner:
@@ -135,8 +136,10 @@ class RoundPlanner:
             noise_multiplier=take(self.noise_multiplier), client_ids=ids,
             learning_rate=self.lr_by_round[r], secagg=secagg_inputs)
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(self.mesh, inputs))
+        everyone = num_participants == num_clients
         return PreparedRound(inputs, round_steps, num_participants, num_senders,
-                             batches.overflow, protocol_up, protocol_down)
+                             batches.overflow, protocol_up, protocol_down,
+                             None if everyone else np.flatnonzero(participating).tolist())
 
     def _batches(self, r: int, sampler_sizes: np.ndarray,
                  ids: np.ndarray) -> batching.ClientBatches:

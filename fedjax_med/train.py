@@ -182,6 +182,8 @@ def _train_row(r: int, m: dict, current: host_round.PreparedRound) -> dict:
     row.update(_clipping_diagnostics(m))
     if current.poisson_overflow:
         row['privacy/poisson_overflow'] = current.poisson_overflow
+    if current.participants is not None:  # m of K hospitals took part: which
+        row['train/participants'] = current.participants
     return row
 
 
