@@ -9,18 +9,23 @@
 #   4. with the time left (COMPARE_SECONDS), ResNet-18 rounds with the hospitals vmapped
 #      (`--clients_in_parallel=0`, K=8 for vmap-vs-sequential), the comparison behind the
 #      configs' choice;
+#   4b. partial participation (PARTICIPATION_SECONDS): round time with m of K hospitals taking
+#      part over the time with all K, vectorised, K=16/64 (m=K/4) and the cross-device shape
+#      (configs/chestxray14.py:cross_device, 1,000 hospitals, 50 a round), vmapped and one at a
+#      time (launch/participation_benchmark.py; needs the run's dependencies, as step 5 does);
 #   5. with whatever time is left (GRID_SECONDS, default all of it), the hospital-scale grid
 #      (`launch/experiments.py --suite=nih_scale`, most informative runs first); its
 #      results.csv / results.md are copied to $OUT. A run cut off by the slot resumes from its
 #      checkpoint only where the grid folder (GRID_DIR) is kept.
 # Everything is logged under $OUT (default /tmp/fedjax_med_gpu_check):
 #   nvidia_smi.txt  env.txt  smoke.log  bench.log  bench_gpu.json  compare.log  bench_gpu_vmap.json
-#   grid.log  results.csv  results.md
+#   participation.jsonl  participation.log  grid.log  results.csv  results.md
 #
 # Usage (from anywhere):  OUT=/some/dir bash launch/gpu_check.sh
 #   TOTAL_SECONDS=560   wall-clock budget of the whole script (default 560 s)
 #   SMOKE_SECONDS=100   cap of the pytest smoke
 #   COMPARE_SECONDS=150 kept for step 4 (0 skips it)
+#   PARTICIPATION_SECONDS=120 cap of step 4b (0 skips it)
 #   GRID_SECONDS=       cap of step 5 (default: the time left; 0 skips it)
 #   GRID_DIR=/tmp/fedjax_med_nih_grid   the grid's run folders
 #   PYTHON=python3      interpreter (needs jax with CUDA, flax, optax, ml_collections)
@@ -107,6 +112,19 @@ if [ "$COMPARE_SECONDS" -gt 0 ] && [ "$LEFT" -ge 60 ]; then
     --vmap_k=8 --json="$OUT/bench_gpu_vmap.json" --budget_s="$((LEFT - 60))" \
     2>&1 | tee "$OUT/compare.log"
   echo "comparison exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" | tee -a "$OUT/compare.log"
+fi
+
+LEFT=$((TOTAL_SECONDS - SECONDS))
+PARTICIPATION_SECONDS=${PARTICIPATION_SECONDS:-120}
+if [ "$PARTICIPATION_SECONDS" -gt "$LEFT" ]; then PARTICIPATION_SECONDS=$LEFT; fi
+if [ "$PARTICIPATION_SECONDS" -ge 30 ]; then
+  echo "== partial participation, vmapped then one at a time (${PARTICIPATION_SECONDS} s)"
+  timeout --signal=INT --kill-after=10 "$((PARTICIPATION_SECONDS - 5))" bash -c '
+    "$0" launch/participation_benchmark.py --cross_device --clients_in_parallel=-1 &&
+    "$0" launch/participation_benchmark.py --cross_device --clients_in_parallel=1' "$PY" \
+    2>"$OUT/participation.log" | tee "$OUT/participation.jsonl"
+  echo "participation exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" \
+    | tee -a "$OUT/participation.log"
 fi
 
 LEFT=$((TOTAL_SECONDS - SECONDS))
