@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from fedjax_med.data import storage
+from fedjax_med.state import ClientInputs
 
 # (params, batch, mask [B], key, expected_batch, noise_multiplier)
 #   -> (gradient pytree, aux metrics with 'loss')
@@ -68,9 +69,7 @@ def client_optimizer(name: str, momentum: float = 0.9) -> optax.GradientTransfor
         learning_rate=0.0)
 
 
-def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
-                 step_active: jax.Array, expected_batch: jax.Array,
-                 noise_multiplier: jax.Array, learning_rate: jax.Array, key: jax.Array, *,
+def local_update(global_params, data: dict, inputs: ClientInputs, learning_rate: jax.Array, *,
                  grad_fn: GradientFn,
                  optimizer: optax.GradientTransformation, prox_mu: float,
                  unroll: int | bool = 1) -> ClientOutput:
@@ -80,18 +79,21 @@ def local_update(global_params, data: dict, indices: jax.Array, mask: jax.Array,
       global_params: the model the server broadcast this round.
       data: this hospital's training arrays in their storage dtypes (data/storage.py), leading
         axis over its (padded) examples; a step decodes only the batch it gathers.
-      indices, mask: int32/float32 [S, B]: which examples each step uses, and which are real.
-      step_active: bool [S]: steps beyond this hospital's share are skipped (no state change).
-      expected_batch: DP-SGD denominator (ignored by the non-private gradient).
-      noise_multiplier: this hospital's DP-SGD sigma (ignored by the non-private gradient).
+      inputs: this hospital's share of the round (`state.ClientInputs`): `indices`, `mask`
+        int32/float32 [S, B], which examples each step uses and which are real; `step_active`
+        bool [S], steps beyond this hospital's share are skipped (no state change);
+        `expected_batch`, `noise_multiplier`: DP-SGD's denominator and this hospital's sigma
+        (ignored by the non-private gradient); `key`: its key for this round, step keys are
+        fold_in(key, step).
       learning_rate: client learning rate of this round.
-      key: this hospital's key for this round; step keys are fold_in(key, step).
       grad_fn: gradient of one step (plain or privatised).
       optimizer: client optimiser from `client_optimizer` (fresh state every round).
       prox_mu: FedProx weight; adds mu * (w - w_global) to each step's gradient. It is applied
         after privatisation, so it costs no privacy (it does not touch the data).
       unroll: `lax.scan` unroll factor of the local steps.
     """
+    indices, mask, step_active, key = inputs.indices, inputs.mask, inputs.step_active, inputs.key
+    expected_batch, noise_multiplier = inputs.expected_batch, inputs.noise_multiplier
     opt_state = optimizer.init(global_params)
     opt_state.hyperparams['learning_rate'] = jnp.asarray(learning_rate, jnp.float32)
 

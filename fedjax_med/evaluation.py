@@ -109,10 +109,8 @@ def per_hospital(eval_fn, *, params_axis, data_axis, mesh=None):
     device evaluates its own hospitals. One shared model sees all hospitals' batches at once
     (vmap folds them into the batch); per-hospital models go one at a time, since vmapping them
     makes grouped convolutions (slow, and mis-split by XLA's partitioner across devices)."""
-    from fedjax_med import rounds
-
     one_at_a_time = 0 if params_axis is None else 1
-    return parallel.jit(rounds.map_clients(eval_fn, (params_axis, data_axis), one_at_a_time,
+    return parallel.jit(parallel.map_clients(eval_fn, (params_axis, data_axis), one_at_a_time,
                                            mesh))
 
 

@@ -13,9 +13,9 @@ options) and returns `round_fn(state, client_data, inputs, key) -> (state, metri
   4. the server optimiser step, then the round's metrics.
 
 The client axis of `client_data` and `inputs` is sharded over the mesh; parameters are
-replicated. Each device runs only its own hospitals' local updates (`map_clients`: a `shard_map`
-over the client axis), and sums over the client axis are plain reductions for which XLA inserts
-the all-reduces.
+replicated. Each device runs only its own hospitals' local updates (`parallel.map_clients`: a
+`shard_map` over the client axis), and sums over the client axis are plain reductions for which
+XLA inserts the all-reduces.
 In 'local' mode each hospital keeps its own parameters (leading client axis) and steps 3-4 become
 params_k += delta_k.
 """
@@ -50,47 +50,6 @@ class RoundFn:
 
     def __call__(self, state, client_data, inputs, key):
         return self.fn(state, client_data, inputs, key)
-
-
-def _clients_in_parallel(n: int) -> int:
-    """0 = automatic: all hospitals vectorised (vmap) on accelerators; on CPU one at a time,
-    because XLA:CPU runs convolutions with a per-hospital kernel (vmap turns them into grouped
-    convolutions) several times slower than the same work hospital by hospital."""
-    if n:
-        return n
-    return 1 if jax.default_backend() == 'cpu' else 0
-
-
-def map_clients(fn: Callable, in_axes: tuple, clients_in_parallel: int, mesh=None) -> Callable:
-    """`fn` over the client axis: vmap (clients_in_parallel=0) or `lax.map` in chunks of
-    `clients_in_parallel` hospitals. Either way it is one program with the same results.
-
-    With a mesh of several devices, each device maps only its own hospitals (`shard_map` over
-    the 'clients' axis); left to itself, XLA's partitioner would gather every hospital's data to
-    every device for a `lax.map` and compute all of them everywhere.
-    """
-    return parallel.shard_clients(_map_local(fn, in_axes, clients_in_parallel), in_axes, mesh)
-
-
-def _map_local(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Callable:
-    if clients_in_parallel == 0:
-        return jax.vmap(fn, in_axes=in_axes)
-
-    def mapped(*args):
-        shared = [a if ax is None else None for a, ax in zip(args, in_axes, strict=True)]
-        per_client = [a if ax is not None else None for a, ax in zip(args, in_axes, strict=True)]
-
-        def one(xs):
-            full = [s if ax is None else x
-                    for s, x, ax in zip(shared, xs, in_axes, strict=True)]
-            return fn(*full)
-
-        # One at a time: a plain scan, so `lax.cond` inside the local steps really skips a
-        # hospital's inactive steps (a batched lax.map would vmap them into selects).
-        batch_size = None if clients_in_parallel == 1 else clients_in_parallel
-        return jax.lax.map(one, per_client, batch_size=batch_size)
-
-    return mapped
 
 
 def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
@@ -225,8 +184,8 @@ def _local_updates_fn(apply_fn, task: Task, config: ml_collections.ConfigDict, m
     over the client axis, each hospital with its own key."""
     client_update = make_client_update(apply_fn=apply_fn, task=task, config=config, model=model)
     params_axis = 0 if config.mode == 'local' else None
-    mapped = map_clients(client_update, (params_axis, 0, 0, 0, 0, 0, 0, None, 0),
-                         _clients_in_parallel(config.clients_in_parallel), mesh)
+    mapped = parallel.map_clients(client_update, (params_axis, 0, 0, None),
+                                  parallel.clients_in_parallel(config.clients_in_parallel), mesh)
     bfloat16_broadcast = config.compression.broadcast_dtype == 'bfloat16'
 
     def local_updates(params, client_data: dict, inputs: RoundInputs, key: jax.Array):
@@ -235,9 +194,7 @@ def _local_updates_fn(apply_fn, task: Task, config: ml_collections.ConfigDict, m
         if bfloat16_broadcast:
             # Hospitals receive the model in bfloat16: they start from the rounded weights.
             params = jax.tree.map(lambda p: p.astype(jnp.bfloat16).astype(p.dtype), params)
-        return mapped(params, client_data, inputs.indices, inputs.mask, inputs.step_active,
-                      inputs.expected_batch, inputs.noise_multiplier, inputs.learning_rate,
-                      client_keys)
+        return mapped(params, client_data, inputs.per_client(client_keys), inputs.learning_rate)
 
     return local_updates
 

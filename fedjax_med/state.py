@@ -1,4 +1,5 @@
-"""Pytree dataclasses that cross the jit boundary: the server state and one round's inputs."""
+"""Pytree dataclasses that cross the jit boundary: the server state, one round's inputs, and one
+hospital's share of them."""
 
 from typing import Any
 
@@ -21,6 +22,19 @@ class ServerState:
 
 
 @flax.struct.dataclass
+class ClientInputs:
+    """One hospital's share of a round (one slot of `RoundInputs`), as `client.local_update`
+    reads it; mapped over the client axis as one pytree."""
+
+    indices: jax.Array         # int32 [S, B]
+    mask: jax.Array            # float32 [S, B]
+    step_active: jax.Array     # bool [S]
+    expected_batch: jax.Array  # float32 scalar: the DP-SGD denominator
+    noise_multiplier: jax.Array  # float32 scalar: this hospital's DP-SGD sigma
+    key: jax.Array             # this hospital's key of the round; step keys fold in the step
+
+
+@flax.struct.dataclass
 class RoundInputs:
     """Host-built arrays for one round. Leading axis K (hospitals, padded to the device count)."""
 
@@ -33,3 +47,9 @@ class RoundInputs:
     client_ids: jax.Array     # int32 [K]: global hospital index, for per-hospital random keys
     learning_rate: jax.Array  # float32 scalar: this round's client learning rate
     secagg: Any = ()          # secure-aggregation arrays from the host protocol, or ()
+
+    def per_client(self, keys: jax.Array) -> ClientInputs:
+        """The per-hospital fields, with each slot's key: leading axis K, like `keys`."""
+        return ClientInputs(indices=self.indices, mask=self.mask, step_active=self.step_active,
+                            expected_batch=self.expected_batch,
+                            noise_multiplier=self.noise_multiplier, key=keys)

@@ -67,7 +67,7 @@ from fedjax_med import parallel, rounds  # noqa: E402
 from fedjax_med.aggregation import server_opt  # noqa: E402
 from fedjax_med.data import storage  # noqa: E402
 from fedjax_med.models import NUM_OUTPUTS, build_model  # noqa: E402
-from fedjax_med.state import RoundInputs  # noqa: E402
+from fedjax_med.state import ClientInputs, RoundInputs  # noqa: E402
 from fedjax_med.tasks import TASKS  # noqa: E402
 
 ITEMS = ('federated', 'dp', 'vmap', 'secagg', 'bf16', 'dp_fast', 'scaling_k', 'devices')
@@ -369,20 +369,29 @@ class SequentialBaseline:
         # Each hospital holds its own data and batch plan (placed once, outside the timing).
         self.client_args = [
             jax.device_put((jax.tree.map(lambda a, k=k: a[k], setup.client_data),
-                            hi.indices[k], hi.mask[k], hi.step_active[k], hi.expected_batch[k],
-                            hi.noise_multiplier[k]),
+                            (hi.indices[k], hi.mask[k], hi.step_active[k], hi.expected_batch[k],
+                             hi.noise_multiplier[k])),
                            device)
             for k in self.clients]
         self.client_ids = [int(hi.client_ids[k]) for k in self.clients]
         self.learning_rate = jax.device_put(hi.learning_rate, device)
         self.host_aggregation_s: list[float] = []
 
+    @staticmethod
+    def _client_inputs(args, key):
+        """(data, ClientInputs) of one hospital from its placed arrays and its round key."""
+        data, (indices, mask, step_active, expected_batch, noise_multiplier) = args
+        return data, ClientInputs(indices=indices, mask=mask, step_active=step_active,
+                                  expected_batch=expected_batch,
+                                  noise_multiplier=noise_multiplier, key=key)
+
     def compile(self, params, key) -> float:
         """Compiles the single-hospital update and the server step; returns the seconds taken."""
         t0 = time.perf_counter()
         client_key = jax.random.fold_in(jax.random.fold_in(key, rounds.KEY_TRAIN), 0)
-        self._update = self._update.lower(params, *self.client_args[0], self.learning_rate,
-                                          client_key).compile()
+        self._update = self._update.lower(
+            params, *self._client_inputs(self.client_args[0], client_key),
+            self.learning_rate).compile()
         opt_state = self._server.init(params)
         self._server_step = self._server_step.lower(params, opt_state, params).compile()
         return time.perf_counter() - t0
@@ -392,8 +401,8 @@ class SequentialBaseline:
         train_key = jax.random.fold_in(key, rounds.KEY_TRAIN)
         deltas = []
         for cid, args in zip(self.client_ids, self.client_args, strict=True):
-            out = self._update(params, *args, self.learning_rate,
-                               jax.random.fold_in(train_key, cid))
+            key_k = jax.random.fold_in(train_key, cid)
+            out = self._update(params, *self._client_inputs(args, key_k), self.learning_rate)
             deltas.append(jax.device_get(out.delta))  # the hospital sends its update
         t0 = time.perf_counter()
         scale = self.weights[self.clients] / max(float(self.weights.sum()), 1e-12)

@@ -8,7 +8,7 @@ import pytest
 from configs import base
 from fedjax_med import client as client_lib
 from fedjax_med import parallel, rounds
-from fedjax_med.state import RoundInputs
+from fedjax_med.state import ClientInputs, RoundInputs
 from fedjax_med.tasks import TASKS
 
 D, L = 6, 14  # features, labels (chest X-ray task: 14 sigmoid outputs)
@@ -47,10 +47,11 @@ def numpy_sgd(params, data, indices, mask, lr, steps, mu=0.0):
 
 def run_local(params, data, indices, mask, active, lr=0.5, mu=0.0):
     task = TASKS['chestxray14']
+    inputs = ClientInputs(indices=jnp.asarray(indices), mask=jnp.asarray(mask),
+                          step_active=jnp.asarray(active), expected_batch=jnp.float32(4.0),
+                          noise_multiplier=jnp.float32(0.0), key=jax.random.key(0))
     return client_lib.local_update(
-        params, jax.tree.map(jnp.asarray, data), jnp.asarray(indices), jnp.asarray(mask),
-        jnp.asarray(active), jnp.float32(4.0), jnp.float32(0.0), jnp.float32(lr),
-        jax.random.key(0),
+        params, jax.tree.map(jnp.asarray, data), inputs, jnp.float32(lr),
         grad_fn=client_lib.mean_gradient(linear_apply, task.per_example_loss),
         optimizer=client_lib.client_optimizer('sgd'), prox_mu=mu)
 
