@@ -96,6 +96,8 @@ def training_splits(config: ml_collections.ConfigDict, data) -> list[dict]:
     return data.clients_train
 
 
+# Long on purpose: the build is a straight sequence, each piece built once from the ones
+# before it (data -> model -> privacy plan -> round -> planner -> evaluator).
 def build(config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = True,
           data=None) -> Experiment:
     """Builds the run `config` describes on `mesh` (default: all devices).

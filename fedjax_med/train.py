@@ -66,6 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     return summary
 
 
+# Long on purpose: set-up (about 30 lines) then the loop over rounds (about 40), which share
+# the run's state (state, writer, checkpointer, cumulative bytes); the loop fits one screen.
 def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | None,
          stop_after: int | None, session: workdir_lib.Session, hooks) -> dict:
     validate(config)

@@ -346,6 +346,9 @@ def _empty_setup(num_clients: int, threshold: int) -> RoundSetup:
     )
 
 
+# Long on purpose: the protocol's rounds (advertise keys, share keys, masked input, unmasking)
+# run in order over the same parties, as in Bonawitz et al. 2017; split, their state would
+# have to travel between functions.
 def run_protocol(
     *,
     round_index: int,

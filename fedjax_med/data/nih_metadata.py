@@ -128,6 +128,8 @@ def _parse_row(row: list[str], at: dict[str, int], needed: int) -> tuple:
     return image, labels, follow_up, patient, age, sex, view
 
 
+# Long on purpose: one pass over the CSV's columns, each parsed and checked where it is read,
+# so every error names its row and column.
 def read_data_entry_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Parses the official per-image metadata CSV by column name.
 

@@ -182,6 +182,8 @@ def load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federat
     return _LAST['data']
 
 
+# Long on purpose: the steps of building a federation (read or generate, hold out the public
+# set, partition, split, shift, encode) run once, in this order, on shared arrays.
 def _load_federated(data_config: ml_collections.ConfigDict, seed: int) -> FederatedDataset:
     cfg = data_config
     name = cfg.name

@@ -111,6 +111,9 @@ def sample_cxr_metadata(num: int, seed: int, max_images_per_patient: int = 4,
     }
 
 
+# Long on purpose: one radiograph is drawn layer by layer (anatomy, then each finding's
+# signature, then acquisition), every layer on the same arrays and random stream; splitting it
+# would change nothing but the reading order.
 def _cxr_chunk(rng: np.random.Generator, labels: np.ndarray, view: np.ndarray, age: np.ndarray,
                sex: np.ndarray, res: int, gain: float) -> np.ndarray:
     """Renders len(labels) radiographs [n, res, res] with values in [0, 1].
@@ -288,6 +291,8 @@ _TISSUE_INTENSITY = {
 }
 
 
+# Long on purpose: anatomy, tumour regions and the four modalities are drawn in order from one
+# random stream (see _cxr_chunk).
 def _brats_chunk(rng: np.random.Generator, n: int, res: int, depth: int):
     """Renders n cases: images [n, depth, res, res, 4] z-scored in the head, labels {0,1,2,4}."""
     u = lambda lo, hi: rng.uniform(lo, hi, n).astype(np.float32)[:, None, None, None]

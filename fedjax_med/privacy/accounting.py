@@ -353,6 +353,8 @@ class HospitalAccountant:
         return accountant
 
 
+# Long on purpose: mostly its docstring, which states the adjacency and soundness of each cohort
+# sampling (Poisson / fixed size) next to the code that accounts it.
 def client_level_epsilon(
     *,
     num_clients: int,

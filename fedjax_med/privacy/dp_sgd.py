@@ -125,6 +125,8 @@ def _pad_to_multiple(batch: PyTree, mask: jax.Array, chunk_size: int) -> tuple[P
     return batch, mask
 
 
+# Long on purpose: the per-example clip, masked sum and noise of one DP-SGD step are one
+# mechanism, kept in one place where it can be read against the accountant's assumptions.
 def dp_gradient(
     per_example_loss_fn: PerExampleLossFn,
     params: PyTree,
