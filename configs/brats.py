@@ -43,8 +43,9 @@ except ImportError:  # loaded from its path (--config=configs/...): configs/ is 
     import os
 
     _spec = importlib.util.spec_from_file_location(
-        'fedjax_med_configs_base', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                'base.py'))
+        'fedjax_med_configs_base',
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), 'base.py'),
+    )
     base = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(base)
 
@@ -142,6 +143,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 5
         c.clients_in_parallel = 1  # as in 'paper'
     else:
-        raise base.unknown_variant(arg, 'configs/brats.py',
-                                   ('synthetic', 'smoke', 'dp', 'patch3d'))
+        raise base.unknown_variant(arg, 'configs/brats.py', ('synthetic', 'smoke', 'dp', 'patch3d'))
     return c

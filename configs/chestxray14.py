@@ -44,8 +44,9 @@ except ImportError:  # loaded from its path (--config=configs/...): configs/ is 
     import os
 
     _spec = importlib.util.spec_from_file_location(
-        'fedjax_med_configs_base', os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                'base.py'))
+        'fedjax_med_configs_base',
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), 'base.py'),
+    )
     base = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(base)
 
@@ -146,9 +147,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.checkpoint_every = 1
         c.eval_batch_size = 64
     else:
-        raise base.unknown_variant(arg, 'configs/chestxray14.py',
-                                   ('synthetic', 'smoke', 'dp', 'cross_device', 'nih_scale',
-                                    'nih_scale_dp', 'nih_public'))
+        raise base.unknown_variant(
+            arg,
+            'configs/chestxray14.py',
+            ('synthetic', 'smoke', 'dp', 'cross_device', 'nih_scale', 'nih_scale_dp', 'nih_public'),
+        )
     return c
 
 

@@ -23,9 +23,14 @@ import jax
 import jax.numpy as jnp
 
 
-def integrated_gradients(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
-                         baseline: jax.Array | None = None, *, steps: int = 64,
-                         chunk_size: int | None = None) -> jax.Array:
+def integrated_gradients(
+    fn: Callable[[jax.Array], jax.Array],
+    x: jax.Array,
+    baseline: jax.Array | None = None,
+    *,
+    steps: int = 64,
+    chunk_size: int | None = None,
+) -> jax.Array:
     """Integrated gradients of a scalar function of one input.
 
     Args:
@@ -48,9 +53,14 @@ def integrated_gradients(fn: Callable[[jax.Array], jax.Array], x: jax.Array,
     return (x - baseline) * jnp.tensordot(weights, grads, axes=1)
 
 
-def model_integrated_gradients(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Array,
-                               class_index: jax.Array, *, steps: int = 64,
-                               chunk_size: int | None = None) -> jax.Array:
+def model_integrated_gradients(
+    apply_fn: Callable[[jax.Array], jax.Array],
+    images: jax.Array,
+    class_index: jax.Array,
+    *,
+    steps: int = 64,
+    chunk_size: int | None = None,
+) -> jax.Array:
     """IG of the logit `class_index[b]` of a classifier for each image b (baseline: zeros).
 
     Args:
@@ -60,6 +70,7 @@ def model_integrated_gradients(apply_fn: Callable[[jax.Array], jax.Array], image
     Returns:
       Attributions [B, H, W, C].
     """
+
     def one(image, cls):
         logit = lambda z: apply_fn(z[None])[0, cls]
         return integrated_gradients(logit, image, steps=steps, chunk_size=chunk_size)

@@ -20,22 +20,35 @@ import orbax.checkpoint as ocp
 # rounds already run). Any other difference is an error: the resumed run would not be the run
 # that was checkpointed. num_rounds is fixed too when the DP noise is calibrated from it
 # (`noise_calibrated_to_num_rounds`).
-RESUMABLE_FIELDS = ('num_rounds', 'eval_every', 'eval_batch_size', 'eval_case_metrics',
-                    'tensorboard', 'checkpoint_every',
-                    'checkpoints_to_keep', 'data.data_dir', 'data.manual_dir',
-                    'clients_in_parallel')  # how hospitals are scheduled, not what they compute
+RESUMABLE_FIELDS = (
+    'num_rounds',
+    'eval_every',
+    'eval_batch_size',
+    'eval_case_metrics',
+    'tensorboard',
+    'checkpoint_every',
+    'checkpoints_to_keep',
+    'data.data_dir',
+    'data.manual_dir',
+    'clients_in_parallel',
+)  # how hospitals are scheduled, not what they compute
 
 
 class Checkpointer:
     """Save / restore `(ServerState, host_state: dict)` pairs by round number."""
 
     def __init__(self, directory: str, max_to_keep: int = 2):
-        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
-                                               enable_async_checkpointing=False)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        )
         self._manager = ocp.CheckpointManager(
-            os.path.abspath(directory), options=options,
-            item_handlers={'state': ocp.StandardCheckpointHandler(),
-                           'host': ocp.JsonCheckpointHandler()})
+            os.path.abspath(directory),
+            options=options,
+            item_handlers={
+                'state': ocp.StandardCheckpointHandler(),
+                'host': ocp.JsonCheckpointHandler(),
+            },
+        )
 
     def latest_round(self) -> int | None:
         return self._manager.latest_step()
@@ -45,8 +58,12 @@ class Checkpointer:
         self._manager.reload()
 
     def save(self, round_index: int, state, host_state: dict) -> None:
-        self._manager.save(round_index, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)))
+        self._manager.save(
+            round_index,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(host_state)
+            ),
+        )
         self._manager.wait_until_finished()
 
     def restore(self, round_index: int, like_state):
@@ -58,25 +75,37 @@ class Checkpointer:
         read as stored, cut or extended along the client axis with `like_state`'s (fresh,
         inert) padding rows, and placed as `like_state` is.
         """
-        stored = {m.name: tuple(m.shape) for m in
-                  jax.tree.leaves(self._manager.item_metadata(round_index)['state'])}
+        stored = {
+            m.name: tuple(m.shape)
+            for m in jax.tree.leaves(self._manager.item_metadata(round_index)['state'])
+        }
         paths, treedef = jax.tree_util.tree_flatten_with_path(like_state)
         shapes = [stored.get('.'.join(_key_name(k) for k in path), x.shape) for path, x in paths]
         one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        abstract = [jax.ShapeDtypeStruct(shape, x.dtype, sharding=(
-            x.sharding if shape == x.shape else one_device))
-            for shape, (_, x) in zip(shapes, paths, strict=True)]
-        restored = self._manager.restore(round_index, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, abstract)),
-            host=ocp.args.JsonRestore()))
-        leaves = [x if x.shape == like.shape else _resize_client_axis(x, like)
-                  for x, (_, like) in zip(jax.tree.leaves(restored['state']), paths, strict=True)]
+        abstract = [
+            jax.ShapeDtypeStruct(
+                shape, x.dtype, sharding=(x.sharding if shape == x.shape else one_device)
+            )
+            for shape, (_, x) in zip(shapes, paths, strict=True)
+        ]
+        restored = self._manager.restore(
+            round_index,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree.unflatten(treedef, abstract)),
+                host=ocp.args.JsonRestore(),
+            ),
+        )
+        leaves = [
+            x if x.shape == like.shape else _resize_client_axis(x, like)
+            for x, (_, like) in zip(jax.tree.leaves(restored['state']), paths, strict=True)
+        ]
         return jax.tree.unflatten(treedef, leaves), restored['host']
 
     def restore_host(self, round_index: int) -> dict:
         """The host state alone (the config check on resume needs no model or data)."""
-        return self._manager.restore(round_index, args=ocp.args.Composite(
-            host=ocp.args.JsonRestore()))['host']
+        return self._manager.restore(
+            round_index, args=ocp.args.Composite(host=ocp.args.JsonRestore())
+        )['host']
 
     def restore_arrays(self, round_index: int | None = None):
         """(state as nested dicts of numpy arrays, host_state) without a target (for analysis)."""
@@ -85,9 +114,14 @@ class Checkpointer:
         metadata = self._manager.item_metadata(round_index)['state']
         one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = jax.tree.map(
-            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), metadata)
-        restored = self._manager.restore(round_index, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), metadata
+        )
+        restored = self._manager.restore(
+            round_index,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()
+            ),
+        )
         return jax.tree.map(np.asarray, restored['state']), restored['host']
 
     def close(self) -> None:
@@ -96,14 +130,25 @@ class Checkpointer:
 
 # Fields added after checkpoints were first written, with the behaviour a checkpoint that lacks
 # them was trained with: such a checkpoint resumes when the config asks for that same behaviour.
-ADDED_FIELDS = {'dp.fast_clipping': False, 'data.patch_size': 0, 'data.patches_per_case': 8,
-                'data.tumour_patch_fraction': 0.5, 'data.synthetic_signal': 1.0,
-                'server.trim_fraction': 0.1, 'model.negative_slope': 0.0,
-                'dp.noise_per_hospital': False, 'data.max_cases': 0,
-                'data.brain_slices_only': True, 'data.empty_slice_stride': 1,
-                'data.synthetic_via_tfds': False, 'data.max_images_per_patient': 4,
-                'data.public_fraction': 0.0, 'data.train_on': 'hospitals', 'init_from': '',
-                'tensorboard': False}
+ADDED_FIELDS = {
+    'dp.fast_clipping': False,
+    'data.patch_size': 0,
+    'data.patches_per_case': 8,
+    'data.tumour_patch_fraction': 0.5,
+    'data.synthetic_signal': 1.0,
+    'server.trim_fraction': 0.1,
+    'model.negative_slope': 0.0,
+    'dp.noise_per_hospital': False,
+    'data.max_cases': 0,
+    'data.brain_slices_only': True,
+    'data.empty_slice_stride': 1,
+    'data.synthetic_via_tfds': False,
+    'data.max_images_per_patient': 4,
+    'data.public_fraction': 0.0,
+    'data.train_on': 'hospitals',
+    'init_from': '',
+    'tensorboard': False,
+}
 
 
 def with_added_fields(saved: dict) -> dict:
@@ -150,12 +195,17 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     if old != new and noise_calibrated_to_num_rounds(saved):
         # The resumed run would recalibrate the noise for `new` rounds, while the rounds already
         # run used the noise for `old`: the accounted epsilon would be wrong.
-        diffs.insert(0, (
-            f'num_rounds: checkpoint has {old!r}, config has {new!r}. The DP noise is '
-            f"calibrated to num_rounds (config.dp.target_epsilon={saved['dp']['target_epsilon']})"
-            f' and the rounds already run used the noise for {old} rounds, so another '
-            'num_rounds would change the noise mid-run and misreport epsilon. Keep '
-            f'--config.num_rounds={old}, or start a new --workdir.'))
+        diffs.insert(
+            0,
+            (
+                f'num_rounds: checkpoint has {old!r}, config has {new!r}. The DP noise is '
+                'calibrated to num_rounds '
+                f'(config.dp.target_epsilon={saved["dp"]["target_epsilon"]})'
+                f' and the rounds already run used the noise for {old} rounds, so another '
+                'num_rounds would change the noise mid-run and misreport epsilon. Keep '
+                f'--config.num_rounds={old}, or start a new --workdir.'
+            ),
+        )
     return diffs
 
 
@@ -183,12 +233,13 @@ def _resize_client_axis(stored: jax.Array, like: jax.Array) -> jax.Array:
     """`stored` cut or extended along its leading (client) axis to `like`'s length, new rows
     taken from `like`, placed with `like`'s sharding; any other mismatch is an error."""
     if stored.shape[1:] != like.shape[1:] or stored.ndim == 0:
-        raise ValueError(f'Checkpoint array of shape {stored.shape} does not fit this run\'s '
-                         f'{like.shape}: the checkpoint is of a different model or data.')
+        raise ValueError(
+            f"Checkpoint array of shape {stored.shape} does not fit this run's "
+            f'{like.shape}: the checkpoint is of a different model or data.'
+        )
     n = min(stored.shape[0], like.shape[0])
     rows = np.concatenate([np.asarray(stored)[:n], np.asarray(like)[n:]], axis=0)
     return jax.device_put(rows.astype(like.dtype), like.sharding)
-
 
 
 def load_params(source: str, like_params):
@@ -206,24 +257,30 @@ def load_params(source: str, like_params):
     try:
         latest = checkpointer.latest_round()
         if latest is None:
-            raise ValueError(f'config.init_from={source!r}: no checkpoint in {path}; give the '
-                             'workdir of a run that has saved at least one round.')
+            raise ValueError(
+                f'config.init_from={source!r}: no checkpoint in {path}; give the '
+                'workdir of a run that has saved at least one round.'
+            )
         state, host = checkpointer.restore_arrays(latest)
     finally:
         checkpointer.close()
     like = jax.tree_util.tree_flatten_with_path(like_params)[0]
-    stored = {jax.tree_util.keystr(k): v for k, v in
-              jax.tree_util.tree_flatten_with_path(state['params'])[0]}
+    stored = {
+        jax.tree_util.keystr(k): v
+        for k, v in jax.tree_util.tree_flatten_with_path(state['params'])[0]
+    }
     leaves = []
     for key, x in like:
         name = jax.tree_util.keystr(key)
         value = stored.get(name)
         if value is None or value.shape != x.shape:
             found = 'missing' if value is None else f'shape {value.shape}'
-            raise ValueError(f'config.init_from={source!r}: parameter {name} is {found} there but '
-                             f'{x.shape} in this model; warm-start from a run of the same '
-                             'config.model (and not a local-mode run, which keeps one model per '
-                             'hospital).')
+            raise ValueError(
+                f'config.init_from={source!r}: parameter {name} is {found} there but '
+                f'{x.shape} in this model; warm-start from a run of the same '
+                'config.model (and not a local-mode run, which keeps one model per '
+                'hospital).'
+            )
         leaves.append(np.asarray(value, x.dtype))
     params = jax.tree.unflatten(jax.tree.structure(like_params), leaves)
     return params, latest, host.get('config', {})

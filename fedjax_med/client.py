@@ -25,9 +25,9 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]
 
 @flax.struct.dataclass
 class ClientOutput:
-    delta: Any            # params_after - params_before
+    delta: Any  # params_after - params_before
     num_steps: jax.Array  # steps actually run
-    metrics: dict         # sums over this hospital's steps: loss_sum, example_count, ...
+    metrics: dict  # sums over this hospital's steps: loss_sum, example_count, ...
 
 
 def per_example_loss_fn(apply_fn: ApplyFn, loss: Callable) -> Callable:
@@ -66,13 +66,21 @@ def client_optimizer(name: str, momentum: float = 0.9) -> optax.GradientTransfor
     """Client optimiser whose learning rate is set per round (it follows a schedule over rounds)."""
     make = CLIENT_OPTIMIZERS[name]
     return optax.inject_hyperparams(lambda learning_rate: make(learning_rate, momentum))(
-        learning_rate=0.0)
+        learning_rate=0.0
+    )
 
 
-def local_update(global_params, data: dict, inputs: ClientInputs, learning_rate: jax.Array, *,
-                 grad_fn: GradientFn,
-                 optimizer: optax.GradientTransformation, prox_mu: float,
-                 unroll: int | bool = 1) -> ClientOutput:
+def local_update(
+    global_params,
+    data: dict,
+    inputs: ClientInputs,
+    learning_rate: jax.Array,
+    *,
+    grad_fn: GradientFn,
+    optimizer: optax.GradientTransformation,
+    prox_mu: float,
+    unroll: int | bool = 1,
+) -> ClientOutput:
     """Runs this hospital's local steps and returns its update.
 
     Args:
@@ -103,29 +111,43 @@ def local_update(global_params, data: dict, inputs: ClientInputs, learning_rate:
         def run(carry):
             params, opt_state, sums = carry
             batch = gather_batch(data, idx)
-            grads, aux = grad_fn(params, batch, m, jax.random.fold_in(key, step_index),
-                                 expected_batch, noise_multiplier)
+            grads, aux = grad_fn(
+                params,
+                batch,
+                m,
+                jax.random.fold_in(key, step_index),
+                expected_batch,
+                noise_multiplier,
+            )
             if prox_mu:
-                grads = jax.tree.map(lambda g, w, w0: g + prox_mu * (w - w0), grads, params,
-                                     global_params)
+                grads = jax.tree.map(
+                    lambda g, w, w0: g + prox_mu * (w - w0), grads, params, global_params
+                )
             updates, opt_state = optimizer.update(grads, opt_state, params)
             count = jnp.sum(m)
-            sums = {'loss_sum': sums['loss_sum'] + aux['loss'] * count,
-                    'example_count': sums['example_count'] + count,
-                    **{k: sums[k] + aux[k] for k in extra}}
+            sums = {
+                'loss_sum': sums['loss_sum'] + aux['loss'] * count,
+                'example_count': sums['example_count'] + count,
+                **{k: sums[k] + aux[k] for k in extra},
+            }
             return optax.apply_updates(params, updates), opt_state, sums
 
         # An inactive step (beyond this hospital's share) changes nothing. Run one hospital at a
         # time (lax.map) and it is skipped; under vmap `cond` computes both branches and selects.
         return jax.lax.cond(active, run, lambda carry: carry, carry), None
 
-    extra = _aux_keys(grad_fn, global_params, data, indices, mask, expected_batch,
-                      noise_multiplier, key)
-    sums = {'loss_sum': jnp.zeros(()), 'example_count': jnp.zeros(()),
-            **{k: jnp.zeros(()) for k in extra}}
+    extra = _aux_keys(
+        grad_fn, global_params, data, indices, mask, expected_batch, noise_multiplier, key
+    )
+    sums = {
+        'loss_sum': jnp.zeros(()),
+        'example_count': jnp.zeros(()),
+        **{k: jnp.zeros(()) for k in extra},
+    }
     steps = jnp.arange(indices.shape[0])
-    (params, _, sums), _ = jax.lax.scan(step, (global_params, opt_state, sums),
-                                        (steps, indices, mask, step_active), unroll=unroll)
+    (params, _, sums), _ = jax.lax.scan(
+        step, (global_params, opt_state, sums), (steps, indices, mask, step_active), unroll=unroll
+    )
     delta = jax.tree.map(lambda a, b: a - b, params, global_params)
     return ClientOutput(delta=delta, num_steps=jnp.sum(step_active), metrics=sums)
 
@@ -136,10 +158,12 @@ def gather_batch(data: dict, idx: jax.Array) -> dict:
     return storage.decode(jax.tree.map(lambda a: a[idx], data))
 
 
-def _aux_keys(grad_fn, params, data, indices, mask, expected_batch, noise_multiplier,
-              key) -> list[str]:
+def _aux_keys(
+    grad_fn, params, data, indices, mask, expected_batch, noise_multiplier, key
+) -> list[str]:
     """Names of the extra scalar metrics a gradient function reports (found by abstract eval)."""
     batch = gather_batch(data, indices[0])
     aux = jax.eval_shape(
-        lambda: grad_fn(params, batch, mask[0], key, expected_batch, noise_multiplier)[1])
+        lambda: grad_fn(params, batch, mask[0], key, expected_batch, noise_multiplier)[1]
+    )
     return sorted(k for k in aux if k != 'loss')

@@ -40,12 +40,27 @@ def _duration(seconds: float) -> str:
 # The metrics the block shows besides the main one, when the run has them (metrics.jsonl has all):
 # chest X-ray accuracies at validation-chosen thresholds, BraTS per-case Dice and HD95 and the
 # dataset-level Dice of each region.
-HEADLINE = ('accuracy_at_val_threshold', 'normal_vs_abnormal_accuracy', 'mean_case_dice',
-            'mean_hd95', 'dice_wt', 'dice_tc', 'dice_et', 'own_mean_auroc', 'own_mean_dice')
+HEADLINE = (
+    'accuracy_at_val_threshold',
+    'normal_vs_abnormal_accuracy',
+    'mean_case_dice',
+    'mean_hd95',
+    'dice_wt',
+    'dice_tc',
+    'dice_et',
+    'own_mean_auroc',
+    'own_mean_dice',
+)
 
 
-def summary_lines(summary: dict, *, workdir: str, main_metric: str, num_rounds: int,
-                  command_s: float | None = None) -> list[str]:
+def summary_lines(
+    summary: dict,
+    *,
+    workdir: str,
+    main_metric: str,
+    num_rounds: int,
+    command_s: float | None = None,
+) -> list[str]:
     """The closing block, one string per line."""
     rows = _rows(workdir) or [summary]
     done = int(summary.get('round') or 0)
@@ -59,12 +74,15 @@ def summary_lines(summary: dict, *, workdir: str, main_metric: str, num_rounds: 
         status = 'not finished: rerun the same command to continue'
     lines.append(f'rounds        {done}/{num_rounds} ({status})')
     if evaluated:
-        keys = [f'eval/{name}' for name in (main_metric, *HEADLINE)
-                if f'eval/{name}' in evaluated and (_number(evaluated[f'eval/{name}'])
-                                                    or evaluated[f'eval/{name}'] is None)]
+        keys = [
+            f'eval/{name}'
+            for name in (main_metric, *HEADLINE)
+            if f'eval/{name}' in evaluated
+            and (_number(evaluated[f'eval/{name}']) or evaluated[f'eval/{name}'] is None)
+        ]
         at = evaluated.get('round')
         where = '' if at == done else f' (evaluated at round {at})'
-        metrics = ', '.join(f'{k[len("eval/"):]} {_fmt(evaluated[k])}' for k in keys)
+        metrics = ', '.join(f'{k[len("eval/") :]} {_fmt(evaluated[k])}' for k in keys)
         lines.append(f'global test   {metrics}{where}')
     else:
         lines.append('global test   not evaluated yet')
@@ -78,16 +96,20 @@ def summary_lines(summary: dict, *, workdir: str, main_metric: str, num_rounds: 
     up = summary.get('comm/cum_bytes_up_per_client')
     down = summary.get('comm/cum_bytes_down_per_client')
     if up or down:
-        lines.append(f'communication {(up or 0) / 1e6:.3f} MB up, {(down or 0) / 1e6:.3f} MB down '
-                     'per hospital')
+        lines.append(
+            f'communication {(up or 0) / 1e6:.3f} MB up, {(down or 0) / 1e6:.3f} MB down '
+            'per hospital'
+        )
     rounds_s = sum(r.get('time/round_s') or 0.0 for r in rows if _number(r.get('time/round_s')))
     time_line = f'time          {_duration(rounds_s)} in {len(rows)} round(s)'
     if command_s is not None:
         time_line += f'; this command {_duration(command_s)}'
     lines.append(time_line)
     tensorboard = os.path.isdir(os.path.join(workdir, 'tensorboard'))
-    lines.append(f'outputs       {workdir}: metrics.jsonl, summary.json, config.json, checkpoints/'
-                 + (', tensorboard/' if tensorboard else ''))
+    lines.append(
+        f'outputs       {workdir}: metrics.jsonl, summary.json, config.json, checkpoints/'
+        + (', tensorboard/' if tensorboard else '')
+    )
     if tensorboard:
         lines.append(f'tensorboard   tensorboard --logdir {workdir}')
     lines.append(f'report        python -m fedjax_med.report {workdir}')

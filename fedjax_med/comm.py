@@ -27,5 +27,6 @@ def round_bytes(params, config: ml_collections.ConfigDict) -> tuple[int, int]:
         num = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params))
         # One uint32 per coordinate, plus the FedAvg weight share (client-level DP sends none).
         return down, 4 * (num + (config.dp.mode != 'client'))
-    return down, compression.bytes_per_update(params, kind=cc.kind, bits=cc.bits,
-                                              topk_fraction=cc.topk_fraction, rotate=cc.rotate)
+    return down, compression.bytes_per_update(
+        params, kind=cc.kind, bits=cc.bits, topk_fraction=cc.topk_fraction, rotate=cc.rotate
+    )

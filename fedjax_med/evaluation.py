@@ -49,8 +49,9 @@ def pad_batches(batched: dict, multiple: int) -> dict:
     (so the batches split evenly over devices)."""
     nb = next(iter(batched.values())).shape[0]
     extra = -nb % multiple
-    return {k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)])
-            for k, v in batched.items()}
+    return {
+        k: np.concatenate([v, np.zeros((extra, *v.shape[1:]), v.dtype)]) for k, v in batched.items()
+    }
 
 
 def over_devices(eval_fn, mesh):
@@ -110,8 +111,9 @@ def per_hospital(eval_fn, *, params_axis, data_axis, mesh=None):
     (vmap folds them into the batch); per-hospital models go one at a time, since vmapping them
     makes grouped convolutions (slow, and mis-split by XLA's partitioner across devices)."""
     one_at_a_time = 0 if params_axis is None else 1
-    return parallel.jit(parallel.map_clients(eval_fn, (params_axis, data_axis), one_at_a_time,
-                                           mesh))
+    return parallel.jit(
+        parallel.map_clients(eval_fn, (params_axis, data_axis), one_at_a_time, mesh)
+    )
 
 
 def split_hospitals(stats) -> list[dict]:
@@ -140,29 +142,43 @@ class Evaluator:
       local_mode: params carry a leading client axis (one model per hospital).
     """
 
-    def __init__(self, *, apply_fn, task: Task, mesh, test: dict, hospital_tests: list[dict],
-                 names: list[str], local_mode: bool, batch_size: int, case_metrics: bool):
+    def __init__(
+        self,
+        *,
+        apply_fn,
+        task: Task,
+        mesh,
+        test: dict,
+        hospital_tests: list[dict],
+        names: list[str],
+        local_mode: bool,
+        batch_size: int,
+        case_metrics: bool,
+    ):
         self.task, self.names, self.local_mode = task, list(names), local_mode
         test_batched = batch_split(test, batch_size)
         # Labels and metadata (case, slice, patch, patient ids) of the global test split, on the
         # host, for the task's per-case metrics.
-        self.test_host = {k: v for k, v in test.items() if k != 'image'} if case_metrics \
-            else None
+        self.test_host = {k: v for k, v in test.items() if k != 'image'} if case_metrics else None
         if local_mode:  # every hospital's model sees the whole split
             self.test = parallel.put_replicated(test_batched, mesh)
         else:  # one model: each device evaluates its share of the batches
             self.test = parallel.put_clients(pad_batches(test_batched, mesh.devices.size), mesh)
         # Each hospital's own test split lives on the device that holds its training data.
-        self.hospital_test = parallel.put_clients(parallel.pad_client_axis(
-            stack_splits(hospital_tests, batch_size),
-            parallel.padded_num_clients(len(hospital_tests), mesh)), mesh)
+        self.hospital_test = parallel.put_clients(
+            parallel.pad_client_axis(
+                stack_splits(hospital_tests, batch_size),
+                parallel.padded_num_clients(len(hospital_tests), mesh),
+            ),
+            mesh,
+        )
         eval_fn = build_eval_fn(apply_fn, task)
         # The global test split also brings back what per-case (per-patient) metrics need.
-        eval_fn_cases = build_eval_fn(apply_fn, task, example_outputs=True) if case_metrics \
-            else eval_fn
+        eval_fn_cases = (
+            build_eval_fn(apply_fn, task, example_outputs=True) if case_metrics else eval_fn
+        )
         if local_mode:
-            self.eval_global = per_hospital(eval_fn_cases, params_axis=0, data_axis=None,
-                                            mesh=mesh)
+            self.eval_global = per_hospital(eval_fn_cases, params_axis=0, data_axis=None, mesh=mesh)
             self.eval_own = per_hospital(eval_fn, params_axis=0, data_axis=0, mesh=mesh)
         else:
             self.eval_global = over_devices(eval_fn_cases, mesh)
@@ -183,10 +199,12 @@ class Evaluator:
             for key in results[0]:
                 row[f'eval/{key}'] = float(np.nanmean([res[key] for res in results]))
         else:
-            row.update({f'eval/{k}': v
-                        for k, v in self._global_metrics(unbatch_stats(stats)).items()})
+            row.update(
+                {f'eval/{k}': v for k, v in self._global_metrics(unbatch_stats(stats)).items()}
+            )
         own = split_hospitals(parallel.to_host(self.eval_own(params, self.hospital_test)))[
-            : len(names)]
+            : len(names)
+        ]
         own_main = []
         for name, stats in zip(names, own, strict=True):
             value = task.finalize(stats)[task.main_metric]

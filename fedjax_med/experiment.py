@@ -40,24 +40,24 @@ class Experiment:
     config: ml_collections.ConfigDict
     task: Task
     mesh: Any
-    data: Any                      # data.sources.FederatedDataset
-    hospital_names: list[str]      # the hospitals' names (per-hospital metrics)
-    num_clients: int               # K training clients (1 for the centralised baseline)
-    sizes: np.ndarray              # [K_pad] training examples of each client (0: padding)
-    steps: np.ndarray              # [K_pad] local steps per round
-    client_data: dict              # {'image', 'label'}: [K_pad, n_max, ...] on the mesh
+    data: Any  # data.sources.FederatedDataset
+    hospital_names: list[str]  # the hospitals' names (per-hospital metrics)
+    num_clients: int  # K training clients (1 for the centralised baseline)
+    sizes: np.ndarray  # [K_pad] training examples of each client (0: padding)
+    steps: np.ndarray  # [K_pad] local steps per round
+    client_data: dict  # {'image', 'label'}: [K_pad, n_max, ...] on the mesh
     model: Any
-    apply_fn: Any                  # (params, images) -> logits
-    params: Any                    # initial parameters (after a warm start, if any)
-    init_source: tuple | None      # (workdir, round) of a warm start, else None
+    apply_fn: Any  # (params, images) -> logits
+    params: Any  # initial parameters (after a warm start, if any)
+    init_source: tuple | None  # (workdir, round) of a warm start, else None
     num_params: int
-    privacy: Any                   # privacy.plan.PrivacyPlan
-    compressor: Any                # aggregation.compression.Compressor or None
+    privacy: Any  # privacy.plan.PrivacyPlan
+    compressor: Any  # aggregation.compression.Compressor or None
     round_fn: rounds.RoundFn
-    state: ServerState             # the initial server state, placed on the mesh
+    state: ServerState  # the initial server state, placed on the mesh
     planner: host_round.RoundPlanner
     evaluator: evaluation.Evaluator
-    bytes_down: int                # model payload per participating hospital and round
+    bytes_down: int  # model payload per participating hospital and round
     bytes_up: int
     # The round key, made replicated on the mesh (which may span processes).
     round_key: Any = None
@@ -98,8 +98,9 @@ def training_splits(config: ml_collections.ConfigDict, data) -> list[dict]:
 
 # Long on purpose: the build is a straight sequence, each piece built once from the ones
 # before it (data -> model -> privacy plan -> round -> planner -> evaluator).
-def build(config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = True,
-          data=None) -> Experiment:
+def build(
+    config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = True, data=None
+) -> Experiment:
     """Builds the run `config` describes on `mesh` (default: all devices).
 
     Args:
@@ -121,8 +122,12 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = Tr
     k_pad = parallel.padded_num_clients(num_clients, mesh)
     sizes = np.array([len(s['image']) for s in splits] + [0] * (k_pad - num_clients))
     client_data = parallel.put_clients(pad_examples(splits, k_pad), mesh)
-    logging.info('Hospitals: %s; training examples per training client: %s; test: %d',
-                 list(data.client_names), sizes[:num_clients].tolist(), len(data.test['image']))
+    logging.info(
+        'Hospitals: %s; training examples per training client: %s; test: %d',
+        list(data.client_names),
+        sizes[:num_clients].tolist(),
+        len(data.test['image']),
+    )
 
     model = build_model(config.model, config.task)
     apply_fn = lambda params, x: model.apply(params, x)
@@ -130,8 +135,9 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = Tr
     num_params = evaluation.param_count(params)
 
     lc = config.local
-    steps = np.array([batching.steps_per_round(n, lc.batch_size, lc.epochs) if n else 0
-                      for n in sizes])
+    steps = np.array(
+        [batching.steps_per_round(n, lc.batch_size, lc.epochs) if n else 0 for n in sizes]
+    )
     from fedjax_med.privacy import plan  # dp-accounting: only once the config is valid
 
     try:
@@ -141,29 +147,66 @@ def build(config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = Tr
 
     federated = config.mode == 'federated'
     compressor = compression.make_compressor(config.compression) if federated else None
-    round_fn = rounds.build_round_fn(apply_fn=apply_fn, task=task, config=config, mesh=mesh,
-                                     client_noise_multiplier=privacy.noise_multiplier,
-                                     expected_clients=privacy.expected_clients,
-                                     compressor=compressor, model=model)
+    round_fn = rounds.build_round_fn(
+        apply_fn=apply_fn,
+        task=task,
+        config=config,
+        mesh=mesh,
+        client_noise_multiplier=privacy.noise_multiplier,
+        expected_clients=privacy.expected_clients,
+        compressor=compressor,
+        model=model,
+    )
     bytes_down, bytes_up = comm.round_bytes(params, config) if federated else (0, 0)
     state = rounds.init_server_state(params, config, k_pad, mesh, compressor)
     planner = host_round.RoundPlanner(
-        config, sizes=sizes, steps=steps, num_clients=num_clients, privacy=privacy,
-        weights=registry.spec(config.server.aggregator).weights, mesh=mesh)
+        config,
+        sizes=sizes,
+        steps=steps,
+        num_clients=num_clients,
+        privacy=privacy,
+        weights=registry.spec(config.server.aggregator).weights,
+        mesh=mesh,
+    )
     evaluator = evaluation.Evaluator(
-        apply_fn=apply_fn, task=task, mesh=mesh, test=data.test,
-        hospital_tests=data.clients_test, names=list(data.client_names),
-        local_mode=config.mode == 'local', batch_size=config.eval_batch_size,
-        case_metrics=bool(config.get('eval_case_metrics', True)))
-    round_key = jax.jit(streams.round_key, static_argnums=0,
-                        out_shardings=parallel.replicated(mesh))
+        apply_fn=apply_fn,
+        task=task,
+        mesh=mesh,
+        test=data.test,
+        hospital_tests=data.clients_test,
+        names=list(data.client_names),
+        local_mode=config.mode == 'local',
+        batch_size=config.eval_batch_size,
+        case_metrics=bool(config.get('eval_case_metrics', True)),
+    )
+    round_key = jax.jit(
+        streams.round_key, static_argnums=0, out_shardings=parallel.replicated(mesh)
+    )
     return Experiment(
-        config=config, task=task, mesh=mesh, data=data, hospital_names=list(data.client_names),
-        num_clients=num_clients, sizes=sizes, steps=steps, client_data=client_data,
-        model=model, apply_fn=apply_fn, params=params, init_source=init_source,
-        num_params=num_params, privacy=privacy, compressor=compressor, round_fn=round_fn,
-        state=state, planner=planner, evaluator=evaluator, bytes_down=bytes_down,
-        bytes_up=bytes_up, round_key=round_key)
+        config=config,
+        task=task,
+        mesh=mesh,
+        data=data,
+        hospital_names=list(data.client_names),
+        num_clients=num_clients,
+        sizes=sizes,
+        steps=steps,
+        client_data=client_data,
+        model=model,
+        apply_fn=apply_fn,
+        params=params,
+        init_source=init_source,
+        num_params=num_params,
+        privacy=privacy,
+        compressor=compressor,
+        round_fn=round_fn,
+        state=state,
+        planner=planner,
+        evaluator=evaluator,
+        bytes_down=bytes_down,
+        bytes_up=bytes_up,
+        round_key=round_key,
+    )
 
 
 def _initial_params(config, model, splits, warm_start: bool):

@@ -24,7 +24,7 @@ import numpy as np
 
 DIVERGENCE_FACTOR = 100.0
 DIVERGENCE_FLOOR = 10.0
-GROWTH_FACTOR = 1e3    # parameters this many times their initial norm: the server step diverged
+GROWTH_FACTOR = 1e3  # parameters this many times their initial norm: the server step diverged
 HUGE_NOISE_NORM = 1e6  # DP noise of this norm (per update or per step) swamps any model
 SERVER_AMPLIFICATION = 10.0  # new norm > this x (old norm + mean update norm): the server step
 
@@ -35,8 +35,9 @@ def noise_norm(config, privacy, num_params: int) -> float:
     (sigma C / batch). 0 without DP."""
     dp = config.dp
     if dp.mode == 'client':
-        per_coordinate = (privacy.noise_multiplier * dp.clip_norm
-                          / max(privacy.expected_clients, 1e-12))
+        per_coordinate = (
+            privacy.noise_multiplier * dp.clip_norm / max(privacy.expected_clients, 1e-12)
+        )
     elif dp.mode == 'sample':
         per_coordinate = privacy.noise_multiplier * dp.clip_norm / config.local.batch_size
     else:
@@ -47,8 +48,15 @@ def noise_norm(config, privacy, num_params: int) -> float:
 class RoundMonitor:
     """Per-run state of the checks (first loss, parameter norms); see the module docstring."""
 
-    def __init__(self, config, init_param_norm: float, history: list[dict], *,
-                 noise: float = 0.0, primary: bool = True):
+    def __init__(
+        self,
+        config,
+        init_param_norm: float,
+        history: list[dict],
+        *,
+        noise: float = 0.0,
+        primary: bool = True,
+    ):
         self.config = config
         self.init_norm = float(init_param_norm)
         self.noise = noise
@@ -61,18 +69,27 @@ class RoundMonitor:
 
     def _noise_advice(self) -> str:
         dp = self.config.dp
-        knob = ('raise config.dp.target_epsilon (now '
-                f'{dp.target_epsilon})' if dp.target_epsilon > 0 else
-                f'lower config.dp.noise_multiplier (now {dp.noise_multiplier})')
-        what = 'client-level DP noise on the mean update' if dp.mode == 'client' else (
-            'DP-SGD noise on each step')
-        return (f'The {what} has norm about {self.noise:.3g} (config.dp.clip_norm='
-                f'{dp.clip_norm}): {knob}.')
+        knob = (
+            f'raise config.dp.target_epsilon (now {dp.target_epsilon})'
+            if dp.target_epsilon > 0
+            else f'lower config.dp.noise_multiplier (now {dp.noise_multiplier})'
+        )
+        what = (
+            'client-level DP noise on the mean update'
+            if dp.mode == 'client'
+            else ('DP-SGD noise on each step')
+        )
+        return (
+            f'The {what} has norm about {self.noise:.3g} (config.dp.clip_norm='
+            f'{dp.clip_norm}): {knob}.'
+        )
 
     def _server_advice(self) -> str:
         sc = self.config.server
-        return (f'Lower config.server.learning_rate (now {sc.learning_rate}, '
-                f'config.server.optimizer={sc.optimizer!r}).')
+        return (
+            f'Lower config.server.learning_rate (now {sc.learning_rate}, '
+            f'config.server.optimizer={sc.optimizer!r}).'
+        )
 
     def _hospital_advice(self, diverging: bool = False) -> str:
         """What to change when the hospitals' training went wrong: the DP noise when it is huge,
@@ -80,13 +97,17 @@ class RoundMonitor:
         if self.noise >= HUGE_NOISE_NORM:
             return self._noise_advice()
         if self.server_amplified:
-            return (f'The server steps had grown the global parameters to norm '
-                    f'{self.entering_norm:.3g} (from {self.init_norm:.3g}), far more than the '
-                    f'hospitals\' updates. {self._server_advice()}')
+            return (
+                f'The server steps had grown the global parameters to norm '
+                f'{self.entering_norm:.3g} (from {self.init_norm:.3g}), far more than the '
+                f"hospitals' updates. {self._server_advice()}"
+            )
         lr = self.config.local.learning_rate
         if diverging and self.config.mode == 'federated':
-            return (f'Lower config.local.learning_rate (now {lr}) or '
-                    f'config.server.learning_rate (now {self.config.server.learning_rate}).')
+            return (
+                f'Lower config.local.learning_rate (now {lr}) or '
+                f'config.server.learning_rate (now {self.config.server.learning_rate}).'
+            )
         return f'Lower config.local.learning_rate (now {lr}), or check the data.'
 
     def check(self, r: int, metrics: dict) -> None:
@@ -95,42 +116,61 @@ class RoundMonitor:
         bad = int(metrics['train/nonfinite_updates'])
         param_norm = float(np.asarray(metrics['train/param_norm']))
         head = f'Round {r + 1}'
-        tail = ('Nothing of this round was logged or checkpointed; after the fix, start over '
-                'with --overwrite or in another --workdir.')
+        tail = (
+            'Nothing of this round was logged or checkpointed; after the fix, start over '
+            'with --overwrite or in another --workdir.'
+        )
         huge_noise = self.noise >= HUGE_NOISE_NORM
         if not math.isfinite(loss) or bad:
-            what = (f'{bad} hospital update(s) are not finite (training loss {loss:.4g})' if bad
-                    else f'the training loss is {loss}')
+            what = (
+                f'{bad} hospital update(s) are not finite (training loss {loss:.4g})'
+                if bad
+                else f'the training loss is {loss}'
+            )
             raise FloatingPointError(f'{head}: {what}. {self._hospital_advice()} {tail}')
         if not math.isfinite(param_norm):
             if self.config.mode == 'local':  # no server step: each hospital's own update
-                advice = (f'Lower config.local.learning_rate (now '
-                          f'{self.config.local.learning_rate}).')
+                advice = (
+                    f'Lower config.local.learning_rate (now {self.config.local.learning_rate}).'
+                )
             elif huge_noise and self.config.dp.mode == 'client':
                 advice = self._noise_advice()
             else:
                 advice = self._server_advice()
-            step = ('the local steps blew up' if self.config.mode == 'local' else
-                    'the server step blew up')
+            step = (
+                'the local steps blew up'
+                if self.config.mode == 'local'
+                else 'the server step blew up'
+            )
             raise FloatingPointError(
                 f'{head}: the new global parameters are not finite (their norm is {param_norm}) '
                 f'although every hospital update was finite (training loss {loss:.4g}): {step}. '
-                f'{advice} {tail}')
+                f'{advice} {tail}'
+            )
         update = float(np.asarray(metrics.get('train/update_norm', np.nan)))
-        if (self.config.mode != 'local' and math.isfinite(update)
-                and param_norm > GROWTH_FACTOR * max(self.init_norm, 1e-12)
-                and param_norm > SERVER_AMPLIFICATION * (self.entering_norm + update)):
+        if (
+            self.config.mode != 'local'
+            and math.isfinite(update)
+            and param_norm > GROWTH_FACTOR * max(self.init_norm, 1e-12)
+            and param_norm > SERVER_AMPLIFICATION * (self.entering_norm + update)
+        ):
             self.server_amplified = True  # the step moved far more than the mean update
         self.entering_norm = param_norm
         if self.first_loss is None:
             self.first_loss = loss
             return
         first = self.first_loss
-        if (not self.warned and first is not None
-                and loss > max(DIVERGENCE_FACTOR * first, DIVERGENCE_FLOOR)):
+        if (
+            not self.warned
+            and first is not None
+            and loss > max(DIVERGENCE_FACTOR * first, DIVERGENCE_FLOOR)
+        ):
             self.warned = True
             if self.primary:
-                print(f'fedjax_med: warning: round {r + 1} training loss {loss:.4g} is '
-                      f'{loss / max(first, 1e-12):.3g}x the first round\'s ({first:.4g}): '
-                      f'training is diverging. {self._hospital_advice(diverging=True)}',
-                      file=sys.stderr, flush=True)
+                print(
+                    f'fedjax_med: warning: round {r + 1} training loss {loss:.4g} is '
+                    f"{loss / max(first, 1e-12):.3g}x the first round's ({first:.4g}): "
+                    f'training is diverging. {self._hospital_advice(diverging=True)}',
+                    file=sys.stderr,
+                    flush=True,
+                )

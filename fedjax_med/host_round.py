@@ -58,11 +58,11 @@ class PreparedRound(NamedTuple):
     """A round's inputs on the device and the host facts the loop logs about it."""
 
     inputs: RoundInputs
-    round_steps: np.ndarray    # local steps each (padded) hospital runs
+    round_steps: np.ndarray  # local steps each (padded) hospital runs
     num_participants: int
-    num_senders: int           # participants that send their update (SecAgg dropouts do not)
-    poisson_overflow: int      # Poisson draws cut to the maximum batch (logged when > 0)
-    protocol_up: int           # SecAgg protocol bytes per hospital, up / down
+    num_senders: int  # participants that send their update (SecAgg dropouts do not)
+    poisson_overflow: int  # Poisson draws cut to the maximum batch (logged when > 0)
+    protocol_up: int  # SecAgg protocol bytes per hospital, up / down
     protocol_down: int
     participants: list[int] | None = None  # the hospitals taking part, when not all of them
 
@@ -81,8 +81,17 @@ class RoundPlanner:
       mesh: where the inputs go.
     """
 
-    def __init__(self, config: ml_collections.ConfigDict, *, sizes: np.ndarray,
-                 steps: np.ndarray, num_clients: int, privacy, weights, mesh):
+    def __init__(
+        self,
+        config: ml_collections.ConfigDict,
+        *,
+        sizes: np.ndarray,
+        steps: np.ndarray,
+        num_clients: int,
+        privacy,
+        weights,
+        mesh,
+    ):
         self.config, self.privacy, self.weights, self.mesh = config, privacy, weights, mesh
         self.sizes, self.steps, self.num_clients = sizes, steps, num_clients
         self.k_pad = len(sizes)
@@ -91,8 +100,9 @@ class RoundPlanner:
         # Every round's client learning rate, computed once (not a device call per round).
         self.lr_by_round = np.array([schedule(r) for r in range(config.num_rounds)], np.float32)
         batch = config.local.batch_size
-        self.expected_batch = np.where(sizes > 0, np.minimum(batch, np.maximum(sizes, 1)),
-                                       1).astype(np.float32)
+        self.expected_batch = np.where(
+            sizes > 0, np.minimum(batch, np.maximum(sizes, 1)), 1
+        ).astype(np.float32)
         self.noise_multiplier = np.zeros(self.k_pad, np.float32)  # padding never trains
         self.noise_multiplier[:num_clients] = privacy.noise_multipliers
         self.num_slots = num_slots(config, num_clients, mesh)
@@ -120,37 +130,60 @@ class RoundPlanner:
         # Per hospital [K_pad] -> per slot [M_pad]; a padding slot gets `fill`.
         take = lambda x, fill=0: np.concatenate([x, np.full(1, fill, x.dtype)])[ids]
         batches = self._batches(r, take(np.where(participating, self.sizes, 0)), ids)
-        weights = take(self.weights(self.sizes.astype(np.float32),
-                                    participating.astype(np.float32)))
+        weights = take(
+            self.weights(self.sizes.astype(np.float32), participating.astype(np.float32))
+        )
         secagg_inputs, protocol_up, protocol_down = (), 0, 0
         num_participants = int(participating[:num_clients].sum())
         num_senders = num_participants
         if config.secagg.enabled:
             secagg_inputs, protocol_up, protocol_down = secagg_host.secagg_round(
-                config, r, participating, num_clients)
+                config, r, participating, num_clients
+            )
             num_senders = int(np.sum(secagg_inputs.survivor))
             secagg_inputs = _secagg_slots(secagg_inputs, ids)
         inputs = RoundInputs(
-            indices=batches.indices, mask=batches.mask, step_active=batches.step_active,
-            weights=weights, expected_batch=take(self.expected_batch, 1.0),
-            noise_multiplier=take(self.noise_multiplier), client_ids=ids,
-            learning_rate=self.lr_by_round[r], secagg=secagg_inputs)
+            indices=batches.indices,
+            mask=batches.mask,
+            step_active=batches.step_active,
+            weights=weights,
+            expected_batch=take(self.expected_batch, 1.0),
+            noise_multiplier=take(self.noise_multiplier),
+            client_ids=ids,
+            learning_rate=self.lr_by_round[r],
+            secagg=secagg_inputs,
+        )
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(self.mesh, inputs))
         everyone = num_participants == num_clients
-        return PreparedRound(inputs, round_steps, num_participants, num_senders,
-                             batches.overflow, protocol_up, protocol_down,
-                             None if everyone else np.flatnonzero(participating).tolist())
+        return PreparedRound(
+            inputs,
+            round_steps,
+            num_participants,
+            num_senders,
+            batches.overflow,
+            protocol_up,
+            protocol_down,
+            None if everyone else np.flatnonzero(participating).tolist(),
+        )
 
-    def _batches(self, r: int, sampler_sizes: np.ndarray,
-                 ids: np.ndarray) -> batching.ClientBatches:
+    def _batches(
+        self, r: int, sampler_sizes: np.ndarray, ids: np.ndarray
+    ) -> batching.ClientBatches:
         """Index arrays of each slot, drawn from the stream of the slot's hospital."""
         lc, seed = self.config.local, self.config.seed
         rng_for = lambda j: np.random.default_rng([seed, r, streams.HOST_BATCHES, int(ids[j])])
         if lc.sampling == 'poisson':
-            return batching.poisson_batches(sampler_sizes, lc.batch_size, lc.epochs,
-                                            self.num_steps, self.privacy.max_batch, rng_for)
-        return batching.shuffle_batches(sampler_sizes, lc.batch_size, lc.epochs,
-                                        self.num_steps, rng_for)
+            return batching.poisson_batches(
+                sampler_sizes,
+                lc.batch_size,
+                lc.epochs,
+                self.num_steps,
+                self.privacy.max_batch,
+                rng_for,
+            )
+        return batching.shuffle_batches(
+            sampler_sizes, lc.batch_size, lc.epochs, self.num_steps, rng_for
+        )
 
 
 def num_slots(config: ml_collections.ConfigDict, num_clients: int, mesh) -> int:
@@ -181,7 +214,10 @@ def _secagg_slots(inputs, ids: np.ndarray):
         return padded[np.ix_(ids, ids)]
 
     return inputs._replace(
-        pair_keys=pairs(inputs.pair_keys), pair_signs=pairs(inputs.pair_signs),
-        self_keys=rows(inputs.self_keys), survivor=rows(inputs.survivor),
+        pair_keys=pairs(inputs.pair_keys),
+        pair_signs=pairs(inputs.pair_signs),
+        self_keys=rows(inputs.self_keys),
+        survivor=rows(inputs.survivor),
         recovered_self_keys=rows(inputs.recovered_self_keys),
-        recovered_pair_keys=pairs(inputs.recovered_pair_keys))
+        recovered_pair_keys=pairs(inputs.recovered_pair_keys),
+    )

@@ -29,22 +29,31 @@ from ml_collections import config_flags
 # fedjax_med's own modules (JAX, ~3 s to import) are imported in the functions that need them,
 # so that a Ctrl-C while they load stops quietly too (see the end of this file).
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (path[:variant]).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (path[:variant]).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for metrics, checkpoints, config.')
-_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
-                                   'Multi-process runs: HOST:PORT of process 0.')
-_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1,
-                                      'Multi-process runs: how many processes (one per host).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-process runs: HOST:PORT of process 0.'
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', 1, 'Multi-process runs: how many processes (one per host).'
+)
 _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'Multi-process runs: this process, 0..N-1.')
 _OVERWRITE = flags.DEFINE_boolean(
-    'overwrite', False, 'Start over in a --workdir that holds a previous run: delete its '
+    'overwrite',
+    False,
+    'Start over in a --workdir that holds a previous run: delete its '
     'checkpoints/, metrics.jsonl, summary.json and config.json first (without it such a workdir '
-    'is resumed, or refused when it cannot be).')
+    'is resumed, or refused when it cannot be).',
+)
 _CACHE = flags.DEFINE_string(
-    'compilation_cache', None, "Folder of JAX's persistent compilation cache, so a rerun or "
+    'compilation_cache',
+    None,
+    "Folder of JAX's persistent compilation cache, so a rerun or "
     "resume loads its programs instead of compiling them ('' turns it off; default "
-    '$FEDJAX_MED_COMPILATION_CACHE or ~/.cache/fedjax_med/jax; JAX_COMPILATION_CACHE_DIR wins).')
+    '$FEDJAX_MED_COMPILATION_CACHE or ~/.cache/fedjax_med/jax; JAX_COMPILATION_CACHE_DIR wins).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 HELP_FLAGS = ('-?', '-h', '-help', '--help', '--helpshort', '--helpfull', '--helpxml')
@@ -64,8 +73,9 @@ def _config_error(problems: list[str]) -> None:
 def _config_path(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if re.match(r'-{1,2}config(=|$)', arg):
-            return arg.split('=', 1)[1] if '=' in arg else (argv[i + 1] if i + 1 < len(argv)
-                                                            else None)
+            return (
+                arg.split('=', 1)[1] if '=' in arg else (argv[i + 1] if i + 1 < len(argv) else None)
+            )
     return None
 
 
@@ -87,8 +97,9 @@ def _flag_error_problem(message: str, argv: list[str]) -> tuple[str, str] | None
     if 'Error whilst parsing config file' in message:
         match = re.match(r'flag (--config=\S+): Error whilst parsing config file', lines[0])
         if lines[-1].startswith('ValueError: '):
-            return 'config error', (f'{match[1] if match else "--config"}: '
-                                    f'{lines[-1][len("ValueError: "):]}')
+            return 'config error', (
+                f'{match[1] if match else "--config"}: {lines[-1][len("ValueError: ") :]}'
+            )
         return None
     if match := re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', lines[0]):
         field, value, why = match.groups()
@@ -97,13 +108,18 @@ def _flag_error_problem(message: str, argv: list[str]) -> tuple[str, str] | None
             default = default.get(part) if isinstance(default, ml_collections.ConfigDict) else None
         kind = TYPE_NAMES.get(type(default))
         if kind:
-            return 'config error', (f'--config.{field}={value}: config.{field} takes {kind} '
-                                    f'(e.g. --config.{field}={default}), not {value!r}.')
+            return 'config error', (
+                f'--config.{field}={value}: config.{field} takes {kind} '
+                f'(e.g. --config.{field}={default}), not {value!r}.'
+            )
         return 'config error', f'--config.{field}={value}: {why}'
-    if match := re.match(r'flag --(\w+)=None: Flag --\1 must have a value other than None',
-                         lines[0]):
-        return 'usage error', (f'--{match[1]} is required, e.g. '
-                               '--config=configs/brats.py:synthetic --workdir=runs/brats.')
+    if match := re.match(
+        r'flag --(\w+)=None: Flag --\1 must have a value other than None', lines[0]
+    ):
+        return 'usage error', (
+            f'--{match[1]} is required, e.g. '
+            '--config=configs/brats.py:synthetic --workdir=runs/brats.'
+        )
     return 'usage error', ' '.join(lines)
 
 
@@ -114,13 +130,16 @@ def _config_argument_problems(argv: list[str]) -> list[str]:
 
     argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)
     path = _config_path(argv)
-    overrides = [match[2] for arg in argv
-                 if (match := re.match(r'-{1,2}(no)?config\.([^=]+)', arg))]
+    overrides = [
+        match[2] for arg in argv if (match := re.match(r'-{1,2}(no)?config\.([^=]+)', arg))
+    ]
     if not path:
         return []
     if not os.path.isfile(path.split(':', 1)[0]):
-        return [f'--config={path}: there is no file {path.split(":", 1)[0]!r}; give a config '
-                'file and variant, e.g. --config=configs/brats.py:synthetic.']
+        return [
+            f'--config={path}: there is no file {path.split(":", 1)[0]!r}; give a config '
+            'file and variant, e.g. --config=configs/brats.py:synthetic.'
+        ]
     config = _load_config(path)
     if config is None:
         return []
@@ -171,12 +190,13 @@ def main(argv):
             raise app.UsageError(
                 f'--num_processes={_NUM_PROCESSES.value} needs --coordinator_address=HOST:PORT '
                 f'and --process_id in 0..{_NUM_PROCESSES.value - 1} '
-                f'(got {_COORDINATOR.value!r}, {_PROCESS_ID.value}).')
-        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value,
-                                        _PROCESS_ID.value)
+                f'(got {_COORDINATOR.value!r}, {_PROCESS_ID.value}).'
+            )
+        parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     workdir_lib.EXIT_ON_SECOND_SIGNAL = True
     parallel.enable_compilation_cache(_CACHE.value)
     from fedjax_med.data.errors import DataError
+
     try:
         train.run(_CONFIG.value, _WORKDIR.value, overwrite=_OVERWRITE.value)
     except validate.ConfigError as e:
@@ -196,8 +216,12 @@ def _quiet_exit(signum, frame) -> None:
     """SIGINT / SIGTERM outside the run's own handlers (flag parsing, imports, the closing
     summary): no round is running and there is nothing to save, so exit at once, quietly."""
     del frame
-    print(f'fedjax_med: stopped by {signal.Signals(signum).name} (no round was running; '
-          'nothing to save).', file=sys.stderr, flush=True)
+    print(
+        f'fedjax_med: stopped by {signal.Signals(signum).name} (no round was running; '
+        'nothing to save).',
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(128 + signum)  # not SystemExit: a callback running now could swallow it
 
 

@@ -60,10 +60,20 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, names) -> dict[str
     `threshold_metrics`."""
     probs, labels = np.asarray(probs), np.asarray(labels) > 0.5
     if len(probs) == 0:
-        return {**{f'auroc/{name}': float('nan') for name in names},
-                **{key: float('nan') for key in ('mean_auroc', 'accuracy', 'macro_f1',
-                                                 'accuracy_at_0.5', 'macro_f1_at_0.5')},
-                'auroc_labels': float('nan')}
+        return {
+            **{f'auroc/{name}': float('nan') for name in names},
+            **{
+                key: float('nan')
+                for key in (
+                    'mean_auroc',
+                    'accuracy',
+                    'macro_f1',
+                    'accuracy_at_0.5',
+                    'macro_f1_at_0.5',
+                )
+            },
+            'auroc_labels': float('nan'),
+        }
     preds = probs >= 0.5
     out = {}
     aurocs, f1s = [], []
@@ -82,8 +92,9 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, names) -> dict[str
     return out
 
 
-def dice_from_sums(intersection: np.ndarray, pred_sum: np.ndarray,
-                   target_sum: np.ndarray, num_examples: int) -> dict[str, float]:
+def dice_from_sums(
+    intersection: np.ndarray, pred_sum: np.ndarray, target_sum: np.ndarray, num_examples: int
+) -> dict[str, float]:
     """Dataset-level Dice per BraTS region from summed intersections and volumes
     (`dice_wt/tc/et`), and their mean (`mean_dice`, the BraTS task's main metric).
 
@@ -94,8 +105,10 @@ def dice_from_sums(intersection: np.ndarray, pred_sum: np.ndarray,
     so it cannot count as a perfect one.
     """
     if num_examples == 0:
-        return {**{f'dice_{name}': float('nan') for name in BRATS_REGIONS},
-                'mean_dice': float('nan')}
+        return {
+            **{f'dice_{name}': float('nan') for name in BRATS_REGIONS},
+            'mean_dice': float('nan'),
+        }
     out = {}
     for r, name in enumerate(BRATS_REGIONS):
         denom = pred_sum[r] + target_sum[r]
@@ -107,6 +120,7 @@ def dice_from_sums(intersection: np.ndarray, pred_sum: np.ndarray,
 # ---------------------------------------------------------------------------------------------
 # Chest X-ray: thresholds chosen on a validation half of the test split
 # ---------------------------------------------------------------------------------------------
+
 
 def validation_patients(patient_ids: np.ndarray) -> np.ndarray:
     """Bool [n]: True for the examples whose patient is in the validation half.
@@ -153,8 +167,9 @@ def accuracy_f1_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> 
     return float(np.mean(preds == labels)), 2.0 * tp / denom if denom else 0.0
 
 
-def threshold_metrics(probs: np.ndarray, labels: np.ndarray, patient_ids: np.ndarray,
-                      names: Sequence[str]) -> dict[str, float]:
+def threshold_metrics(
+    probs: np.ndarray, labels: np.ndarray, patient_ids: np.ndarray, names: Sequence[str]
+) -> dict[str, float]:
     """Accuracies at thresholds chosen on held-out patients (the chest X-ray `split_metrics`).
 
     The split is cut by patient (`validation_patients`) into a validation half and a test half.
@@ -194,7 +209,8 @@ def threshold_metrics(probs: np.ndarray, labels: np.ndarray, patient_ids: np.nda
     t = youden_threshold(score[val], abnormal[val])
     out['abnormal_threshold'] = t
     out['normal_vs_abnormal_accuracy'] = (
-        accuracy_f1_at(score[test], abnormal[test], t)[0] if not np.isnan(t) else float('nan'))
+        accuracy_f1_at(score[test], abnormal[test], t)[0] if not np.isnan(t) else float('nan')
+    )
     out['normal_vs_abnormal_auroc'] = auroc(score, abnormal) if len(score) else float('nan')
     out['threshold_val_examples'] = int(val.sum())
     out['threshold_test_examples'] = int(test.sum())
@@ -204,6 +220,7 @@ def threshold_metrics(probs: np.ndarray, labels: np.ndarray, patient_ids: np.nda
 # ---------------------------------------------------------------------------------------------
 # BraTS: per-case Dice and HD95 on whole case volumes
 # ---------------------------------------------------------------------------------------------
+
 
 def surface(mask: np.ndarray) -> np.ndarray:
     """Surface voxels of a binary mask: those with a face neighbour outside it (the mask minus
@@ -221,8 +238,13 @@ def _bounding_box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(box)
 
 
-def hd95(pred: np.ndarray, truth: np.ndarray, *, empty_distance: float,
-         spacing: Sequence[float] | None = None) -> float:
+def hd95(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    *,
+    empty_distance: float,
+    spacing: Sequence[float] | None = None,
+) -> float:
     """95th percentile Hausdorff distance between two binary masks of the same shape.
 
     The distances from every surface voxel of `pred` to the nearest surface voxel of `truth` and
@@ -265,11 +287,16 @@ def volume_diagonal(shape: Sequence[int], spacing: Sequence[float] | None = None
     """Length of the diagonal of a volume of `shape` voxels: BraTS's 373.13 for 240 x 240 x 155
     at 1 mm."""
     sizes = np.asarray(shape, np.float64) * (1.0 if spacing is None else np.asarray(spacing))
-    return float(np.sqrt(np.sum(sizes ** 2)))
+    return float(np.sqrt(np.sum(sizes**2)))
 
 
-def case_scores(pred: np.ndarray, truth: np.ndarray, *, empty_distance: float | None = None,
-                spacing: Sequence[float] | None = None) -> dict[str, float]:
+def case_scores(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    *,
+    empty_distance: float | None = None,
+    spacing: Sequence[float] | None = None,
+) -> dict[str, float]:
     """Dice and HD95 of each BraTS region for one case.
 
     pred, truth: binary [*spatial, 3] (WT, TC, ET) of one whole case. `empty_distance` is the
@@ -283,8 +310,9 @@ def case_scores(pred: np.ndarray, truth: np.ndarray, *, empty_distance: float | 
     out = {}
     for r, name in enumerate(BRATS_REGIONS):
         out[f'dice_{name}'] = case_dice(pred[..., r], truth[..., r])
-        out[f'hd95_{name}'] = hd95(pred[..., r], truth[..., r], empty_distance=empty_distance,
-                                   spacing=spacing)
+        out[f'hd95_{name}'] = hd95(
+            pred[..., r], truth[..., r], empty_distance=empty_distance, spacing=spacing
+        )
     return out
 
 
@@ -294,13 +322,17 @@ def case_summary(scores: Sequence[dict]) -> dict[str, float]:
     means over WT, TC and ET) and num_cases; NaN (num_cases 0) without cases."""
     nan = float('nan')
     out = {}
-    for metric, key, mean_key in (('dice', 'case_dice', 'mean_case_dice'),
-                                  ('hd95', 'hd95', 'mean_hd95')):
+    for metric, key, mean_key in (
+        ('dice', 'case_dice', 'mean_case_dice'),
+        ('hd95', 'hd95', 'mean_hd95'),
+    ):
         for name in BRATS_REGIONS:
-            out[f'{key}_{name}'] = (float(np.mean([s[f'{metric}_{name}'] for s in scores]))
-                                    if scores else nan)
-        out[mean_key] = (float(np.mean([out[f'{key}_{n}'] for n in BRATS_REGIONS])) if scores
-                         else nan)
+            out[f'{key}_{name}'] = (
+                float(np.mean([s[f'{metric}_{name}'] for s in scores])) if scores else nan
+            )
+        out[mean_key] = (
+            float(np.mean([out[f'{key}_{n}'] for n in BRATS_REGIONS])) if scores else nan
+        )
     out['num_cases'] = len(scores)
     return out
 
@@ -316,8 +348,9 @@ def group_cases(case_ids: np.ndarray) -> list[np.ndarray]:
     return np.split(order, np.cumsum(np.bincount(inverse))[:-1])
 
 
-def assemble_slices(pred: np.ndarray, truth: np.ndarray,
-                    slice_index: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def assemble_slices(
+    pred: np.ndarray, truth: np.ndarray, slice_index: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """One case's 2-D slices [n, H, W, 3] stacked into volumes [Z, H, W, 3] (bool).
 
     Slice i goes to plane slice_index[i] - min(slice_index), so Z spans the case's slices from
@@ -326,8 +359,11 @@ def assemble_slices(pred: np.ndarray, truth: np.ndarray,
     `slice_index` the slices are stacked in the order given.
     """
     n = len(pred)
-    z = (np.arange(n) if slice_index is None
-         else np.asarray(slice_index, np.int64) - int(np.min(slice_index)))
+    z = (
+        np.arange(n)
+        if slice_index is None
+        else np.asarray(slice_index, np.int64) - int(np.min(slice_index))
+    )
     if len(np.unique(z)) != n:
         raise ValueError('Two slices of one case have the same slice_index.')
     depth = int(z.max()) + 1 if n else 0
@@ -338,8 +374,9 @@ def assemble_slices(pred: np.ndarray, truth: np.ndarray,
     return pred_volume, truth_volume
 
 
-def stitch_patches(pred: np.ndarray, truth: np.ndarray, origins: np.ndarray,
-                   volume_shape: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def stitch_patches(
+    pred: np.ndarray, truth: np.ndarray, origins: np.ndarray, volume_shape: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One case's 3-D patches [n, P, P, P, 3] placed back into its volume [Z, H, W, 3].
 
     Each patch covers volume_shape-clipped voxels origin .. origin + P (the zero padding of a
@@ -354,8 +391,10 @@ def stitch_patches(pred: np.ndarray, truth: np.ndarray, origins: np.ndarray,
     count = np.zeros(shape, np.int32)
     truth_volume = np.zeros((*shape, truth.shape[-1]), bool)
     for p, t, o in zip(pred, truth, np.asarray(origins, np.int64), strict=True):
-        box = tuple(slice(int(a), min(int(a) + size, s))
-                    for a, size, s in zip(o, p.shape[:3], shape, strict=True))
+        box = tuple(
+            slice(int(a), min(int(a) + size, s))
+            for a, size, s in zip(o, p.shape[:3], shape, strict=True)
+        )
         cut = tuple(slice(0, b.stop - b.start) for b in box)
         votes[box] += p[cut] > 0
         count[box] += 1

@@ -23,7 +23,8 @@ CLIENTS = 'clients'
 # (BENCHMARKS.md). This keeps YNNPACK for matrix products only. Numbers change at float32
 # rounding level (the reductions are summed in another order).
 CPU_COMPILER_OPTIONS = {
-    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'}
+    'xla_cpu_experimental_ynn_fusion_type': 'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
+}
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
@@ -97,7 +98,8 @@ def compiler_options() -> dict[str, str] | None:
         return None
     try:
         jax.jit(lambda x: x.sum(), compiler_options=CPU_COMPILER_OPTIONS).lower(
-            np.zeros(2, np.float32)).compile()
+            np.zeros(2, np.float32)
+        ).compile()
     except Exception:  # noqa: BLE001 - a jaxlib without the option: XLA's defaults
         return None
     return dict(CPU_COMPILER_OPTIONS)
@@ -112,16 +114,20 @@ def jit(fn, **kwargs):
 # Several processes (one per host; `launch/train_multi_gpu.sh`)
 # -------------------------------------------------------------------------------------------------
 
-def initialize_distributed(coordinator_address: str | None = None,
-                           num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
     """Joins a multi-process run; call before any other JAX call. Every process then sees all
     processes' devices in `jax.devices()`, and `make_mesh` spans them. Arguments left None are
     detected by `jax.distributed.initialize` (SLURM, Open MPI, ...). CPU backends exchange
     collectives through gloo (the test suite runs two CPU processes this way)."""
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
 
 
 def is_primary() -> bool:
@@ -184,6 +190,7 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
 # Mapping a per-hospital function over the client axis
 # ---------------------------------------------------------------------------------------------
 
+
 def clients_in_parallel(n: int) -> int:
     """0 = automatic: all hospitals vectorised (vmap) on accelerators; on CPU one at a time,
     because XLA:CPU runs convolutions with a per-hospital kernel (vmap turns them into grouped
@@ -213,8 +220,7 @@ def _map_local(fn: Callable, in_axes: tuple, clients_in_parallel: int) -> Callab
         per_client = [a if ax is not None else None for a, ax in zip(args, in_axes, strict=True)]
 
         def one(xs):
-            full = [s if ax is None else x
-                    for s, x, ax in zip(shared, xs, in_axes, strict=True)]
+            full = [s if ax is None else x for s, x, ax in zip(shared, xs, in_axes, strict=True)]
             return fn(*full)
 
         # One at a time: a plain scan, so `lax.cond` inside the local steps really skips a

@@ -23,8 +23,10 @@ ROUND_FN = 'round_fn'  # the name `rounds.build_round_fn` jits
 
 def load_trace(trace_dir: str) -> list[dict]:
     """Complete ('X') events of the newest Perfetto trace under trace_dir."""
-    files = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
-                   key=os.path.getmtime)
+    files = sorted(
+        glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
+        key=os.path.getmtime,
+    )
     if not files:
         raise FileNotFoundError(f'No *.trace.json.gz under {trace_dir}; was the trace written?')
     with gzip.open(files[-1]) as f:
@@ -37,8 +39,11 @@ def jit_calls(events: Sequence[dict]) -> list[tuple[str, float, float]]:
     """(function name, dispatch start us, dispatch end us) of every call of a jitted function, in
     time order (a nested span of the same call counts once)."""
     out = []
-    for start, end, name in sorted((e['ts'], e['ts'] + e['dur'], e['name'][len('PjitFunction('):-1])
-                                   for e in events if e['name'].startswith('PjitFunction(')):
+    for start, end, name in sorted(
+        (e['ts'], e['ts'] + e['dur'], e['name'][len('PjitFunction(') : -1])
+        for e in events
+        if e['name'].startswith('PjitFunction(')
+    ):
         if out and out[-1][0] == name and start <= out[-1][2]:
             continue
         out.append((name, start, end))
@@ -50,9 +55,12 @@ def device_spans(events: Sequence[dict]) -> list[tuple[float, float]]:
     worker threads, after an asynchronous dispatch has returned); on GPU/TPU every event of a
     process other than the host's (the device streams)."""
     host_pids = {e.get('pid') for e in events if e['name'].startswith('PjitFunction(')}
-    return [(e['ts'], e['ts'] + e['dur']) for e in events
-            if e['name'].startswith('ThunkExecutor::Execute (wait')
-            or (host_pids and e.get('pid') not in host_pids)]
+    return [
+        (e['ts'], e['ts'] + e['dur'])
+        for e in events
+        if e['name'].startswith('ThunkExecutor::Execute (wait')
+        or (host_pids and e.get('pid') not in host_pids)
+    ]
 
 
 def _covered(spans: list[tuple[float, float]], lo: float, hi: float) -> float:
@@ -83,9 +91,15 @@ def summarize(events: Sequence[dict]) -> list[dict]:
         end = starts[i + 1] if i + 1 < len(starts) else trace_end
         wall = end - start
         busy = _covered(busy_spans, start, end)
-        rows.append({'wall_ms': wall / 1e3, 'device_busy_ms': busy / 1e3,
-                     'device_idle_ms': (wall - busy) / 1e3, 'busy': busy / wall if wall else 1.0,
-                     'programs': sorted({n for n, s, _ in calls if start <= s < end})})
+        rows.append(
+            {
+                'wall_ms': wall / 1e3,
+                'device_busy_ms': busy / 1e3,
+                'device_idle_ms': (wall - busy) / 1e3,
+                'busy': busy / wall if wall else 1.0,
+                'programs': sorted({n for n, s, _ in calls if start <= s < end}),
+            }
+        )
     return rows
 
 
@@ -97,10 +111,14 @@ def _names(programs: Sequence[str], keep: int = 4) -> str:
 
 
 def format_rows(rows: Sequence[dict]) -> str:
-    lines = ['| round | wall ms | device busy ms | device idle ms | busy | jitted calls |',
-             '|---|---:|---:|---:|---:|---|']
+    lines = [
+        '| round | wall ms | device busy ms | device idle ms | busy | jitted calls |',
+        '|---|---:|---:|---:|---:|---|',
+    ]
     for i, r in enumerate(rows):
-        lines.append(f'| {i + 1} | {r["wall_ms"]:.1f} | {r["device_busy_ms"]:.1f} | '
-                     f'{r["device_idle_ms"]:.1f} | {r["busy"]:.2f} | '
-                     f'{_names(r["programs"])} |')
+        lines.append(
+            f'| {i + 1} | {r["wall_ms"]:.1f} | {r["device_busy_ms"]:.1f} | '
+            f'{r["device_idle_ms"]:.1f} | {r["busy"]:.2f} | '
+            f'{_names(r["programs"])} |'
+        )
     return '\n'.join(lines)

@@ -65,6 +65,7 @@ def main_metric(task: str) -> str:
 # Runs on disk
 # -------------------------------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class Run:
     """One run's files: config.json, metrics.jsonl, summary.json (if finished), run_info.json."""
@@ -122,8 +123,9 @@ class Run:
 
     @property
     def alpha(self) -> float | None:
-        return float(self.config['data']['dirichlet_alpha']) if self.partition == 'dirichlet' \
-            else None
+        return (
+            float(self.config['data']['dirichlet_alpha']) if self.partition == 'dirichlet' else None
+        )
 
     @property
     def partition_label(self) -> str:
@@ -167,8 +169,14 @@ class Run:
 
     def bytes_per_hospital(self) -> np.ndarray:
         """Cumulative bytes per hospital (up + down) after each row."""
-        return np.asarray([r.get('comm/cum_bytes_up_per_client', 0)
-                           + r.get('comm/cum_bytes_down_per_client', 0) for r in self.rows], float)
+        return np.asarray(
+            [
+                r.get('comm/cum_bytes_up_per_client', 0)
+                + r.get('comm/cum_bytes_down_per_client', 0)
+                for r in self.rows
+            ],
+            float,
+        )
 
     @property
     def total_bytes_per_hospital(self) -> float:
@@ -188,8 +196,11 @@ class Run:
         """hospital name -> main metric on its own test split, from the last evaluated row."""
         suffix = '/' + self.main_metric
         for row in reversed(self.rows):
-            found = {k[len('hospital/'):-len(suffix)]: v for k, v in row.items()
-                     if k.startswith('hospital/') and k.endswith(suffix)}
+            found = {
+                k[len('hospital/') : -len(suffix)]: v
+                for k, v in row.items()
+                if k.startswith('hospital/') and k.endswith(suffix)
+            }
             if found:
                 return {k: math.nan if v is None else float(v) for k, v in found.items()}
         return {}
@@ -215,9 +226,13 @@ def load_run(path: str) -> Run:
     if os.path.exists(metrics_path):
         with open(metrics_path) as f:
             rows = [json.loads(line) for line in f if line.strip()]
-    return Run(path=path, config=config, rows=rows,
-               summary=_read_json(os.path.join(path, 'summary.json')),
-               info=_read_json(os.path.join(path, 'run_info.json')) or {})
+    return Run(
+        path=path,
+        config=config,
+        rows=rows,
+        summary=_read_json(os.path.join(path, 'summary.json')),
+        info=_read_json(os.path.join(path, 'run_info.json')) or {},
+    )
 
 
 def find_runs(dirs: Sequence[str]) -> list[Run]:
@@ -238,6 +253,7 @@ def find_runs(dirs: Sequence[str]) -> list[Run]:
 # -------------------------------------------------------------------------------------------------
 # Grouping and small plotting helpers
 # -------------------------------------------------------------------------------------------------
+
 
 def _group(runs: Sequence[Run], key: Callable[[Run], object]) -> dict:
     groups = collections.defaultdict(list)
@@ -271,6 +287,7 @@ def _new_figure(num_panels: int, height: float = 3.6):
 
 def _colours(labels: Sequence[str]) -> dict[str, tuple]:
     from matplotlib import colormaps
+
     cmap = colormaps['tab10' if len(labels) <= 10 else 'tab20']
     return {label: cmap(i % cmap.N) for i, label in enumerate(sorted(labels))}
 
@@ -284,6 +301,7 @@ def _save(fig: Figure, out_dir: str, name: str) -> str:
 def _round_axis(ax) -> None:
     """Rounds are whole numbers: integer ticks only."""
     from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
@@ -296,8 +314,12 @@ def _legend(fig: Figure, axes, order: Callable[[str], object] | None = None) -> 
                 handles.append(h)
                 labels.append(label)
     if order is not None and handles:
-        labels, handles = map(list, zip(*sorted(zip(labels, handles, strict=True),
-                                                key=lambda lh: order(lh[0])), strict=True))
+        labels, handles = map(
+            list,
+            zip(
+                *sorted(zip(labels, handles, strict=True), key=lambda lh: order(lh[0])), strict=True
+            ),
+        )
     if handles:
         fig.legend(handles, labels, loc='outside right upper', fontsize=8)
 
@@ -306,14 +328,16 @@ def _legend(fig: Figure, axes, order: Callable[[str], object] | None = None) -> 
 # Curves
 # -------------------------------------------------------------------------------------------------
 
+
 def plot_metric_vs_round(runs: Sequence[Run], out_dir: str, task: str) -> str | None:
     key = f'eval/{main_metric(task)}'
     facets = _facets(runs)
     colours = _colours({r.label for r in runs})
     fig, axes = _new_figure(len(facets))
     for ax, facet in zip(axes, facets, strict=True):
-        for label, group in sorted(_group([r for r in runs if r.partition_label == facet],
-                                          lambda r: r.label).items()):
+        for label, group in sorted(
+            _group([r for r in runs if r.partition_label == facet], lambda r: r.label).items()
+        ):
             xs, mean, std = _mean_series([r.series(key) for r in group])
             if not len(xs):
                 continue
@@ -336,12 +360,18 @@ def plot_epsilon_vs_round(runs: Sequence[Run], out_dir: str, task: str) -> str |
     colours = _colours({r.label for r in dp_runs})
     fig, axes = _new_figure(len(facets))
     for ax, facet in zip(axes, facets, strict=True):
-        for label, group in sorted(_group([r for r in dp_runs if r.partition_label == facet],
-                                          lambda r: r.label).items()):
+        for label, group in sorted(
+            _group([r for r in dp_runs if r.partition_label == facet], lambda r: r.label).items()
+        ):
             xs, mean, _ = _mean_series([r.series('privacy/epsilon') for r in group])
             ax.plot(xs, mean, marker='.', color=colours[label], label=label)
-        ax.axhline(PAPER_EPSILON_BOUND, color='grey', ls=':', lw=1,
-                   label=f'paper bound ε<{PAPER_EPSILON_BOUND:g}')
+        ax.axhline(
+            PAPER_EPSILON_BOUND,
+            color='grey',
+            ls=':',
+            lw=1,
+            label=f'paper bound ε<{PAPER_EPSILON_BOUND:g}',
+        )
         ax.set(title=facet, xlabel='round')
         _round_axis(ax)
         ax.grid(alpha=0.3)
@@ -385,22 +415,40 @@ def plot_privacy_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | 
         for algorithm in algorithms:
             group = [r for r in runs if r.partition_label == facet and r.algorithm == algorithm]
             dp = [r for r in group if _has_dp(r) and math.isfinite(r.epsilon)]
-            ax.scatter([r.epsilon for r in dp], [r.final_metric for r in dp],
-                       color=colours[algorithm], alpha=0.35, s=14)
+            ax.scatter(
+                [r.epsilon for r in dp],
+                [r.final_metric for r in dp],
+                color=colours[algorithm],
+                alpha=0.35,
+                s=14,
+            )
             points = privacy_utility_points(group)
             if points:
                 px, py, ps = map(np.array, zip(*points, strict=True))
-                ax.errorbar(px, py, yerr=ps, color=colours[algorithm], marker='o', capsize=3,
-                            label=f'{algorithm}, DP')
+                ax.errorbar(
+                    px,
+                    py,
+                    yerr=ps,
+                    color=colours[algorithm],
+                    marker='o',
+                    capsize=3,
+                    label=f'{algorithm}, DP',
+                )
             reference = no_dp_reference(group)
             if reference:  # no ε to put it at: a line across the ε axis
                 mean, std = reference
-                ax.axhline(mean, color=colours[algorithm], ls='--', lw=1.2,
-                           label=f'{algorithm}, no DP')
+                ax.axhline(
+                    mean, color=colours[algorithm], ls='--', lw=1.2, label=f'{algorithm}, no DP'
+                )
                 if std > 0:
                     ax.axhspan(mean - std, mean + std, color=colours[algorithm], alpha=0.1, lw=0)
-        ax.axvline(PAPER_EPSILON_BOUND, color='grey', ls=':', lw=1,
-                   label=f'paper bound ε<{PAPER_EPSILON_BOUND:g}')
+        ax.axvline(
+            PAPER_EPSILON_BOUND,
+            color='grey',
+            ls=':',
+            lw=1,
+            label=f'paper bound ε<{PAPER_EPSILON_BOUND:g}',
+        )
         ax.set_xlim(0, 1.08 * max([PAPER_EPSILON_BOUND, *eps]))
         ax.set(title=facet, xlabel='achieved ε (max over hospitals)')
         ax.grid(alpha=0.3)
@@ -419,22 +467,33 @@ def plot_comm_utility(runs: Sequence[Run], out_dir: str, task: str) -> str | Non
     colours = _colours({r.label for r in federated})
     fig, axes = _new_figure(len(facets))
     for ax, facet in zip(axes, facets, strict=True):
-        for label, group in sorted(_group([r for r in federated if r.partition_label == facet],
-                                          lambda r: r.label).items()):
+        for label, group in sorted(
+            _group([r for r in federated if r.partition_label == facet], lambda r: r.label).items()
+        ):
             curves = []
             for r in group:
-                mb = dict(zip([row['round'] for row in r.rows], r.bytes_per_hospital() / 1e6,
-                              strict=True))
+                mb = dict(
+                    zip([row['round'] for row in r.rows], r.bytes_per_hospital() / 1e6, strict=True)
+                )
                 rounds, values = r.series(key)
                 curves.append((np.array([mb[x] for x in rounds]), values))
             xs, mean, _ = _mean_series(curves)
             ax.plot(xs, mean, marker='.', color=colours[label], label=label)
-        central = [r.final_metric for r in runs
-                   if r.algorithm == 'centralized' and r.partition_label == facet
-                   and r.config['dp']['mode'] == 'none']
+        central = [
+            r.final_metric
+            for r in runs
+            if r.algorithm == 'centralized'
+            and r.partition_label == facet
+            and r.config['dp']['mode'] == 'none'
+        ]
         if central:
-            ax.axhline(np.nanmean(central), color='black', ls='--', lw=1,
-                       label='centralised (no DP), final')
+            ax.axhline(
+                np.nanmean(central),
+                color='black',
+                ls='--',
+                lw=1,
+                label='centralised (no DP), final',
+            )
         ax.set(title=facet, xlabel='cumulative MB per hospital (up + down)')
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(METRIC_NAME[main_metric(task)])
@@ -450,16 +509,24 @@ def plot_hospital_fairness(runs: Sequence[Run], out_dir: str, task: str) -> str 
     colours = _colours({r.label for r in runs})
     fig, axes = _new_figure(len(facets), height=3.8)
     for ax, facet in zip(axes, facets, strict=True):
-        groups = sorted(_group([r for r in runs if r.partition_label == facet],
-                               lambda r: r.label).items())
+        groups = sorted(
+            _group([r for r in runs if r.partition_label == facet], lambda r: r.label).items()
+        )
         hospitals = sorted({h for _, g in groups for r in g for h in r.hospital_metrics()})
         width = 0.8 / max(len(groups), 1)
         for i, (label, group) in enumerate(groups):
-            values = np.array([[r.hospital_metrics().get(h, math.nan) for h in hospitals]
-                               for r in group])
+            values = np.array(
+                [[r.hospital_metrics().get(h, math.nan) for h in hospitals] for r in group]
+            )
             x = np.arange(len(hospitals)) + (i - (len(groups) - 1) / 2) * width
-            ax.bar(x, np.nanmean(values, 0), width, yerr=np.nanstd(values, 0) if len(group) > 1
-                   else None, color=colours[label], label=label)
+            ax.bar(
+                x,
+                np.nanmean(values, 0),
+                width,
+                yerr=np.nanstd(values, 0) if len(group) > 1 else None,
+                color=colours[label],
+                label=label,
+            )
         ax.set_xticks(np.arange(len(hospitals)), [h.replace('hospital_', 'H') for h in hospitals])
         ax.set(title=facet, xlabel='hospital (own test split)')
         ax.grid(alpha=0.3, axis='y')
@@ -471,6 +538,7 @@ def plot_hospital_fairness(runs: Sequence[Run], out_dir: str, task: str) -> str 
 # -------------------------------------------------------------------------------------------------
 # Models: restore a run's parameters and its test data
 # -------------------------------------------------------------------------------------------------
+
 
 def has_checkpoint(run: Run) -> bool:
     ckpt = os.path.join(run.path, 'checkpoints')
@@ -515,13 +583,23 @@ def load_test_split(run: Run) -> dict:
 def _pick_pair(runs: Sequence[Run]) -> list[Run]:
     """A federated (FedAvg) and a centralised run trained alike (partition, seed, DP), else the
     first one or two runs with a checkpoint. Runs without DP are preferred."""
-    runs = sorted((r for r in runs if has_checkpoint(r)),
-                  key=lambda r: (r.config['dp']['mode'] != 'none', r.dp_target,
-                                 r.partition != 'iid', r.seed, r.path))
+    runs = sorted(
+        (r for r in runs if has_checkpoint(r)),
+        key=lambda r: (
+            r.config['dp']['mode'] != 'none',
+            r.dp_target,
+            r.partition != 'iid',
+            r.seed,
+            r.path,
+        ),
+    )
     for fed in (r for r in runs if r.config['mode'] == 'federated'):
         for central in (r for r in runs if r.algorithm == 'centralized'):
             if (central.partition_label, central.seed, central.dp_label) == (
-                    fed.partition_label, fed.seed, fed.dp_label):
+                fed.partition_label,
+                fed.seed,
+                fed.dp_label,
+            ):
                 return [fed, central]
     return runs[:2]
 
@@ -556,7 +634,8 @@ def plot_brats_overlays(runs: Sequence[Run], out_dir: str, num_examples: int = 3
         images, labels = images[rows, z], labels[rows, z]
         predictions = [p[rows, z] for p in predictions]
     columns = [('ground truth', labels)] + [
-        (_short(r), p) for r, p in zip(chosen, predictions, strict=True)]
+        (_short(r), p) for r, p in zip(chosen, predictions, strict=True)
+    ]
     fig = Figure(figsize=(3.2 * len(columns), 3.1 * len(idx) + 0.4), layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(idx), len(columns), squeeze=False)
@@ -580,23 +659,36 @@ def draw_regions(ax, masks: np.ndarray) -> list:
         mask = np.asarray(masks[..., c], float)
         if mask.min() != mask.max():
             width, style = REGION_STYLES[region]
-            drawn.append(ax.contour(mask, levels=[0.5], colors=[colour], linewidths=[width],
-                                    linestyles=[style], zorder=2 + c))
+            drawn.append(
+                ax.contour(
+                    mask,
+                    levels=[0.5],
+                    colors=[colour],
+                    linewidths=[width],
+                    linestyles=[style],
+                    zorder=2 + c,
+                )
+            )
     return drawn
 
 
 def region_legend(fig: Figure):
     """One legend for the figure: each region's colour and line style, with its name."""
     from matplotlib.lines import Line2D
-    handles = [Line2D([], [], color=REGION_COLOURS[r], lw=REGION_STYLES[r][0],
-                      ls=REGION_STYLES[r][1]) for r in REGION_COLOURS]
+
+    handles = [
+        Line2D([], [], color=REGION_COLOURS[r], lw=REGION_STYLES[r][0], ls=REGION_STYLES[r][1])
+        for r in REGION_COLOURS
+    ]
     labels = [f'{r} ({REGION_NAMES[r]})' for r in REGION_COLOURS]
-    return fig.legend(handles, labels, loc='outside lower center', ncols=len(labels),
-                      fontsize=8, frameon=False)
+    return fig.legend(
+        handles, labels, loc='outside lower center', ncols=len(labels), fontsize=8, frameon=False
+    )
 
 
-def plot_cxr_attribution(runs: Sequence[Run], out_dir: str, num_examples: int = 3,
-                         steps: int = 32) -> tuple[str | None, dict]:
+def plot_cxr_attribution(
+    runs: Sequence[Run], out_dir: str, num_examples: int = 3, steps: int = 32
+) -> tuple[str | None, dict]:
     """Integrated gradients of the two models `_pick_pair` chooses on the same images (a
     federated and a centralised one trained alike when both exist; `attribution_caption` says
     which were compared).
@@ -623,37 +715,53 @@ def plot_cxr_attribution(runs: Sequence[Run], out_dir: str, num_examples: int = 
     # Explain a finding the image has; without one, the model's top finding.
     scores = np.where(labels > 0, probs, -np.inf) if labels.sum() else probs
     classes = scores.argmax(1)
-    maps = [np.asarray(attribution.saliency(attribution.model_integrated_gradients(
-        m, images, classes, steps=steps))) for m in models]
+    maps = [
+        np.asarray(
+            attribution.saliency(
+                attribution.model_integrated_gradients(m, images, classes, steps=steps)
+            )
+        )
+        for m in models
+    ]
     per_image = []
     if len(maps) == 2:
         for a, b in zip(*maps, strict=True):
-            per_image.append({'spearman': float(attribution.spearman(a, b)),
-                              'top10_iou': float(attribution.topk_overlap(a, b, 0.1))})
+            per_image.append(
+                {
+                    'spearman': float(attribution.spearman(a, b)),
+                    'top10_iou': float(attribution.topk_overlap(a, b, 0.1)),
+                }
+            )
     fig = Figure(figsize=(3.0 * (1 + len(maps)), 3.0 * len(idx) + 0.4), layout='constrained')
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(idx), 1 + len(maps), squeeze=False)
     for row in range(len(idx)):
         finding = CXR_LABELS[classes[row]]
         axes[row, 0].imshow(np.asarray(images[row, ..., 0]), cmap='gray')
-        axes[row, 0].set_title(f'{finding}' + (' (label)' if labels[row, classes[row]] else ''),
-                               fontsize=8)
+        axes[row, 0].set_title(
+            f'{finding}' + (' (label)' if labels[row, classes[row]] else ''), fontsize=8
+        )
         for col, (run, sal) in enumerate(zip(chosen, maps, strict=True), start=1):
             axes[row, col].imshow(np.asarray(images[row, ..., 0]), cmap='gray')
             axes[row, col].imshow(sal[row], cmap='inferno', alpha=0.6)
             title = f'IG: {run.algorithm} ({run.dp_label})'
             if col == len(maps) and per_image:
-                title += (f'\nρ={per_image[row]["spearman"]:.2f}, '
-                          f'top-10% IoU={per_image[row]["top10_iou"]:.2f}')
+                title += (
+                    f'\nρ={per_image[row]["spearman"]:.2f}, '
+                    f'top-10% IoU={per_image[row]["top10_iou"]:.2f}'
+                )
             axes[row, col].set_title(title, fontsize=8)
         for ax in axes[row]:
             ax.set_axis_off()
     agreement = {}
     if per_image:
         agreement = {
-            'models': [r.path for r in chosen], 'steps': steps, 'per_image': per_image,
+            'models': [r.path for r in chosen],
+            'steps': steps,
+            'per_image': per_image,
             'mean_spearman': float(np.mean([p['spearman'] for p in per_image])),
-            'mean_top10_iou': float(np.mean([p['top10_iou'] for p in per_image]))}
+            'mean_top10_iou': float(np.mean([p['top10_iou'] for p in per_image])),
+        }
     return _save(fig, out_dir, 'chestxray14_attribution.png'), agreement
 
 
@@ -661,40 +769,67 @@ def plot_cxr_attribution(runs: Sequence[Run], out_dir: str, num_examples: int = 
 # The page
 # -------------------------------------------------------------------------------------------------
 
+
 def _fmt(value: float, digits: int = 4) -> str:
     return '' if value is None or not math.isfinite(value) else f'{value:.{digits}f}'
 
 
 def _runs_table(runs: Sequence[Run]) -> str:
-    head = ('run', 'task', 'algorithm', 'DP', 'partition', 'seed', 'rounds', 'final metric',
-            'best metric', 'ε', 'MB / hospital', 'train s')
+    head = (
+        'run',
+        'task',
+        'algorithm',
+        'DP',
+        'partition',
+        'seed',
+        'rounds',
+        'final metric',
+        'best metric',
+        'ε',
+        'MB / hospital',
+        'train s',
+    )
     rows = []
     for r in runs:
-        cells = (r.name, r.task, r.algorithm, r.dp_label, r.partition_label, r.seed,
-                 f'{len(r.rows)}/{r.config["num_rounds"]}' + ('' if r.finished else ' (running)'),
-                 f'{_fmt(r.final_metric)} {r.main_metric}', _fmt(r.best_metric),
-                 _fmt(r.epsilon, 2), _fmt(r.total_bytes_per_hospital / 1e6, 3),
-                 _fmt(r.wall_time_s, 1))
+        cells = (
+            r.name,
+            r.task,
+            r.algorithm,
+            r.dp_label,
+            r.partition_label,
+            r.seed,
+            f'{len(r.rows)}/{r.config["num_rounds"]}' + ('' if r.finished else ' (running)'),
+            f'{_fmt(r.final_metric)} {r.main_metric}',
+            _fmt(r.best_metric),
+            _fmt(r.epsilon, 2),
+            _fmt(r.total_bytes_per_hospital / 1e6, 3),
+            _fmt(r.wall_time_s, 1),
+        )
         rows.append('<tr>' + ''.join(f'<td>{html.escape(str(c))}</td>' for c in cells) + '</tr>')
-    return ('<table><tr>' + ''.join(f'<th>{h}</th>' for h in head) + '</tr>\n'
-            + '\n'.join(rows) + '</table>')
+    return (
+        '<table><tr>'
+        + ''.join(f'<th>{h}</th>' for h in head)
+        + '</tr>\n'
+        + '\n'.join(rows)
+        + '</table>'
+    )
 
 
 CAPTIONS = {
     'metric_vs_round': 'Global test metric per round (mean over seeds; band ±1 std).',
-    'epsilon_vs_round': 'Privacy spent per round (max over hospitals); dotted: the paper\'s '
-                        f'bound ε<{PAPER_EPSILON_BOUND:g}.',
+    'epsilon_vs_round': "Privacy spent per round (max over hospitals); dotted: the paper's "
+    f'bound ε<{PAPER_EPSILON_BOUND:g}.',
     'privacy_utility': 'Privacy–utility: final metric vs achieved ε of the DP runs (mean ± std '
-                       'over seeds; faint dots are single runs). Runs without DP have no ε: '
-                       'dashed horizontal line per algorithm (band ±1 std over seeds). Dotted: '
-                       f'the paper\'s bound ε<{PAPER_EPSILON_BOUND:g}.',
+    'over seeds; faint dots are single runs). Runs without DP have no ε: '
+    'dashed horizontal line per algorithm (band ±1 std over seeds). Dotted: '
+    f"the paper's bound ε<{PAPER_EPSILON_BOUND:g}.",
     'comm_utility': 'Communication–utility: metric vs cumulative MB per hospital. The paper '
-                    f'reports < {PAPER_MB_PER_HOSPITAL:g} MB per hospital.',
-    'hospital_fairness': 'Fairness: each hospital\'s metric on its own test split (last '
-                         'evaluation; local runs use each hospital\'s own model).',
+    f'reports < {PAPER_MB_PER_HOSPITAL:g} MB per hospital.',
+    'hospital_fairness': "Fairness: each hospital's metric on its own test split (last "
+    "evaluation; local runs use each hospital's own model).",
     'brats_overlays': 'BraTS: FLAIR with the contours of WT (yellow, wide), TC (red, narrow, '
-                      'on top of WT) and ET (cyan, dashed, on top of both), so that borders '
-                      'the regions share stay visible; ground truth, then each model.',
+    'on top of WT) and ET (cyan, dashed, on top of both), so that borders '
+    'the regions share stay visible; ground truth, then each model.',
 }
 
 
@@ -736,25 +871,37 @@ def _caption(png: str, captions: dict[str, str] | None = None) -> str:
     return ''
 
 
-def write_index(out_dir: str, runs: Sequence[Run], pngs: Sequence[str],
-                agreement: dict, captions: dict[str, str] | None = None) -> str:
-    parts = ['<!doctype html><html><head><meta charset="utf-8"><title>fedjax_med report</title>',
-             '<style>body{font-family:sans-serif;margin:2em;max-width:1400px}'
-             'table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;'
-             'padding:2px 6px}img{max-width:100%;border:1px solid #eee}</style></head><body>',
-             '<h1>fedjax_med report</h1>', f'<p>{len(runs)} run(s).</p>', _runs_table(runs)]
+def write_index(
+    out_dir: str,
+    runs: Sequence[Run],
+    pngs: Sequence[str],
+    agreement: dict,
+    captions: dict[str, str] | None = None,
+) -> str:
+    parts = [
+        '<!doctype html><html><head><meta charset="utf-8"><title>fedjax_med report</title>',
+        '<style>body{font-family:sans-serif;margin:2em;max-width:1400px}'
+        'table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;'
+        'padding:2px 6px}img{max-width:100%;border:1px solid #eee}</style></head><body>',
+        '<h1>fedjax_med report</h1>',
+        f'<p>{len(runs)} run(s).</p>',
+        _runs_table(runs),
+    ]
     for png in pngs:
         name = os.path.basename(png)
         caption = html.escape(_caption(png, captions))
-        parts.append(f'<h2>{html.escape(name)}</h2><p>{caption}</p>'
-                     f'<img src="{html.escape(name)}" alt="{html.escape(name)}">')
+        parts.append(
+            f'<h2>{html.escape(name)}</h2><p>{caption}</p>'
+            f'<img src="{html.escape(name)}" alt="{html.escape(name)}">'
+        )
         if name == 'chestxray14_attribution.png' and agreement:
             parts.append(
-                f'<p>Agreement between the two models\' attribution maps over '
+                f"<p>Agreement between the two models' attribution maps over "
                 f'{len(agreement["per_image"])} images: mean Spearman ρ = '
                 f'{agreement["mean_spearman"]:.3f}, mean top-10% IoU = '
                 f'{agreement["mean_top10_iou"]:.3f} (1 = identical ranking / same pixels; '
-                f'{agreement["steps"]} integration steps).</p>')
+                f'{agreement["steps"]} integration steps).</p>'
+            )
     parts.append('</body></html>')
     path = os.path.join(out_dir, 'index.html')
     with open(path, 'w') as f:
@@ -762,8 +909,14 @@ def write_index(out_dir: str, runs: Sequence[Run], pngs: Sequence[str],
     return path
 
 
-def make_report(dirs: Sequence[str], out: str | None = None, *, models: bool = True,
-                ig_steps: int = 32, num_examples: int = 3) -> list[str]:
+def make_report(
+    dirs: Sequence[str],
+    out: str | None = None,
+    *,
+    models: bool = True,
+    ig_steps: int = 32,
+    num_examples: int = 3,
+) -> list[str]:
     """Writes the figures and index.html for the runs in or below `dirs`; returns the PNG paths.
 
     Args:
@@ -779,8 +932,13 @@ def make_report(dirs: Sequence[str], out: str | None = None, *, models: bool = T
     pngs, agreement, captions = [], {}, {}
     for task in sorted({r.task for r in runs}):
         task_runs = [r for r in runs if r.task == task]
-        for plot in (plot_metric_vs_round, plot_epsilon_vs_round, plot_privacy_utility,
-                     plot_comm_utility, plot_hospital_fairness):
+        for plot in (
+            plot_metric_vs_round,
+            plot_epsilon_vs_round,
+            plot_privacy_utility,
+            plot_comm_utility,
+            plot_hospital_fairness,
+        ):
             pngs.append(plot(task_runs, out, task))
         if models and task == 'brats':
             pngs.append(plot_brats_overlays(task_runs, out, num_examples))
@@ -798,17 +956,26 @@ def make_report(dirs: Sequence[str], out: str | None = None, *, models: bool = T
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument('dirs', nargs='+', help='run workdirs or folders holding runs')
     parser.add_argument('--out', default=None, help='output folder (default: the first DIR)')
-    parser.add_argument('--no_models', action='store_true',
-                        help='skip the figures that restore models (overlays, attribution)')
+    parser.add_argument(
+        '--no_models',
+        action='store_true',
+        help='skip the figures that restore models (overlays, attribution)',
+    )
     parser.add_argument('--ig_steps', type=int, default=32, help='integrated-gradients steps')
     parser.add_argument('--num_examples', type=int, default=3, help='images per model figure')
     args = parser.parse_args(argv)
-    pngs = make_report(args.dirs, args.out, models=not args.no_models, ig_steps=args.ig_steps,
-                       num_examples=args.num_examples)
+    pngs = make_report(
+        args.dirs,
+        args.out,
+        models=not args.no_models,
+        ig_steps=args.ig_steps,
+        num_examples=args.num_examples,
+    )
     out = args.out or args.dirs[0]
     print(f'Wrote {len(pngs)} figures and {os.path.join(out, "index.html")}')
 

@@ -52,8 +52,9 @@ class RoundFn:
         return self.fn(state, client_data, inputs, key)
 
 
-def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
-                     model=None) -> client_lib.GradientFn:
+def make_gradient_fn(
+    apply_fn, task: Task, dp: ml_collections.ConfigDict, model=None
+) -> client_lib.GradientFn:
     """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma_k*C, sigma_k
     the hospital's noise multiplier, an input of each round): with
     `dp.fast_clipping`, per-example norms from layer activations (privacy/fast_clip.py) and no
@@ -64,14 +65,23 @@ def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
         from fedjax_med.privacy import fast_clip
 
         if model is None or not fast_clip.supports_fast_clipping(model):
-            raise ValueError(f'config.dp.fast_clipping=True needs resnet18, resnet_small or '
-                             f'unet, got {type(model).__name__}; set it to False.')
+            raise ValueError(
+                f'config.dp.fast_clipping=True needs resnet18, resnet_small or '
+                f'unet, got {type(model).__name__}; set it to False.'
+            )
 
         def fast_grad_fn(params, batch, mask, key, expected_batch, noise_multiplier):
             return fast_clip.dp_gradient_fast(
-                model, params, batch, mask, key, loss_fn=task.per_example_loss,
-                clip_norm=dp.clip_norm, noise_multiplier=noise_multiplier,
-                expected_batch_size=expected_batch)
+                model,
+                params,
+                batch,
+                mask,
+                key,
+                loss_fn=task.per_example_loss,
+                clip_norm=dp.clip_norm,
+                noise_multiplier=noise_multiplier,
+                expected_batch_size=expected_batch,
+            )
 
         return fast_grad_fn
     from fedjax_med.privacy import dp_sgd
@@ -79,28 +89,46 @@ def make_gradient_fn(apply_fn, task: Task, dp: ml_collections.ConfigDict,
     per_example = client_lib.per_example_loss_fn(apply_fn, task.per_example_loss)
 
     def grad_fn(params, batch, mask, key, expected_batch, noise_multiplier):
-        return dp_sgd.dp_gradient(per_example, params, batch, mask, key,
-                                  clip_norm=dp.clip_norm, noise_multiplier=noise_multiplier,
-                                  expected_batch_size=expected_batch,
-                                  chunk_size=dp.chunk_size or None)
+        return dp_sgd.dp_gradient(
+            per_example,
+            params,
+            batch,
+            mask,
+            key,
+            clip_norm=dp.clip_norm,
+            noise_multiplier=noise_multiplier,
+            expected_batch_size=expected_batch,
+            chunk_size=dp.chunk_size or None,
+        )
 
     return grad_fn
 
 
-def make_client_update(*, apply_fn, task: Task, config: ml_collections.ConfigDict,
-                       model=None) -> Callable:
+def make_client_update(
+    *, apply_fn, task: Task, config: ml_collections.ConfigDict, model=None
+) -> Callable:
     """One hospital's update with everything static bound: the function the round maps over
     the client axis (and the sequential baseline in launch/benchmark.py calls directly)."""
     return functools.partial(
         client_lib.local_update,
         grad_fn=make_gradient_fn(apply_fn, task, config.dp, model),
         optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
-        prox_mu=config.local.prox_mu, unroll=config.local.unroll_steps)
+        prox_mu=config.local.prox_mu,
+        unroll=config.local.unroll_steps,
+    )
 
 
-def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,
-                   client_noise_multiplier: float = 0.0, expected_clients: float = 1.0,
-                   compressor=None, model=None) -> RoundFn:
+def build_round_fn(
+    *,
+    apply_fn,
+    task: Task,
+    config: ml_collections.ConfigDict,
+    mesh,
+    client_noise_multiplier: float = 0.0,
+    expected_clients: float = 1.0,
+    compressor=None,
+    model=None,
+) -> RoundFn:
     """Returns the jitted round for this configuration (see the module docstring).
 
     `client_noise_multiplier` is z of client-level DP; sample-level DP-SGD takes each hospital's
@@ -112,12 +140,18 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
     # Local mode is not aggregation: every hospital keeps its own model (params with a client
     # axis) and adds its own update, so nothing is combined and there is no server step. A
     # Strategy returns one update for one global model, so local mode stays a branch here.
-    strategy = None if local_mode else registry.strategy_for(
-        config, client_noise_multiplier=client_noise_multiplier,
-        expected_clients=expected_clients,
-        # SecAgg on one device expands each pairwise mask once for both its hospitals; with the
-        # client axis sharded, each device expands its own hospitals' masks (same bits).
-        single_device=mesh is None or mesh.devices.size == 1)
+    strategy = (
+        None
+        if local_mode
+        else registry.strategy_for(
+            config,
+            client_noise_multiplier=client_noise_multiplier,
+            expected_clients=expected_clients,
+            # SecAgg on one device expands each pairwise mask once for both its hospitals; with the
+            # client axis sharded, each device expands its own hospitals' masks (same bits).
+            single_device=mesh is None or mesh.devices.size == 1,
+        )
+    )
     result = RoundFn(fn=None)
 
     def round_fn(state: ServerState, client_data: dict, inputs: RoundInputs, key: jax.Array):
@@ -126,23 +160,33 @@ def build_round_fn(*, apply_fn, task: Task, config: ml_collections.ConfigDict, m
         # and per-hospital state, and scatter the state back after the round.
         slots = _Slots(inputs.client_ids, client_data, mesh)
         out = local_updates(state.params, slots.gather(client_data), inputs, key)
-        deltas, client_state = _compress(compressor, out.delta,
-                                         slots.gather(state.client_state), inputs, key)
+        deltas, client_state = _compress(
+            compressor, out.delta, slots.gather(state.client_state), inputs, key
+        )
         client_state = slots.scatter(state.client_state, client_state)
         metrics = _round_metrics(out, inputs)
         if local_mode:
-            params, opt_state, clip_norm = (_add_own_updates(state.params, deltas, inputs.weights),
-                                            state.opt_state, state.clip_norm)
+            params, opt_state, clip_norm = (
+                _add_own_updates(state.params, deltas, inputs.weights),
+                state.opt_state,
+                state.clip_norm,
+            )
         else:
             combined = strategy.combine(deltas, inputs, key, state.clip_norm)
-            params, opt_state = server_opt.server_step(server, state.params, state.opt_state,
-                                                       combined.mean_delta)
+            params, opt_state = server_opt.server_step(
+                server, state.params, state.opt_state, combined.mean_delta
+            )
             clip_norm = combined.clip_norm
             metrics.update(combined.metrics)
             metrics['train/update_norm'] = optax.tree.norm(combined.mean_delta)
         metrics['train/param_norm'] = optax.tree.norm(params)
-        new_state = ServerState(params=params, opt_state=opt_state, round=state.round + 1,
-                                clip_norm=clip_norm, client_state=client_state)
+        new_state = ServerState(
+            params=params,
+            opt_state=opt_state,
+            round=state.round + 1,
+            clip_norm=clip_norm,
+            client_state=client_state,
+        )
         return new_state, metrics
 
     state_sharding = _state_sharding(mesh, local_mode)
@@ -177,15 +221,20 @@ class _Slots:
         return jax.tree.map(lambda r, n: r.at[self.ids].set(n, mode='drop'), rows, new)
 
 
-def _local_updates_fn(apply_fn, task: Task, config: ml_collections.ConfigDict, mesh,
-                      model) -> Callable:
+def _local_updates_fn(
+    apply_fn, task: Task, config: ml_collections.ConfigDict, mesh, model
+) -> Callable:
     """`(params, client_data, inputs, round key) -> client.ClientOutput` of every hospital: the
     broadcast model (rounded to bfloat16 if so configured), then `client.local_update` mapped
     over the client axis, each hospital with its own key."""
     client_update = make_client_update(apply_fn=apply_fn, task=task, config=config, model=model)
     params_axis = 0 if config.mode == 'local' else None
-    mapped = parallel.map_clients(client_update, (params_axis, 0, 0, None),
-                                  parallel.clients_in_parallel(config.clients_in_parallel), mesh)
+    mapped = parallel.map_clients(
+        client_update,
+        (params_axis, 0, 0, None),
+        parallel.clients_in_parallel(config.clients_in_parallel),
+        mesh,
+    )
     bfloat16_broadcast = config.compression.broadcast_dtype == 'bfloat16'
 
     def local_updates(params, client_data: dict, inputs: RoundInputs, key: jax.Array):
@@ -204,13 +253,16 @@ def _compress(compressor, deltas, client_state, inputs: RoundInputs, key: jax.Ar
     compressor state). Hospitals that sat this round out keep their state (top-k residual)."""
     if compressor is None:
         return deltas, client_state
-    ckeys = jax.vmap(lambda i: jax.random.fold_in(
-        jax.random.fold_in(key, KEY_COMPRESS), i))(inputs.client_ids)
+    ckeys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(key, KEY_COMPRESS), i))(
+        inputs.client_ids
+    )
     deltas, new_cs = jax.vmap(compressor.apply)(deltas, client_state, ckeys)
     taking_part = inputs.weights > 0
     client_state = jax.tree.map(
         lambda n, o: jnp.where(taking_part.reshape((-1,) + (1,) * (n.ndim - 1)), n, o),
-        new_cs, client_state)
+        new_cs,
+        client_state,
+    )
     return deltas, client_state
 
 
@@ -226,47 +278,61 @@ def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[st
     before sending it; SecAgg's fixed-point encoding would otherwise turn NaN into 0)."""
     m = dict(out.metrics)
     taking_part = (inputs.weights > 0).astype(jnp.float32)
-    finite = jnp.stack([jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim)))
-                        for x in jax.tree.leaves(out.delta)]).all(axis=0)
+    finite = jnp.stack(
+        [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(out.delta)]
+    ).all(axis=0)
     loss_sum = jnp.sum(m['loss_sum'] * taking_part)
     count = jnp.sum(m['example_count'] * taking_part)
-    return {'train/loss': loss_sum / jnp.maximum(count, 1.0),
-            'train/examples': count,
-            'train/nonfinite_updates': jnp.sum(taking_part * ~finite),
-            'clients/loss_sum': m['loss_sum'], 'clients/example_count': m['example_count'],
-            'clients/num_steps': out.num_steps,
-            **{f'clients/{k}': v for k, v in m.items() if k not in ('loss_sum', 'example_count')}}
+    return {
+        'train/loss': loss_sum / jnp.maximum(count, 1.0),
+        'train/examples': count,
+        'train/nonfinite_updates': jnp.sum(taking_part * ~finite),
+        'clients/loss_sum': m['loss_sum'],
+        'clients/example_count': m['example_count'],
+        'clients/num_steps': out.num_steps,
+        **{f'clients/{k}': v for k, v in m.items() if k not in ('loss_sum', 'example_count')},
+    }
 
 
 def _state_sharding(mesh, local_mode: bool):
     """Server state replicated; in local mode params are per hospital (sharded like the data)."""
     if not local_mode:
         return replicated(mesh)
-    return ServerState(params=client_sharding(mesh), opt_state=replicated(mesh),
-                       round=replicated(mesh), clip_norm=replicated(mesh),
-                       client_state=client_sharding(mesh))
+    return ServerState(
+        params=client_sharding(mesh),
+        opt_state=replicated(mesh),
+        round=replicated(mesh),
+        clip_norm=replicated(mesh),
+        client_state=client_sharding(mesh),
+    )
 
 
-def init_server_state(params, config: ml_collections.ConfigDict, num_clients_padded: int, mesh,
-                      compressor=None) -> ServerState:
+def init_server_state(
+    params, config: ml_collections.ConfigDict, num_clients_padded: int, mesh, compressor=None
+) -> ServerState:
     """Initial server state, placed as the round returns it (so the round traces once).
 
     In local mode every hospital starts from the same `params`.
     """
     server = server_opt.server_optimizer(config.server)
     if config.mode == 'local':
-        params = jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients_padded, *p.shape)),
-                              params)
+        params = jax.tree.map(lambda p: jnp.broadcast_to(p, (num_clients_padded, *p.shape)), params)
         opt_state = ()
     else:
         opt_state = server.init(params)
     client_state = ()
     if compressor is not None:
-        per_client = compressor.init(params if config.mode != 'local' else jax.tree.map(
-            lambda p: p[0], params))
+        per_client = compressor.init(
+            params if config.mode != 'local' else jax.tree.map(lambda p: p[0], params)
+        )
         client_state = jax.tree.map(
-            lambda x: jnp.broadcast_to(x, (num_clients_padded, *x.shape)), per_client)
-    state = ServerState(params=params, opt_state=opt_state, round=jnp.zeros((), jnp.int32),
-                        clip_norm=jnp.asarray(config.dp.clip_norm, jnp.float32),
-                        client_state=client_state)
+            lambda x: jnp.broadcast_to(x, (num_clients_padded, *x.shape)), per_client
+        )
+    state = ServerState(
+        params=params,
+        opt_state=opt_state,
+        round=jnp.zeros((), jnp.int32),
+        clip_norm=jnp.asarray(config.dp.clip_norm, jnp.float32),
+        client_state=client_state,
+    )
     return parallel.to_mesh(state, _state_sharding(mesh, config.mode == 'local'))

@@ -15,10 +15,10 @@ class ServerState:
     """
 
     params: Any
-    opt_state: Any            # server optimiser state (optax)
-    round: jax.Array          # int32 scalar: rounds completed
-    clip_norm: jax.Array      # float32 scalar: client-level DP clip (adapted when adaptive)
-    client_state: Any         # per-hospital state with leading axis K (e.g. error feedback), or ()
+    opt_state: Any  # server optimiser state (optax)
+    round: jax.Array  # int32 scalar: rounds completed
+    clip_norm: jax.Array  # float32 scalar: client-level DP clip (adapted when adaptive)
+    client_state: Any  # per-hospital state with leading axis K (e.g. error feedback), or ()
 
 
 @flax.struct.dataclass
@@ -26,30 +26,35 @@ class ClientInputs:
     """One hospital's share of a round (one slot of `RoundInputs`), as `client.local_update`
     reads it; mapped over the client axis as one pytree."""
 
-    indices: jax.Array         # int32 [S, B]
-    mask: jax.Array            # float32 [S, B]
-    step_active: jax.Array     # bool [S]
+    indices: jax.Array  # int32 [S, B]
+    mask: jax.Array  # float32 [S, B]
+    step_active: jax.Array  # bool [S]
     expected_batch: jax.Array  # float32 scalar: the DP-SGD denominator
     noise_multiplier: jax.Array  # float32 scalar: this hospital's DP-SGD sigma
-    key: jax.Array             # this hospital's key of the round; step keys fold in the step
+    key: jax.Array  # this hospital's key of the round; step keys fold in the step
 
 
 @flax.struct.dataclass
 class RoundInputs:
     """Host-built arrays for one round. Leading axis K (hospitals, padded to the device count)."""
 
-    indices: jax.Array        # int32 [K, S, B]: example index into the hospital's training data
-    mask: jax.Array           # float32 [K, S, B]: 1 = example used in this step, 0 = padding
-    step_active: jax.Array    # bool [K, S]: the step runs (an empty Poisson batch still runs)
-    weights: jax.Array        # float32 [K]: aggregation weight, 0 for hospitals not taking part
+    indices: jax.Array  # int32 [K, S, B]: example index into the hospital's training data
+    mask: jax.Array  # float32 [K, S, B]: 1 = example used in this step, 0 = padding
+    step_active: jax.Array  # bool [K, S]: the step runs (an empty Poisson batch still runs)
+    weights: jax.Array  # float32 [K]: aggregation weight, 0 for hospitals not taking part
     expected_batch: jax.Array  # float32 [K]: DP-SGD denominator q_k * n_k (or the batch size)
     noise_multiplier: jax.Array  # float32 [K]: DP-SGD sigma_k of each hospital (0 without DP-SGD)
-    client_ids: jax.Array     # int32 [K]: global hospital index, for per-hospital random keys
+    client_ids: jax.Array  # int32 [K]: global hospital index, for per-hospital random keys
     learning_rate: jax.Array  # float32 scalar: this round's client learning rate
-    secagg: Any = ()          # secure-aggregation arrays from the host protocol, or ()
+    secagg: Any = ()  # secure-aggregation arrays from the host protocol, or ()
 
     def per_client(self, keys: jax.Array) -> ClientInputs:
         """The per-hospital fields, with each slot's key: leading axis K, like `keys`."""
-        return ClientInputs(indices=self.indices, mask=self.mask, step_active=self.step_active,
-                            expected_batch=self.expected_batch,
-                            noise_multiplier=self.noise_multiplier, key=keys)
+        return ClientInputs(
+            indices=self.indices,
+            mask=self.mask,
+            step_active=self.step_active,
+            expected_batch=self.expected_batch,
+            noise_multiplier=self.noise_multiplier,
+            key=keys,
+        )

@@ -89,14 +89,20 @@ class Task:
 
 # ---- chest X-ray: 14 independent sigmoid outputs ------------------------------------------------
 
+
 def _cxr_loss(logits, labels):
     return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, labels), axis=-1)
 
 
 def _cxr_stats(logits, labels, mask):
     # Probabilities leave the device per example: AUROC needs every score.
-    return {'probs': jax.nn.sigmoid(logits), 'labels': labels, 'mask': mask,
-            'loss': (_cxr_loss(logits, labels) * mask).sum(), 'count': mask.sum()}
+    return {
+        'probs': jax.nn.sigmoid(logits),
+        'labels': labels,
+        'mask': mask,
+        'loss': (_cxr_loss(logits, labels) * mask).sum(),
+        'count': mask.sum(),
+    }
 
 
 def _cxr_finalize(stats):
@@ -110,12 +116,14 @@ def _cxr_split_metrics(stats, split):
     keep = stats['mask'] > 0
     probs, labels = stats['probs'][keep], stats['labels'][keep]
     if len(probs) != len(split['patient_id']):
-        raise ValueError(f'{len(probs)} evaluated examples for a split of '
-                         f'{len(split["patient_id"])}.')
+        raise ValueError(
+            f'{len(probs)} evaluated examples for a split of {len(split["patient_id"])}.'
+        )
     return metrics.threshold_metrics(probs, labels, split['patient_id'], CXR_LABELS)
 
 
 # ---- BraTS: 3 nested regions, sigmoid per region, BCE + soft Dice (2-D slices or 3-D patches) --
+
 
 def _brats_loss(logits, labels):
     probs = jax.nn.sigmoid(logits)
@@ -132,14 +140,19 @@ def _brats_stats(logits, labels, mask):
     pred = (logits > 0).astype(jnp.float32) * example_mask
     labels = labels * example_mask
     axes = tuple(range(logits.ndim - 1))
-    return {'intersection': jnp.sum(pred * labels, axis=axes), 'pred_sum': jnp.sum(pred, axis=axes),
-            'target_sum': jnp.sum(labels, axis=axes),
-            'loss': (_brats_loss(logits, labels) * mask).sum(), 'count': mask.sum()}
+    return {
+        'intersection': jnp.sum(pred * labels, axis=axes),
+        'pred_sum': jnp.sum(pred, axis=axes),
+        'target_sum': jnp.sum(labels, axis=axes),
+        'loss': (_brats_loss(logits, labels) * mask).sum(),
+        'count': mask.sum(),
+    }
 
 
 def _brats_finalize(stats):
-    out = metrics.dice_from_sums(stats['intersection'], stats['pred_sum'], stats['target_sum'],
-                                 int(stats['count']))
+    out = metrics.dice_from_sums(
+        stats['intersection'], stats['pred_sum'], stats['target_sum'], int(stats['count'])
+    )
     out['loss'] = float(stats['loss'] / stats['count']) if stats['count'] else float('nan')
     return out
 
@@ -159,17 +172,21 @@ def _brats_split_metrics(stats, split):
         raise ValueError(f'{len(bits)} evaluated examples for a split of {n}.')
     patches = labels.ndim == 5  # [n, P, P, P, 3]
     scores, coverage = [], []
-    for rows in metrics.group_cases(split['case_id'] if 'case_id' in split
-                                    else split['patient_id']):
+    for rows in metrics.group_cases(
+        split['case_id'] if 'case_id' in split else split['patient_id']
+    ):
         pred = np.unpackbits(bits[rows], axis=-1, count=int(np.prod(shape))).reshape(
-            len(rows), *shape)
+            len(rows), *shape
+        )
         if patches:
             pred, truth, covered = metrics.stitch_patches(
-                pred, labels[rows], split['patch_origin'][rows], split['volume_shape'][rows[0]])
+                pred, labels[rows], split['patch_origin'][rows], split['volume_shape'][rows[0]]
+            )
             coverage.append(float(covered.mean()))
         else:
             pred, truth = metrics.assemble_slices(
-                pred, labels[rows], split['slice_index'][rows] if 'slice_index' in split else None)
+                pred, labels[rows], split['slice_index'][rows] if 'slice_index' in split else None
+            )
         scores.append(metrics.case_scores(pred, truth))
     out = metrics.case_summary(scores)
     if patches:
@@ -178,8 +195,21 @@ def _brats_split_metrics(stats, split):
 
 
 TASKS = {
-    'chestxray14': Task('chestxray14', 'mean_auroc', _cxr_loss, _cxr_stats, _cxr_finalize,
-                        split_metrics=_cxr_split_metrics),
-    'brats': Task('brats', 'mean_dice', _brats_loss, _brats_stats, _brats_finalize,
-                  example_outputs=_brats_outputs, split_metrics=_brats_split_metrics),
+    'chestxray14': Task(
+        'chestxray14',
+        'mean_auroc',
+        _cxr_loss,
+        _cxr_stats,
+        _cxr_finalize,
+        split_metrics=_cxr_split_metrics,
+    ),
+    'brats': Task(
+        'brats',
+        'mean_dice',
+        _brats_loss,
+        _brats_stats,
+        _brats_finalize,
+        example_outputs=_brats_outputs,
+        split_metrics=_brats_split_metrics,
+    ),
 }

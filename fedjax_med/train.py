@@ -28,9 +28,15 @@ def _fmt_time(seconds: float) -> str:
     return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | None = None,
-        stop_after: int | None = None, overwrite: bool = False,
-        hooks: Sequence[Callable[[int], None]] = ()) -> dict:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    num_devices: int | None = None,
+    stop_after: int | None = None,
+    overwrite: bool = False,
+    hooks: Sequence[Callable[[int], None]] = (),
+) -> dict:
     """Trains as configured; resumes from the newest intact checkpoint in `workdir` if there is
     one, and prints a closing summary.
 
@@ -60,16 +66,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, num_devices: int | N
     with workdir_lib.Session(workdir, config, overwrite=overwrite, primary=primary) as session:
         summary = _run(config, workdir, num_devices, stop_after, session, hooks)
     if primary:
-        closing.print_summary(summary, workdir=workdir, main_metric=TASKS[config.task].main_metric,
-                              num_rounds=config.num_rounds,
-                              command_s=time.time() - session.started)
+        closing.print_summary(
+            summary,
+            workdir=workdir,
+            main_metric=TASKS[config.task].main_metric,
+            num_rounds=config.num_rounds,
+            command_s=time.time() - session.started,
+        )
     return summary
 
 
 # Long on purpose: set-up (about 30 lines) then the loop over rounds (about 40), which share
 # the run's state (state, writer, checkpointer, cumulative bytes); the loop fits one screen.
-def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | None,
-         stop_after: int | None, session: workdir_lib.Session, hooks) -> dict:
+def _run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    num_devices: int | None,
+    stop_after: int | None,
+    session: workdir_lib.Session,
+    hooks,
+) -> dict:
     validate(config)
     # With several processes (multi-host) every process runs this function on the same inputs;
     # process 0 alone writes files and prints.
@@ -77,8 +93,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
     say = (lambda *a: print(*a, flush=True)) if primary else (lambda *a: None)
     os.makedirs(workdir, exist_ok=True)
     config_dict = json.loads(config.to_json_best_effort())
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                         config.checkpoints_to_keep)
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(workdir, 'checkpoints'), config.checkpoints_to_keep
+    )
     latest = _check_resume(session, checkpointer, config_dict)
     if primary:
         with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -88,9 +105,11 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
     if exp.init_source:
         say(f'Initialised from {exp.init_source[0]} (its round {exp.init_source[1]})')
     logging.info('Model %s: %s parameters', config.model.name, f'{exp.num_params:,}')
-    say(f'Model {config.model.name}: {exp.num_params:,} parameters; {exp.num_clients} training '
+    say(
+        f'Model {config.model.name}: {exp.num_params:,} parameters; {exp.num_clients} training '
         f'client(s) on {exp.mesh.devices.size} device(s)'
-        + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''))
+        + (f' in {jax.process_count()} processes' if jax.process_count() > 1 else '')
+    )
 
     state, start, history, cum = exp.state, 0, [], {'up': 0, 'down': 0}
     if latest is not None:  # its config was checked above
@@ -98,20 +117,33 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
         start, history, cum = host['round'], host['history'], host['cum_bytes']
         exp.privacy.load_state_dict(host['privacy'])
         say(session.resume_line(start, config.num_rounds))
-    writer = writers.create_default_writer(workdir, history, primary=primary,
-                                           tensorboard=config.get('tensorboard', False))
-    monitor = health.RoundMonitor(config, float(optax.tree.norm(exp.params)), history,
-                                  primary=primary,
-                                  noise=health.noise_norm(config, exp.privacy, exp.num_params))
+    writer = writers.create_default_writer(
+        workdir, history, primary=primary, tensorboard=config.get('tensorboard', False)
+    )
+    monitor = health.RoundMonitor(
+        config,
+        float(optax.tree.norm(exp.params)),
+        history,
+        primary=primary,
+        noise=health.noise_norm(config, exp.privacy, exp.num_params),
+    )
     end = config.num_rounds if stop_after is None else min(config.num_rounds, start + stop_after)
     saved, times, last = start, [], (history[-1] if history else {})
 
     def save(done: int) -> None:
         """Checkpoints the state after `done` rounds."""
         nonlocal saved
-        checkpointer.save(done, state, {
-            'round': done, 'history': writer.history, 'cum_bytes': cum,
-            'privacy': exp.privacy.state_dict(), 'config': config_dict})
+        checkpointer.save(
+            done,
+            state,
+            {
+                'round': done,
+                'history': writer.history,
+                'cum_bytes': cum,
+                'privacy': exp.privacy.state_dict(),
+                'config': config_dict,
+            },
+        )
         saved = done
 
     # Dispatch is asynchronous: round r+1's host work runs while round r computes, so the device
@@ -126,9 +158,10 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
             if r > saved:
                 save(r)
             break
-        state, m = exp.round_fn(state, exp.client_data, current.inputs,
-                                exp.round_key(config.seed, r))
-        exp.privacy.record(current.round_steps[:exp.num_clients])
+        state, m = exp.round_fn(
+            state, exp.client_data, current.inputs, exp.round_key(config.seed, r)
+        )
+        exp.privacy.record(current.round_steps[: exp.num_clients])
         upcoming = exp.planner.prepare(r + 1) if r + 1 < end else None
         m = parallel.to_host(m)
         monitor.check(r, m)  # not finite: raises, nothing logged or saved (health.py)
@@ -143,8 +176,14 @@ def _run(config: ml_collections.ConfigDict, workdir: str, num_devices: int | Non
         writer.write_row(row)
         last = row
         times.append(row['time/round_s'])
-        say(_progress_line(row, exp.task.main_metric, config.num_rounds,
-                           eta=np.mean(times[-5:]) * (config.num_rounds - r - 1)))
+        say(
+            _progress_line(
+                row,
+                exp.task.main_metric,
+                config.num_rounds,
+                eta=np.mean(times[-5:]) * (config.num_rounds - r - 1),
+            )
+        )
         if (r + 1) % config.checkpoint_every == 0 or r + 1 == end:
             save(r + 1)
         for hook in hooks:
@@ -168,8 +207,9 @@ def _check_resume(session, checkpointer, config_dict: dict) -> int | None:
     """
     latest = session.latest_intact_round(checkpointer)  # refuses to overwrite outputs
     if latest is not None:
-        diffs = ckpt_lib.config_differences(checkpointer.restore_host(latest)['config'],
-                                            config_dict)
+        diffs = ckpt_lib.config_differences(
+            checkpointer.restore_host(latest)['config'], config_dict
+        )
         if diffs:
             checkpointer.close()
             raise session.resume_mismatch(diffs)
@@ -178,9 +218,12 @@ def _check_resume(session, checkpointer, config_dict: dict) -> int | None:
 
 def _train_row(r: int, m: dict, current: host_round.PreparedRound) -> dict:
     """The metrics row's training entries of round r (0-based) from the round's metrics."""
-    row = {'round': r + 1, 'train/loss': float(m['train/loss']),
-           'train/update_norm': float(m.get('train/update_norm', np.nan)),
-           'train/param_norm': float(m['train/param_norm'])}
+    row = {
+        'round': r + 1,
+        'train/loss': float(m['train/loss']),
+        'train/update_norm': float(m.get('train/update_norm', np.nan)),
+        'train/param_norm': float(m['train/param_norm']),
+    }
     row.update(_clipping_diagnostics(m))
     if current.poisson_overflow:
         row['privacy/poisson_overflow'] = current.poisson_overflow
@@ -189,8 +232,9 @@ def _train_row(r: int, m: dict, current: host_round.PreparedRound) -> dict:
     return row
 
 
-def _communication(exp: experiment.Experiment, current: host_round.PreparedRound, cum: dict,
-                   row: dict) -> dict:
+def _communication(
+    exp: experiment.Experiment, current: host_round.PreparedRound, cum: dict, row: dict
+) -> dict:
     """Adds the round's comm/ entries to `row`; returns the cumulative bytes after it."""
     n_up, federated = current.num_participants, exp.federated
     up = (exp.bytes_up + current.protocol_up) if federated else 0
@@ -198,20 +242,27 @@ def _communication(exp: experiment.Experiment, current: host_round.PreparedRound
     # Every participant runs the protocol; a SecAgg dropout never sends its masked update.
     sent_up = up * n_up - (exp.bytes_up * (n_up - current.num_senders) if federated else 0)
     cum = {'up': cum['up'] + sent_up, 'down': cum['down'] + down * n_up}
-    row.update({'comm/bytes_up': up, 'comm/bytes_down': down,
-                'comm/cum_bytes_up_per_client': cum['up'] / max(exp.num_clients, 1),
-                'comm/cum_bytes_down_per_client': cum['down'] / max(exp.num_clients, 1),
-                # float32 update size / what a hospital actually sends (payload + protocol)
-                'comm/compression_ratio': 4 * exp.num_params / up if up else None})
+    row.update(
+        {
+            'comm/bytes_up': up,
+            'comm/bytes_down': down,
+            'comm/cum_bytes_up_per_client': cum['up'] / max(exp.num_clients, 1),
+            'comm/cum_bytes_down_per_client': cum['down'] / max(exp.num_clients, 1),
+            # float32 update size / what a hospital actually sends (payload + protocol)
+            'comm/compression_ratio': 4 * exp.num_params / up if up else None,
+        }
+    )
     return cum
 
 
 def _progress_line(row: dict, main_metric: str, num_rounds: int, eta: float) -> str:
     main, eps = row.get(f'eval/{main_metric}'), row.get('privacy/epsilon')
-    return (f'round {row["round"]:4d}/{num_rounds} | loss {row["train/loss"]:.4f}'
-            + (f' | {main_metric} {main:.4f}' if main is not None else '')
-            + (f' | eps {eps:.3f}' if eps is not None else '')
-            + f' | {row["time/round_s"]:.2f} s/round | ETA {_fmt_time(eta)}')
+    return (
+        f'round {row["round"]:4d}/{num_rounds} | loss {row["train/loss"]:.4f}'
+        + (f' | {main_metric} {main:.4f}' if main is not None else '')
+        + (f' | eps {eps:.3f}' if eps is not None else '')
+        + f' | {row["time/round_s"]:.2f} s/round | ETA {_fmt_time(eta)}'
+    )
 
 
 def _summary(exp: experiment.Experiment, last: dict, *, budget_stop: bool) -> dict:

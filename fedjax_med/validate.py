@@ -38,37 +38,79 @@ CHOICES = {
     'compression.kind': COMPRESSION_KINDS,
     'compression.broadcast_dtype': ('float32', 'bfloat16'),
 }
-POSITIVE = ('num_rounds', 'local.unroll_steps', 'data.resolution', 'data.num_clients',
-            'local.batch_size',
-            'local.epochs', 'local.learning_rate', 'eval_every', 'eval_batch_size',
-            'checkpoint_every', 'checkpoints_to_keep', 'model.width', 'model.depth',
-            'data.patches_per_case', 'data.slices_per_case', 'data.dirichlet_alpha',
-            'data.findings_per_client', 'data.empty_slice_stride',
-            'server.learning_rate', 'server.epsilon', 'local.decay_rate', 'dp.clip_learning_rate')
-NON_NEGATIVE = ('clients_per_round', 'clients_in_parallel', 'local.prox_mu', 'data.patch_size',
-                'data.quantity_sigma', 'data.max_cases',
-                'dp.noise_multiplier', 'dp.target_epsilon', 'dp.chunk_size',
-                'secagg.dropout_fraction', 'secagg.threshold', 'secagg.neighbours',
-                'dp.count_noise_std')
+POSITIVE = (
+    'num_rounds',
+    'local.unroll_steps',
+    'data.resolution',
+    'data.num_clients',
+    'local.batch_size',
+    'local.epochs',
+    'local.learning_rate',
+    'eval_every',
+    'eval_batch_size',
+    'checkpoint_every',
+    'checkpoints_to_keep',
+    'model.width',
+    'model.depth',
+    'data.patches_per_case',
+    'data.slices_per_case',
+    'data.dirichlet_alpha',
+    'data.findings_per_client',
+    'data.empty_slice_stride',
+    'server.learning_rate',
+    'server.epsilon',
+    'local.decay_rate',
+    'dp.clip_learning_rate',
+)
+NON_NEGATIVE = (
+    'clients_per_round',
+    'clients_in_parallel',
+    'local.prox_mu',
+    'data.patch_size',
+    'data.quantity_sigma',
+    'data.max_cases',
+    'dp.noise_multiplier',
+    'dp.target_epsilon',
+    'dp.chunk_size',
+    'secagg.dropout_fraction',
+    'secagg.threshold',
+    'secagg.neighbours',
+    'dp.count_noise_std',
+)
 # Fields checked against a range: (test, message after 'config.FIELD=VALUE '). NaN fails every
 # test; a value that is not finite is reported once, by the finiteness check.
 RANGES = {
-    'local.momentum': (lambda v: 0 <= v < 1, 'must be in [0, 1) (the momentum optimiser\'s '
-                       'decay); e.g. 0.9.'),
-    'server.momentum': (lambda v: 0 <= v < 1, 'must be in [0, 1) (fedavgm\'s server momentum); '
-                        'e.g. 0.9.'),
+    'local.momentum': (
+        lambda v: 0 <= v < 1,
+        "must be in [0, 1) (the momentum optimiser's decay); e.g. 0.9.",
+    ),
+    'server.momentum': (
+        lambda v: 0 <= v < 1,
+        "must be in [0, 1) (fedavgm's server momentum); e.g. 0.9.",
+    ),
     'server.beta1': (lambda v: 0 <= v < 1, 'must be in [0, 1) (fedadam / fedyogi); e.g. 0.9.'),
     'server.beta2': (lambda v: 0 <= v < 1, 'must be in [0, 1) (fedadam / fedyogi); e.g. 0.99.'),
-    'dp.target_quantile': (lambda v: 0 < v < 1, 'must be in (0, 1) (the fraction of hospital '
-                           'updates adaptive clipping aims to leave unclipped); e.g. 0.5.'),
-    'dp.delta': (lambda v: 0 <= v < 1, 'must be in [0, 1) (0 means 1 / (10 n) per hospital); '
-                 'e.g. 1e-5.'),
-    'compression.bits': (lambda v: v == int(v) and 1 <= v <= 24, 'must be an integer in 1..24 '
-                         '(bits per coordinate of a quantised update); e.g. 8.'),
-    'compression.topk_fraction': (lambda v: 0 < v <= 1, 'must be in (0, 1] (the fraction of '
-                                  'coordinates top-k sends); e.g. 0.01.'),
-    'secagg.clip': (lambda v: v > 0, 'must be > 0 (the per-coordinate clip of the fixed-point '
-                    'encoding); e.g. 1.0.'),
+    'dp.target_quantile': (
+        lambda v: 0 < v < 1,
+        'must be in (0, 1) (the fraction of hospital '
+        'updates adaptive clipping aims to leave unclipped); e.g. 0.5.',
+    ),
+    'dp.delta': (
+        lambda v: 0 <= v < 1,
+        'must be in [0, 1) (0 means 1 / (10 n) per hospital); e.g. 1e-5.',
+    ),
+    'compression.bits': (
+        lambda v: v == int(v) and 1 <= v <= 24,
+        'must be an integer in 1..24 (bits per coordinate of a quantised update); e.g. 8.',
+    ),
+    'compression.topk_fraction': (
+        lambda v: 0 < v <= 1,
+        'must be in (0, 1] (the fraction of coordinates top-k sends); e.g. 0.01.',
+    ),
+    'secagg.clip': (
+        lambda v: v > 0,
+        'must be > 0 (the per-coordinate clip of the fixed-point encoding); e.g. 1.0.',
+    ),
 }
 # Numeric fields for which infinity means something (no count release); NaN never does.
 MAY_BE_INFINITE = ('dp.count_noise_std',)
@@ -119,9 +161,11 @@ def unknown_field_problem(config: ml_collections.ConfigDict, dotted: str) -> str
     leaf = dotted.rsplit('.', 1)[-1]
     same_leaf = [n for n in names if n.rsplit('.', 1)[-1] == leaf]
     close = list(dict.fromkeys(same_leaf + difflib.get_close_matches(dotted, names, n=3)))[:3]
-    hint = (f' Did you mean {" or ".join(f"--config.{n}" for n in close)}?' if close else '')
-    return (f'--config.{dotted}: config has no field {dotted!r}.{hint} Every field is listed, '
-            'with a comment, in configs/base.py.')
+    hint = f' Did you mean {" or ".join(f"--config.{n}" for n in close)}?' if close else ''
+    return (
+        f'--config.{dotted}: config has no field {dotted!r}.{hint} Every field is listed, '
+        'with a comment, in configs/base.py.'
+    )
 
 
 def _nonfinite_problems(config: ml_collections.ConfigDict) -> tuple[list[str], set[str]]:
@@ -134,11 +178,18 @@ def _nonfinite_problems(config: ml_collections.ConfigDict) -> tuple[list[str], s
         if field in MAY_BE_INFINITE and not math.isnan(value):
             continue
         fields.add(field)
-        rule = ('> 0' if field in POSITIVE else '>= 0' if field in NON_NEGATIVE
-                else RANGES[field][1].split(' (')[0].removeprefix('must be ') if field in RANGES
-                else '')
-        problems.append(f'config.{field}={value!r} must be a finite number'
-                        + (f' {rule}' if rule else '') + '.')
+        rule = (
+            '> 0'
+            if field in POSITIVE
+            else '>= 0'
+            if field in NON_NEGATIVE
+            else RANGES[field][1].split(' (')[0].removeprefix('must be ')
+            if field in RANGES
+            else ''
+        )
+        problems.append(
+            f'config.{field}={value!r} must be a finite number' + (f' {rule}' if rule else '') + '.'
+        )
     return problems, fields
 
 
@@ -156,26 +207,37 @@ def _patch_problems(config: ml_collections.ConfigDict) -> list[str]:
     patch = data.patch_size
     if patch <= 0:
         if config.model.name == 'unet' and data.resolution % levels:
-            problems.append(f'config.data.resolution={data.resolution} must be divisible by '
-                            f'2**(model.depth-1)={levels} for the U-Net.')
+            problems.append(
+                f'config.data.resolution={data.resolution} must be divisible by '
+                f'2**(model.depth-1)={levels} for the U-Net.'
+            )
         return problems
     if config.task != 'brats':
-        problems.append(f'config.data.patch_size={patch} cuts 3-D patches from BraTS volumes; '
-                        f'config.task={config.task!r} has none. Set config.data.patch_size=0.')
+        problems.append(
+            f'config.data.patch_size={patch} cuts 3-D patches from BraTS volumes; '
+            f'config.task={config.task!r} has none. Set config.data.patch_size=0.'
+        )
     if config.model.name != 'unet':
-        problems.append(f'config.data.patch_size={patch} needs the 3-D-capable U-Net; set '
-                        f"config.model.name='unet' (got {config.model.name!r}).")
+        problems.append(
+            f'config.data.patch_size={patch} needs the 3-D-capable U-Net; set '
+            f"config.model.name='unet' (got {config.model.name!r})."
+        )
     if patch % levels:
-        problems.append(f'config.data.patch_size={patch} must be a multiple of '
-                        f'2**(model.depth-1)={levels} for the U-Net; use e.g. '
-                        f'{max(levels, patch // levels * levels)}.')
+        problems.append(
+            f'config.data.patch_size={patch} must be a multiple of '
+            f'2**(model.depth-1)={levels} for the U-Net; use e.g. '
+            f'{max(levels, patch // levels * levels)}.'
+        )
     if patch > data.resolution:
-        problems.append(f'config.data.patch_size={patch} exceeds the volume size '
-                        f'config.data.resolution={data.resolution}; use a patch_size <= '
-                        f'{data.resolution} or a larger resolution.')
+        problems.append(
+            f'config.data.patch_size={patch} exceeds the volume size '
+            f'config.data.resolution={data.resolution}; use a patch_size <= '
+            f'{data.resolution} or a larger resolution.'
+        )
     if not 0.0 <= data.tumour_patch_fraction <= 1.0:
-        problems.append(f'config.data.tumour_patch_fraction={data.tumour_patch_fraction} must '
-                        'be in [0, 1].')
+        problems.append(
+            f'config.data.tumour_patch_fraction={data.tumour_patch_fraction} must be in [0, 1].'
+        )
     return problems
 
 
@@ -185,22 +247,28 @@ def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
     federation (centralized, local) the aggregator is never used."""
     sc, problems = config.server, []
     if not 0.0 <= sc.trim_fraction < 0.5:
-        problems.append(f'config.server.trim_fraction={sc.trim_fraction!r} must be in [0, 0.5) '
-                        '(the fraction dropped from each end of every coordinate); e.g. 0.1.')
+        problems.append(
+            f'config.server.trim_fraction={sc.trim_fraction!r} must be in [0, 0.5) '
+            '(the fraction dropped from each end of every coordinate); e.g. 0.1.'
+        )
     spec = registry.AGGREGATORS.get(sc.aggregator)
     if config.mode != 'federated' or spec is None or not spec.needs_clear_updates:
         return problems
     if config.secagg.enabled:
-        problems.append(f"config.server.aggregator={sc.aggregator!r} needs each hospital's update "
-                        'in the clear, but config.secagg.enabled=True shows the server only their '
-                        "sum. Use config.server.aggregator='weighted' or 'uniform' with secure "
-                        'aggregation, or set config.secagg.enabled=False.')
+        problems.append(
+            f"config.server.aggregator={sc.aggregator!r} needs each hospital's update "
+            'in the clear, but config.secagg.enabled=True shows the server only their '
+            "sum. Use config.server.aggregator='weighted' or 'uniform' with secure "
+            'aggregation, or set config.secagg.enabled=False.'
+        )
     if config.dp.mode == 'client':
-        problems.append(f'config.server.aggregator={sc.aggregator!r} cannot run under '
-                        "config.dp.mode='client': client-level DP noises the sum of clipped "
-                        'updates and the privacy accounting covers only that noised sum. Use '
-                        "config.server.aggregator='weighted' or 'uniform' with client-level DP, "
-                        "or config.dp.mode='sample' or 'none' with this aggregator.")
+        problems.append(
+            f'config.server.aggregator={sc.aggregator!r} cannot run under '
+            "config.dp.mode='client': client-level DP noises the sum of clipped "
+            'updates and the privacy accounting covers only that noised sum. Use '
+            "config.server.aggregator='weighted' or 'uniform' with client-level DP, "
+            "or config.dp.mode='sample' or 'none' with this aggregator."
+        )
     return problems
 
 
@@ -209,46 +277,71 @@ def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
     data, problems = config.data, []
     if data.name in SYNTHETIC:
         if not data.num_train > 0:
-            problems.append(f'config.data.num_train={data.num_train!r} must be > 0: the synthetic '
-                            'twin generates num_train training examples over all hospitals '
-                            f'(plus num_test={data.num_test!r} for testing); e.g. 2000.')
+            problems.append(
+                f'config.data.num_train={data.num_train!r} must be > 0: the synthetic '
+                'twin generates num_train training examples over all hospitals '
+                f'(plus num_test={data.num_test!r} for testing); e.g. 2000.'
+            )
         if not data.num_test > 0:
-            problems.append(f'config.data.num_test={data.num_test!r} must be > 0: without test '
-                            'examples every evaluation is empty (metrics NaN); e.g. 500.')
-    if (config.task == 'brats' and data.partition == 'pathological'
-            and data.findings_per_client >= 3):
+            problems.append(
+                f'config.data.num_test={data.num_test!r} must be > 0: without test '
+                'examples every evaluation is empty (metrics NaN); e.g. 500.'
+            )
+    if (
+        config.task == 'brats'
+        and data.partition == 'pathological'
+        and data.findings_per_client >= 3
+    ):
         # BraTS cases are classed by tumour-size tertile (data/sources.py): 3 classes.
-        problems.append(f'config.data.findings_per_client={data.findings_per_client} with '
-                        "config.data.partition='pathological' gives every BraTS hospital all 3 "
-                        'tumour-size classes, which is an IID split. Set '
-                        'config.data.findings_per_client=1 or 2.')
+        problems.append(
+            f'config.data.findings_per_client={data.findings_per_client} with '
+            "config.data.partition='pathological' gives every BraTS hospital all 3 "
+            'tumour-size classes, which is an IID split. Set '
+            'config.data.findings_per_client=1 or 2.'
+        )
     if not 0 <= data.test_fraction < 1:
-        problems.append(f'config.data.test_fraction={data.test_fraction!r} must be in [0, 1) (the '
-                        "fraction of each hospital's patients held out for testing); e.g. 0.2.")
+        problems.append(
+            f'config.data.test_fraction={data.test_fraction!r} must be in [0, 1) (the '
+            "fraction of each hospital's patients held out for testing); e.g. 0.2."
+        )
     # Options of the BraTS TFDS readers (tfds_io.load_arrays, brats.BratsConfig).
-    via_tfds = data.name in BRATS_VERSIONS or (data.name == 'synthetic_brats'
-                                               and data.synthetic_via_tfds)
+    via_tfds = data.name in BRATS_VERSIONS or (
+        data.name == 'synthetic_brats' and data.synthetic_via_tfds
+    )
     if data.max_cases > 0 and not via_tfds:
-        problems.append(f'config.data.max_cases={data.max_cases} subsets BraTS cases read through '
-                        f'TFDS; it has no effect with config.data.name={data.name!r}'
-                        + (' unless config.data.synthetic_via_tfds=True' if
-                           data.name == 'synthetic_brats' else '')
-                        + '. Set config.data.max_cases=0'
-                        + (' (or lower config.data.num_train).' if data.name == 'synthetic_brats'
-                           else '.'))
-    builder_options = [f'config.data.{f}={data[f]!r}' for f, changed in
-                       (('brain_slices_only', not data.brain_slices_only),
-                        ('empty_slice_stride', data.empty_slice_stride > 1)) if changed]
+        problems.append(
+            f'config.data.max_cases={data.max_cases} subsets BraTS cases read through '
+            f'TFDS; it has no effect with config.data.name={data.name!r}'
+            + (
+                ' unless config.data.synthetic_via_tfds=True'
+                if data.name == 'synthetic_brats'
+                else ''
+            )
+            + '. Set config.data.max_cases=0'
+            + (' (or lower config.data.num_train).' if data.name == 'synthetic_brats' else '.')
+        )
+    builder_options = [
+        f'config.data.{f}={data[f]!r}'
+        for f, changed in (
+            ('brain_slices_only', not data.brain_slices_only),
+            ('empty_slice_stride', data.empty_slice_stride > 1),
+        )
+        if changed
+    ]
     if builder_options and data.name not in BRATS_VERSIONS:
-        problems.append(f'{" and ".join(builder_options)}: options of the real BraTS builder '
-                        f'({", ".join(BRATS_VERSIONS)}); they have no effect with '
-                        f'config.data.name={data.name!r}. Leave them at their defaults '
-                        '(brain_slices_only=True, empty_slice_stride=1).')
+        problems.append(
+            f'{" and ".join(builder_options)}: options of the real BraTS builder '
+            f'({", ".join(BRATS_VERSIONS)}); they have no effect with '
+            f'config.data.name={data.name!r}. Leave them at their defaults '
+            '(brain_slices_only=True, empty_slice_stride=1).'
+        )
     if data.empty_slice_stride > 1 and data.patch_size > 0:
-        problems.append(f'config.data.empty_slice_stride={data.empty_slice_stride} thins 2-D '
-                        f'slices, but config.data.patch_size={data.patch_size} reads 3-D volumes, '
-                        'which keep every slice (patches oversample tumour instead, '
-                        'config.data.tumour_patch_fraction). Set config.data.empty_slice_stride=1.')
+        problems.append(
+            f'config.data.empty_slice_stride={data.empty_slice_stride} thins 2-D '
+            f'slices, but config.data.patch_size={data.patch_size} reads 3-D volumes, '
+            'which keep every slice (patches oversample tumour instead, '
+            'config.data.tumour_patch_fraction). Set config.data.empty_slice_stride=1.'
+        )
     return problems
 
 
@@ -257,31 +350,42 @@ def _dp_problems(config: ml_collections.ConfigDict, unknown: set[str]) -> list[s
     if 'dp.mode' in unknown:  # already reported; its other checks would only repeat it
         return problems
     if dp.mode == 'none':
-        ignored = [f'config.dp.{f}={dp[f]!r}' for f in ('noise_multiplier', 'target_epsilon')
-                   if dp[f] > 0]
+        ignored = [
+            f'config.dp.{f}={dp[f]!r}' for f in ('noise_multiplier', 'target_epsilon') if dp[f] > 0
+        ]
         if ignored:
-            problems.append(f"{' and '.join(ignored)} would be ignored: config.dp.mode='none' "
-                            "trains without differential privacy. Set config.dp.mode='sample' "
-                            "(DP-SGD in each hospital, with config.local.sampling='poisson') or "
-                            "'client' (DP-FedAvg) to train privately, or set "
-                            f"{' and '.join(i.split('=')[0] + '=0' for i in ignored)} "
-                            'to train without DP.')
+            problems.append(
+                f"{' and '.join(ignored)} would be ignored: config.dp.mode='none' "
+                "trains without differential privacy. Set config.dp.mode='sample' "
+                "(DP-SGD in each hospital, with config.local.sampling='poisson') or "
+                "'client' (DP-FedAvg) to train privately, or set "
+                f'{" and ".join(i.split("=")[0] + "=0" for i in ignored)} '
+                'to train without DP.'
+            )
         return problems
     if dp.mode == 'sample' and dp.adaptive_clip:
-        problems.append("config.dp.adaptive_clip=True adapts the clip norm of hospital updates "
-                        "(dp.mode='client'); DP-SGD (dp.mode='sample') clips examples at the fixed "
-                        'config.dp.clip_norm. Set config.dp.adaptive_clip=False.')
+        problems.append(
+            'config.dp.adaptive_clip=True adapts the clip norm of hospital updates '
+            "(dp.mode='client'); DP-SGD (dp.mode='sample') clips examples at the fixed "
+            'config.dp.clip_norm. Set config.dp.adaptive_clip=False.'
+        )
     if dp.mode == 'sample' and config.local.sampling != 'poisson':
-        problems.append("config.dp.mode='sample' needs config.local.sampling='poisson' (the "
-                        'privacy accounting assumes Poisson subsampling); set it.')
+        problems.append(
+            "config.dp.mode='sample' needs config.local.sampling='poisson' (the "
+            'privacy accounting assumes Poisson subsampling); set it.'
+        )
     if dp.noise_multiplier == 0 and dp.target_epsilon == 0:
-        problems.append(f'config.dp.mode={dp.mode!r} needs config.dp.noise_multiplier > 0 or '
-                        'config.dp.target_epsilon > 0.')
+        problems.append(
+            f'config.dp.mode={dp.mode!r} needs config.dp.noise_multiplier > 0 or '
+            'config.dp.target_epsilon > 0.'
+        )
     if not dp.clip_norm > 0:
         problems.append(f'config.dp.clip_norm={dp.clip_norm!r} must be > 0.')
     if dp.mode == 'client' and config.mode != 'federated':
-        problems.append(f"config.dp.mode='client' protects hospitals in a federation; it has no "
-                        f"meaning with config.mode={config.mode!r}. Use dp.mode='sample'.")
+        problems.append(
+            f"config.dp.mode='client' protects hospitals in a federation; it has no "
+            f"meaning with config.mode={config.mode!r}. Use dp.mode='sample'."
+        )
     return problems
 
 
@@ -290,28 +394,39 @@ def _public_data_problems(config: ml_collections.ConfigDict) -> list[str]:
     data, problems = config.data, []
     fraction = data.get('public_fraction', 0.0)
     if not 0 <= fraction < 1:
-        problems.append(f'config.data.public_fraction={fraction!r} must be in [0, 1): the '
-                        'fraction of patients held out of every hospital as a public set.')
+        problems.append(
+            f'config.data.public_fraction={fraction!r} must be in [0, 1): the '
+            'fraction of patients held out of every hospital as a public set.'
+        )
     train_on = data.get('train_on', 'hospitals')
     if train_on not in ('hospitals', 'public'):
-        problems.append(f"config.data.train_on={train_on!r} is not known; use 'hospitals' or "
-                        "'public'.")
+        problems.append(
+            f"config.data.train_on={train_on!r} is not known; use 'hospitals' or 'public'."
+        )
     elif train_on == 'public':
         if not fraction > 0:
-            problems.append("config.data.train_on='public' needs a public set: set "
-                            'config.data.public_fraction > 0 (e.g. 0.1).')
+            problems.append(
+                "config.data.train_on='public' needs a public set: set "
+                'config.data.public_fraction > 0 (e.g. 0.1).'
+            )
         if config.mode != 'centralized':
-            problems.append(f"config.data.train_on='public' trains one model on the public set; "
-                            f"set config.mode='centralized' (got {config.mode!r}).")
+            problems.append(
+                f"config.data.train_on='public' trains one model on the public set; "
+                f"set config.mode='centralized' (got {config.mode!r})."
+            )
     if data.get('max_images_per_patient', 4) < 0:
-        problems.append(f'config.data.max_images_per_patient={data.max_images_per_patient!r} '
-                        'must be >= 0 (0 = every image of a patient).')
+        problems.append(
+            f'config.data.max_images_per_patient={data.max_images_per_patient!r} '
+            'must be >= 0 (0 = every image of a patient).'
+        )
     init_from = config.get('init_from', '')
     if init_from:
         path = os.path.expanduser(init_from)
         if not os.path.isdir(path):  # a workdir, or its checkpoints/ folder
-            problems.append(f'config.init_from={init_from!r} is not a folder; give the workdir '
-                            'of a finished run (or its checkpoints/ folder).')
+            problems.append(
+                f'config.init_from={init_from!r} is not a folder; give the workdir '
+                'of a finished run (or its checkpoints/ folder).'
+            )
     return problems
 
 
@@ -341,63 +456,99 @@ def _secagg_failure(m: int, neighbours: int, threshold: int, dropped: int) -> st
 def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Settings with which `secagg_protocol.run_protocol` would stop the run in some round."""
     sa, num_clients, per_round = config.secagg, config.data.num_clients, config.clients_per_round
-    if not (num_clients > 0 and 0 <= per_round <= num_clients and 0 <= sa.dropout_fraction < 1
-            and sa.threshold >= 0 and sa.neighbours >= 0):
+    if not (
+        num_clients > 0
+        and 0 <= per_round <= num_clients
+        and 0 <= sa.dropout_fraction < 1
+        and sa.threshold >= 0
+        and sa.neighbours >= 0
+    ):
         return []  # already reported
     m = per_round if 0 < per_round < num_clients else num_clients
-    cohort = (f'config.clients_per_round={m} hospitals per round' if 0 < per_round < num_clients
-              else f'all config.data.num_clients={m} hospitals in every round')
+    cohort = (
+        f'config.clients_per_round={m} hospitals per round'
+        if 0 < per_round < num_clients
+        else f'all config.data.num_clients={m} hospitals in every round'
+    )
     if m < 2:
-        why, fix = (('config.data.num_clients=1', 'config.data.num_clients >= 2')
-                    if num_clients < 2 else
-                    ('config.clients_per_round=1', 'config.clients_per_round >= 2 (0 = all)'))
-        return [f'config.secagg.enabled=True needs at least 2 hospitals per round (the sum of one '
-                f"hospital's update is that update), but {why}. Set {fix}, or "
-                'config.secagg.enabled=False.']
+        why, fix = (
+            ('config.data.num_clients=1', 'config.data.num_clients >= 2')
+            if num_clients < 2
+            else ('config.clients_per_round=1', 'config.clients_per_round >= 2 (0 = all)')
+        )
+        return [
+            f'config.secagg.enabled=True needs at least 2 hospitals per round (the sum of one '
+            f"hospital's update is that update), but {why}. Set {fix}, or "
+            'config.secagg.enabled=False.'
+        ]
     dropped = math.floor(sa.dropout_fraction * m)
     failure = _secagg_failure(m, sa.neighbours, sa.threshold, dropped)
     if failure is None:
         return []
     k, degree, t = _secagg_graph(m, sa.neighbours, sa.threshold)
-    t_text = (f'config.secagg.threshold={t}' if sa.threshold else
-              f't={t} (config.secagg.threshold=0: a majority of {degree})')
+    t_text = (
+        f'config.secagg.threshold={t}'
+        if sa.threshold
+        else f't={t} (config.secagg.threshold=0: a majority of {degree})'
+    )
     if failure == 'parity':
         even = [c for c in (k - 1, k + 1) if c >= 2 and not m * c % 2]
-        return [f'config.secagg.neighbours={k} is odd and so is the cohort ({cohort}): no '
-                f'{k}-regular neighbour graph on {m} hospitals exists (SecAgg+ needs an even '
-                f'number of hospitals times neighbours). Use an even config.secagg.neighbours '
-                f'({" or ".join(map(str, even))}) or 0 for the complete graph.']
-    graph = (f'its config.secagg.neighbours={k} neighbours' if k is not None else
-             f'the other {degree} hospitals of its round (complete graph)')
+        return [
+            f'config.secagg.neighbours={k} is odd and so is the cohort ({cohort}): no '
+            f'{k}-regular neighbour graph on {m} hospitals exists (SecAgg+ needs an even '
+            f'number of hospitals times neighbours). Use an even config.secagg.neighbours '
+            f'({" or ".join(map(str, even))}) or 0 for the complete graph.'
+        ]
+    graph = (
+        f'its config.secagg.neighbours={k} neighbours'
+        if k is not None
+        else f'the other {degree} hospitals of its round (complete graph)'
+    )
     if failure == 'threshold':
-        return [f'config.secagg.threshold={t} exceeds the {degree} hospitals each one shares its '
-                f'secrets with ({graph}); use a threshold in [1, {degree}], or 0 for the default '
-                f'majority ({degree // 2 + 1}).']
+        return [
+            f'config.secagg.threshold={t} exceeds the {degree} hospitals each one shares its '
+            f'secrets with ({graph}); use a threshold in [1, {degree}], or 0 for the default '
+            f'majority ({degree // 2 + 1}).'
+        ]
     # failure == 'dropout'. Fixes that each change one field.
     fixes = []
     good_k = [c for c in range(1, m - 1) if not _secagg_failure(m, c, sa.threshold, dropped)]
     complete_ok = not _secagg_failure(m, 0, sa.threshold, dropped)
     if k is not None and good_k:
-        fixes.append(f'raise config.secagg.neighbours to at least {min(good_k)}'
-                     + (' (or 0 for the complete graph)' if complete_ok else ''))
+        fixes.append(
+            f'raise config.secagg.neighbours to at least {min(good_k)}'
+            + (' (or 0 for the complete graph)' if complete_ok else '')
+        )
     elif k is not None and complete_ok:
         fixes.append('set config.secagg.neighbours=0 (complete graph)')
     if degree - dropped >= 1:
-        fixes.append(f'lower config.secagg.threshold to at most {degree - dropped} (weaker '
-                     'against colluding hospitals)')
+        fixes.append(
+            f'lower config.secagg.threshold to at most {degree - dropped} (weaker '
+            'against colluding hospitals)'
+        )
     survivable = degree - t  # dropouts per round that this graph and threshold survive
     if survivable >= 0:
-        fixes.append(f'lower config.secagg.dropout_fraction below {(survivable + 1) / m:.3g} '
-                     f'(at most {survivable} of {m} dropping)')
+        fixes.append(
+            f'lower config.secagg.dropout_fraction below {(survivable + 1) / m:.3g} '
+            f'(at most {survivable} of {m} dropping)'
+        )
     fix = '; or '.join(fixes)
-    when = (f'when all {dropped} dropped are among them, only {degree - min(dropped, degree)} '
-            'answer' if k is not None else f'only {degree - dropped} answer')
-    stops = ('that round cannot remove the masks and stops the run' if k is not None else
-             'so no round can remove the masks and the run stops in its first round')
-    return [f'config.secagg.dropout_fraction={sa.dropout_fraction!r} drops {dropped} of the {m} '
-            f'hospitals of each round. Each hospital shares its secrets with {graph}; {when} the '
-            f'unmasking, fewer than the Shamir threshold {t_text}: {stops}. '
-            f'{fix[:1].upper()}{fix[1:]}.']
+    when = (
+        f'when all {dropped} dropped are among them, only {degree - min(dropped, degree)} answer'
+        if k is not None
+        else f'only {degree - dropped} answer'
+    )
+    stops = (
+        'that round cannot remove the masks and stops the run'
+        if k is not None
+        else 'so no round can remove the masks and the run stops in its first round'
+    )
+    return [
+        f'config.secagg.dropout_fraction={sa.dropout_fraction!r} drops {dropped} of the {m} '
+        f'hospitals of each round. Each hospital shares its secrets with {graph}; {when} the '
+        f'unmasking, fewer than the Shamir threshold {t_text}: {stops}. '
+        f'{fix[:1].upper()}{fix[1:]}.'
+    ]
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -408,8 +559,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = _get(config, field)
         if value not in allowed:
             unknown.add(field)
-            problems.append(f'config.{field}={value!r} is not known; use one of '
-                            f'{", ".join(map(repr, allowed))}.{_did_you_mean(value, allowed)}')
+            problems.append(
+                f'config.{field}={value!r} is not known; use one of '
+                f'{", ".join(map(repr, allowed))}.{_did_you_mean(value, allowed)}'
+            )
     for field in POSITIVE:
         if not _get(config, field) > 0:
             problems.append(f'config.{field}={_get(config, field)!r} must be > 0.')
@@ -421,21 +574,31 @@ def validate(config: ml_collections.ConfigDict) -> None:
             problems.append(f'config.{field}={_get(config, field)!r} {rule}')
     k = config.data.num_clients
     if config.clients_per_round > k:
-        problems.append(f'config.clients_per_round={config.clients_per_round} exceeds '
-                        f'config.data.num_clients={k}; use at most {k} (0 means all).')
+        problems.append(
+            f'config.clients_per_round={config.clients_per_round} exceeds '
+            f'config.data.num_clients={k}; use at most {k} (0 means all).'
+        )
     task = TASK_OF.get(config.data.name)
     if task and task != config.task and 'task' not in unknown:
-        problems.append(f'config.data.name={config.data.name!r} is {task} data but '
-                        f'config.task={config.task!r}; set config.task={task!r}.')
+        problems.append(
+            f'config.data.name={config.data.name!r} is {task} data but '
+            f'config.task={config.task!r}; set config.task={task!r}.'
+        )
     if config.task == 'brats' and config.model.name != 'unet' and 'model.name' not in unknown:
-        problems.append(f'config.model.name={config.model.name!r} cannot segment; use \'unet\' '
-                        'for config.task=\'brats\'.')
+        problems.append(
+            f"config.model.name={config.model.name!r} cannot segment; use 'unet' "
+            "for config.task='brats'."
+        )
     if config.task == 'chestxray14' and config.model.name == 'unet':
-        problems.append("config.model.name='unet' is a segmentation model; use 'resnet18' or "
-                        "'resnet_small' for config.task='chestxray14'.")
+        problems.append(
+            "config.model.name='unet' is a segmentation model; use 'resnet18' or "
+            "'resnet_small' for config.task='chestxray14'."
+        )
     if not 0 <= config.model.negative_slope < 1:
-        problems.append(f'config.model.negative_slope={config.model.negative_slope!r} must be in '
-                        '[0, 1): 0 is ReLU, 0.01-0.2 the usual leaky ReLUs.')
+        problems.append(
+            f'config.model.negative_slope={config.model.negative_slope!r} must be in '
+            '[0, 1): 0 is ReLU, 0.01-0.2 the usual leaky ReLUs.'
+        )
     problems += _patch_problems(config)
     problems += _aggregator_problems(config)
     problems += _data_problems(config)
@@ -443,20 +606,30 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems += _public_data_problems(config)
     if config.secagg.enabled:
         if config.mode != 'federated':
-            problems.append(f'config.secagg.enabled=True needs config.mode=\'federated\' (got '
-                            f'{config.mode!r}): there is nothing to aggregate.')
+            problems.append(
+                f"config.secagg.enabled=True needs config.mode='federated' (got "
+                f'{config.mode!r}): there is nothing to aggregate.'
+            )
         if not config.secagg.dropout_fraction < 1:
-            problems.append(f'config.secagg.dropout_fraction={config.secagg.dropout_fraction} '
-                            'must be < 1.')
+            problems.append(
+                f'config.secagg.dropout_fraction={config.secagg.dropout_fraction} must be < 1.'
+            )
         if config.compression.kind == 'topk':
-            problems.append("config.compression.kind='topk' sends a sparse update, which "
-                            'secure aggregation cannot sum without revealing the positions; '
-                            "use 'quantize' or 'none' with config.secagg.enabled=True.")
+            problems.append(
+                "config.compression.kind='topk' sends a sparse update, which "
+                'secure aggregation cannot sum without revealing the positions; '
+                "use 'quantize' or 'none' with config.secagg.enabled=True."
+            )
         if config.mode == 'federated':
             problems += _secagg_problems(config)
     # A NaN or infinite field is reported once, by the finiteness check, not by its range too.
-    problems = [p for p in problems if p.startswith(tuple(
-        f'config.{f}={_get(config, f)!r} must be a finite' for f in nonfinite)) or not p.startswith(
-        tuple(f'config.{f}=' for f in nonfinite))]
+    problems = [
+        p
+        for p in problems
+        if p.startswith(
+            tuple(f'config.{f}={_get(config, f)!r} must be a finite' for f in nonfinite)
+        )
+        or not p.startswith(tuple(f'config.{f}=' for f in nonfinite))
+    ]
     if problems:
         raise ConfigError(problems)

@@ -77,6 +77,7 @@ def _note(message: str) -> None:
 # The lock
 # -------------------------------------------------------------------------------------------------
 
+
 def _pid_runs_here(pid: int) -> bool:
     """Whether `pid` is a running process of this host that could be a fedjax_med run."""
     try:
@@ -110,8 +111,11 @@ class WorkdirLock:
     @staticmethod
     def _describe(holder: dict) -> str:
         started = holder.get('started')
-        when = (f', started {time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}'
-                if isinstance(started, (int, float)) else '')
+        when = (
+            f', started {time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(started))}'
+            if isinstance(started, (int, float))
+            else ''
+        )
         return f'PID {holder.get("pid", "?")} on host {holder.get("host", "?")}{when}'
 
     def _read(self, fd: int) -> dict:
@@ -126,9 +130,13 @@ class WorkdirLock:
         return holder if isinstance(holder, dict) else {'pid': '?', 'host': '?'}
 
     def _in_use(self, holder: dict) -> WorkdirError:
-        return WorkdirError([
-            f'{os.path.dirname(self.path)} is in use by another run ({self._describe(holder)}). '
-            'Wait for it to finish or stop it, or give this run another --workdir.'])
+        return WorkdirError(
+            [
+                f'{os.path.dirname(self.path)} is in use by another run '
+                f'({self._describe(holder)}). '
+                'Wait for it to finish or stop it, or give this run another --workdir.'
+            ]
+        )
 
     def acquire(self) -> str | None:
         """Takes the lock; returns a note when it took over a stale one. Raises WorkdirError when
@@ -165,15 +173,26 @@ class WorkdirLock:
                 raise self._in_use(holder)
             if not here:
                 os.close(fd)
-                raise WorkdirError([
-                    f'{os.path.dirname(self.path)} is locked by a run on another host '
-                    f'({self._describe(holder)}), which cannot be checked from here. If no run '
-                    f'uses this workdir any more, delete {self.path} and rerun.'])
-            gone = ('which no longer holds it' if alive else 'which is no longer running')
-            note = (f'taking over the lock of {os.path.dirname(self.path)} left by '
-                    f'{self._describe(holder)}, {gone}.')
-        record = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                             'started': time.time(), 'argv': sys.argv[:1]})
+                raise WorkdirError(
+                    [
+                        f'{os.path.dirname(self.path)} is locked by a run on another host '
+                        f'({self._describe(holder)}), which cannot be checked from here. If no run '
+                        f'uses this workdir any more, delete {self.path} and rerun.'
+                    ]
+                )
+            gone = 'which no longer holds it' if alive else 'which is no longer running'
+            note = (
+                f'taking over the lock of {os.path.dirname(self.path)} left by '
+                f'{self._describe(holder)}, {gone}.'
+            )
+        record = json.dumps(
+            {
+                'pid': os.getpid(),
+                'host': socket.gethostname(),
+                'started': time.time(),
+                'argv': sys.argv[:1],
+            }
+        )
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, record.encode())
@@ -195,6 +214,7 @@ class WorkdirLock:
 # -------------------------------------------------------------------------------------------------
 # Previous outputs, broken checkpoints
 # -------------------------------------------------------------------------------------------------
+
 
 def previous_outputs(workdir: str) -> list[str]:
     """The files of a previous run in `workdir` that a fresh start would overwrite: metrics.jsonl
@@ -258,8 +278,11 @@ def structural_problem(step_dir: str) -> str | None:
     for sub in ('state', 'host'):
         if not os.path.isdir(os.path.join(step_dir, sub)):
             return f'its {sub}/ folder is missing'
-    for rel in ('_CHECKPOINT_METADATA', os.path.join('state', '_METADATA'),
-                os.path.join('host', 'metadata')):
+    for rel in (
+        '_CHECKPOINT_METADATA',
+        os.path.join('state', '_METADATA'),
+        os.path.join('host', 'metadata'),
+    ):
         problem = _json_problem(os.path.join(step_dir, rel))
         if problem:
             return problem.replace(os.path.basename(rel), rel, 1)
@@ -269,10 +292,12 @@ def structural_problem(step_dir: str) -> str | None:
 def _short(error: BaseException) -> str:
     """A restore error in a few words (TensorStore messages run to kilobytes)."""
     text = ' '.join(str(error).split())
-    for marker, words in (('OUT_OF_RANGE', 'an array file is truncated'),
-                          ('DATA_LOSS', 'an array file is corrupt'),
-                          ('NOT_FOUND', 'an array file is missing'),
-                          ('while reading array', 'an array file cannot be read')):
+    for marker, words in (
+        ('OUT_OF_RANGE', 'an array file is truncated'),
+        ('DATA_LOSS', 'an array file is corrupt'),
+        ('NOT_FOUND', 'an array file is missing'),
+        ('while reading array', 'an array file cannot be read'),
+    ):
         if marker in text:
             return words
     return f'{type(error).__name__}: {text[:120]}'
@@ -301,8 +326,14 @@ def _quiet_failed_restores() -> None:
 def _step_dirs(directory: str) -> list[int]:
     if not os.path.isdir(directory):
         return []
-    return sorted((int(n) for n in os.listdir(directory)
-                   if n.isdigit() and os.path.isdir(os.path.join(directory, n))), reverse=True)
+    return sorted(
+        (
+            int(n)
+            for n in os.listdir(directory)
+            if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+        ),
+        reverse=True,
+    )
 
 
 def set_aside(directory: str, step: int) -> str:
@@ -320,12 +351,17 @@ def set_aside(directory: str, step: int) -> str:
 
 def _report_broken(directory: str, step: int, problem: str, primary: bool, note) -> None:
     older = [s for s in _step_dirs(directory) if s < step]
-    where = (f'falling back to round {older[0]}' if older else
-             'no older checkpoint is left to resume from')
+    where = (
+        f'falling back to round {older[0]}'
+        if older
+        else 'no older checkpoint is left to resume from'
+    )
     if primary:
         target = set_aside(directory, step)
-        note(f'warning: the checkpoint of round {step} cannot be read ({problem}); moved it to '
-             f'{target}; {where}.')
+        note(
+            f'warning: the checkpoint of round {step} cannot be read ({problem}); moved it to '
+            f'{target}; {where}.'
+        )
 
 
 def set_aside_incomplete(directory: str, *, primary: bool = True, note=_note) -> None:
@@ -338,8 +374,9 @@ def set_aside_incomplete(directory: str, *, primary: bool = True, note=_note) ->
         _report_broken(directory, step, problem, primary, note)
 
 
-def latest_intact_round(checkpointer, directory: str, *, primary: bool = True,
-                        note=_note) -> int | None:
+def latest_intact_round(
+    checkpointer, directory: str, *, primary: bool = True, note=_note
+) -> int | None:
     """The newest checkpoint round in `directory` that reads back whole (state and host), or
     None. Newer ones that do not are moved to checkpoints.broken/ (by the primary process) and
     reported, one line each; `checkpointer` (a `checkpoint.Checkpointer` on `directory`) is
@@ -368,6 +405,7 @@ def latest_intact_round(checkpointer, directory: str, *, primary: bool = True,
 # Real data that is not built
 # -------------------------------------------------------------------------------------------------
 
+
 def missing_data_problem(config) -> str | None:
     """The problem with a real dataset (config.data.name) that is neither built in
     config.data.data_dir nor buildable from config.data.manual_dir, in one line (None when it
@@ -383,26 +421,36 @@ def missing_data_problem(config) -> str | None:
     manual = data.manual_dir
     if manual and os.path.isdir(manual) and os.listdir(manual):
         return None  # built at start-up from the raw files
-    where = (f'config.data.manual_dir={manual!r} is missing or empty' if manual else
-             'config.data.manual_dir is empty')
-    return (f'config.data.name={data.name!r}: the dataset is not built in '
-            f'{builder.data_path} (config.data.data_dir={data.data_dir!r}) and {where}. '
-            'Build it once with '
-            f'python -m fedjax_med.data.build --dataset={data.name} --manual_dir=RAW '
-            '--data_dir=DIR and set config.data.data_dir=DIR (README, "Real data"), or use a '
-            "synthetic variant such as :synthetic.")
+    where = (
+        f'config.data.manual_dir={manual!r} is missing or empty'
+        if manual
+        else 'config.data.manual_dir is empty'
+    )
+    return (
+        f'config.data.name={data.name!r}: the dataset is not built in '
+        f'{builder.data_path} (config.data.data_dir={data.data_dir!r}) and {where}. '
+        'Build it once with '
+        f'python -m fedjax_med.data.build --dataset={data.name} --manual_dir=RAW '
+        '--data_dir=DIR and set config.data.data_dir=DIR (README, "Real data"), or use a '
+        'synthetic variant such as :synthetic.'
+    )
 
 
 # -------------------------------------------------------------------------------------------------
 # One run's session
 # -------------------------------------------------------------------------------------------------
 
+
 class Session:
     """The workdir side of one `train.run` call (see the module docstring)."""
 
     def __init__(self, workdir: str, config, *, overwrite: bool = False, primary: bool = True):
-        self.workdir, self.config, self.overwrite, self.primary = (workdir, config, overwrite,
-                                                                   primary)
+        self.workdir, self.config, self.overwrite, self.primary = (
+            workdir,
+            config,
+            overwrite,
+            primary,
+        )
         self.lock = WorkdirLock(workdir)
         self.created = False
         self.had_checkpoints_dir = False
@@ -416,6 +464,7 @@ class Session:
         problem = missing_data_problem(self.config)
         if problem:
             from fedjax_med.validate import ConfigError
+
             raise ConfigError([problem])
         self.created = not os.path.exists(self.workdir)
         self.had_checkpoints_dir = os.path.isdir(os.path.join(self.workdir, 'checkpoints'))
@@ -429,10 +478,11 @@ class Session:
                 if self.overwrite:
                     deleted = clear_previous_run(self.workdir)
                     if deleted:
-                        _note(f'--overwrite: deleted the previous run in {self.workdir} '
-                              f'({", ".join(deleted)}).')
-            set_aside_incomplete(os.path.join(self.workdir, 'checkpoints'),
-                                 primary=self.primary)
+                        _note(
+                            f'--overwrite: deleted the previous run in {self.workdir} '
+                            f'({", ".join(deleted)}).'
+                        )
+            set_aside_incomplete(os.path.join(self.workdir, 'checkpoints'), primary=self.primary)
             self._sync('fedjax_med_workdir_ready')
         except BaseException:
             self._leave(failed=True)
@@ -460,6 +510,7 @@ class Session:
 
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
+
             multihost_utils.sync_global_devices(name)
 
     # -- checkpoints and previous outputs ------------------------------------------------------
@@ -474,26 +525,43 @@ class Session:
             if found:
                 checkpointer.close()
                 broken = _step_dirs(os.path.join(self.workdir, BROKEN_DIR))
-                why = ('no checkpoint that can be read (see checkpoints.broken/)' if broken
-                       else 'no checkpoint to resume from')
-                raise WorkdirError([
-                    f'{self.workdir} holds the outputs of a previous run ({", ".join(found)}) '
-                    f'but {why}; starting afresh would overwrite them. Use another --workdir, '
-                    'or add --overwrite to delete that run and start over.'])
+                why = (
+                    'no checkpoint that can be read (see checkpoints.broken/)'
+                    if broken
+                    else 'no checkpoint to resume from'
+                )
+                raise WorkdirError(
+                    [
+                        f'{self.workdir} holds the outputs of a previous run ({", ".join(found)}) '
+                        f'but {why}; starting afresh would overwrite them. Use another --workdir, '
+                        'or add --overwrite to delete that run and start over.'
+                    ]
+                )
         return latest
 
     def resume_mismatch(self, diffs: list[str]) -> WorkdirError:
-        fix = ('Give the checkpoint\'s value to resume, use another --workdir, or add '
-               '--overwrite to delete that run and start over.')
-        return WorkdirError([
-            f'cannot resume {self.workdir}, which holds a checkpoint of a different run: '
-            + (f'{d} (Or add --overwrite to delete that run.)' if d.endswith('.')
-               else f'{d}. {fix}') for d in diffs])
+        fix = (
+            "Give the checkpoint's value to resume, use another --workdir, or add "
+            '--overwrite to delete that run and start over.'
+        )
+        return WorkdirError(
+            [
+                f'cannot resume {self.workdir}, which holds a checkpoint of a different run: '
+                + (
+                    f'{d} (Or add --overwrite to delete that run.)'
+                    if d.endswith('.')
+                    else f'{d}. {fix}'
+                )
+                for d in diffs
+            ]
+        )
 
     def resume_line(self, start: int, num_rounds: int) -> str:
         if start >= num_rounds:
-            return (f'{self.workdir} already holds the finished run ({start}/{num_rounds} '
-                    'rounds); nothing to train.')
+            return (
+                f'{self.workdir} already holds the finished run ({start}/{num_rounds} '
+                'rounds); nothing to train.'
+            )
         return f'Resumed from round {start} in {self.workdir}'
 
     # -- signals -------------------------------------------------------------------------------
@@ -518,8 +586,10 @@ class Session:
         if self.in_rounds and self.stop_signal is None:
             self.stop_signal = signum
             if self.primary:
-                _note(f'{name}: stopping after the round in progress, with a checkpoint '
-                      f'({name} again stops at once).')
+                _note(
+                    f'{name}: stopping after the round in progress, with a checkpoint '
+                    f'({name} again stops at once).'
+                )
             return
         when = 'at once' if self.stop_signal is not None else 'during set-up'
         stopped = Stopped(signum, f'stopped by {name} {when}; {self._last_checkpoint_text()}.')
@@ -533,8 +603,10 @@ class Session:
         steps = _step_dirs(os.path.join(self.workdir, 'checkpoints'))
         if not steps:
             return 'no checkpoint was saved (a rerun starts from round 0)'
-        return (f'the last checkpoint is round {steps[0]} in {self.workdir} (rerun the same '
-                'command to resume)')
+        return (
+            f'the last checkpoint is round {steps[0]} in {self.workdir} (rerun the same '
+            'command to resume)'
+        )
 
     def stop(self, *, done: int, saved: int, save, close) -> None:
         """Called by the round loop at a round boundary once a stop was requested: checkpoints
@@ -543,6 +615,8 @@ class Session:
             save(done)
         close()
         name = signal.Signals(self.stop_signal).name
-        raise Stopped(self.stop_signal,
-                      f'stopped by {name} after round {done}; the last checkpoint is round '
-                      f'{done} in {self.workdir} (rerun the same command to resume).')
+        raise Stopped(
+            self.stop_signal,
+            f'stopped by {name} after round {done}; the last checkpoint is round '
+            f'{done} in {self.workdir} (rerun the same command to resume).',
+        )

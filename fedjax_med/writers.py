@@ -143,12 +143,19 @@ class TensorBoardWriter(MetricWriter):
         self.flush()
 
     def _add(self, row: Mapping[str, Any]) -> None:
-        values = [self._summary.Value(tag=key, simple_value=value) for key, value in
-                  ((k, _scalar(v)) for k, v in row.items() if k != STEP_KEY) if value is not None]
+        values = [
+            self._summary.Value(tag=key, simple_value=value)
+            for key, value in ((k, _scalar(v)) for k, v in row.items() if k != STEP_KEY)
+            if value is not None
+        ]
         if values:
-            self._writer.write_event(self._event(
-                wall_time=time.time(), step=int(row[STEP_KEY]),
-                summary=self._summary(value=values)))
+            self._writer.write_event(
+                self._event(
+                    wall_time=time.time(),
+                    step=int(row[STEP_KEY]),
+                    summary=self._summary(value=values),
+                )
+            )
 
     def write_row(self, row: Mapping[str, Any]) -> None:
         self._add(row)
@@ -185,8 +192,9 @@ class MultiWriter(MetricWriter):
             writer.close()
 
 
-def create_default_writer(workdir: str, history: Sequence[dict] = (), *, primary: bool,
-                          tensorboard: bool) -> MultiWriter:
+def create_default_writer(
+    workdir: str, history: Sequence[dict] = (), *, primary: bool, tensorboard: bool
+) -> MultiWriter:
     """The writers of a run in `workdir`, resumed after the rows `history` (empty for a new run):
     metrics.jsonl, plus TensorBoard event files in workdir/tensorboard/ when `tensorboard`.
     Only the `primary` process (jax.process_index() == 0) writes files: elsewhere the result

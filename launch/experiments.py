@@ -60,40 +60,58 @@ if sys.path[:1] != [REPO]:  # first, ahead of any installed package named `confi
 from configs import brats, chestxray14  # noqa: E402
 from fedjax_med import report  # noqa: E402
 
-_SUITE = flags.DEFINE_enum('suite', 'paper', ['paper', 'smoke', 'nih_scale'],
-                           'Which grid to run.')
+_SUITE = flags.DEFINE_enum('suite', 'paper', ['paper', 'smoke', 'nih_scale'], 'Which grid to run.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for every run and the results.')
-_DATA_DIR = flags.DEFINE_string('data_dir', None,
-                                'TFDS data dir of the built real datasets; if given, the paper '
-                                "('' variant) configs on real data are used instead of synthetic.")
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir',
+    None,
+    'TFDS data dir of the built real datasets; if given, the paper '
+    "('' variant) configs on real data are used instead of synthetic.",
+)
 _SEEDS = flags.DEFINE_integer('seeds', None, 'Seeds 0..N-1 (default: paper 3, smoke 1).')
-_TASKS = flags.DEFINE_list('tasks', None,
-                           'Tasks to run (default: paper chestxray14,brats; smoke brats).')
-_ALGORITHMS = flags.DEFINE_list('algorithms', None,
-                                'Subset of the suite\'s algorithms (centralized, fedavg, fedprox, '
-                                'local).')
-_PARTITIONS = flags.DEFINE_list('partitions', None,
-                                'Subset of the suite\'s partitions, named as in the run folders '
-                                '(iid, dirichlet0.1, dirichlet1).')
-_DP_EPSILONS = flags.DEFINE_list('dp_epsilons', None,
-                                 'DP targets instead of the suite\'s (empty string: no DP runs).')
-_DP_ALGORITHMS = flags.DEFINE_list('dp_algorithms', None,
-                                   'Algorithms that also run with DP (default: the suite\'s).')
-_NUM_ROUNDS = flags.DEFINE_integer('num_rounds', None, 'Override every run\'s num_rounds.')
-_SET = flags.DEFINE_list('set', [],
-                         'Config overrides for every run, FIELD=VALUE with dotted fields, e.g. '
-                         '--set=data.num_train=1500,local.epochs=2 (applied before the grid\'s '
-                         'own settings).')
+_TASKS = flags.DEFINE_list(
+    'tasks', None, 'Tasks to run (default: paper chestxray14,brats; smoke brats).'
+)
+_ALGORITHMS = flags.DEFINE_list(
+    'algorithms', None, "Subset of the suite's algorithms (centralized, fedavg, fedprox, local)."
+)
+_PARTITIONS = flags.DEFINE_list(
+    'partitions',
+    None,
+    "Subset of the suite's partitions, named as in the run folders "
+    '(iid, dirichlet0.1, dirichlet1).',
+)
+_DP_EPSILONS = flags.DEFINE_list(
+    'dp_epsilons', None, "DP targets instead of the suite's (empty string: no DP runs)."
+)
+_DP_ALGORITHMS = flags.DEFINE_list(
+    'dp_algorithms', None, "Algorithms that also run with DP (default: the suite's)."
+)
+_NUM_ROUNDS = flags.DEFINE_integer('num_rounds', None, "Override every run's num_rounds.")
+_SET = flags.DEFINE_list(
+    'set',
+    [],
+    'Config overrides for every run, FIELD=VALUE with dotted fields, e.g. '
+    "--set=data.num_train=1500,local.epochs=2 (applied before the grid's "
+    'own settings).',
+)
 _REPORT = flags.DEFINE_bool('report', True, 'Also write the report figures and index.html.')
 _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Only list the runs of the grid.')
-_JAX_CACHE = flags.DEFINE_string('jax_cache_dir', None,
-                                 'Persistent compilation cache (default WORKDIR/.jax_cache; '
-                                 "'' disables; JAX_COMPILATION_CACHE_DIR takes precedence).")
+_JAX_CACHE = flags.DEFINE_string(
+    'jax_cache_dir',
+    None,
+    'Persistent compilation cache (default WORKDIR/.jax_cache; '
+    "'' disables; JAX_COMPILATION_CACHE_DIR takes precedence).",
+)
 
 CONFIG_MODULES = {'chestxray14': chestxray14, 'brats': brats}
 # algorithm -> (config.mode, local.prox_mu)
-ALGORITHMS = {'centralized': ('centralized', 0.0), 'fedavg': ('federated', 0.0),
-              'fedprox': ('federated', 0.01), 'local': ('local', 0.0)}
+ALGORITHMS = {
+    'centralized': ('centralized', 0.0),
+    'fedavg': ('federated', 0.0),
+    'fedprox': ('federated', 0.01),
+    'local': ('local', 0.0),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,26 +139,47 @@ class Suite:
 
 
 SUITES = {
-    'paper': Suite(variant='synthetic', tasks=('chestxray14', 'brats'),
-                   algorithms=tuple(ALGORITHMS), dp_epsilons=(2.5, 4.5),
-                   dp_algorithms=('centralized', 'fedavg', 'fedprox'),
-                   partitions=(('iid', None), ('dirichlet', 0.1), ('dirichlet', 1.0)),
-                   seeds=3, num_clients=5, num_rounds=None),
-    'smoke': Suite(variant='smoke', tasks=('brats',), algorithms=tuple(ALGORITHMS),
-                   dp_epsilons=(4.5,), dp_algorithms=('centralized', 'fedavg'),
-                   partitions=(('iid', None), ('dirichlet', 0.1)),
-                   seeds=1, num_clients=None, num_rounds=2),
+    'paper': Suite(
+        variant='synthetic',
+        tasks=('chestxray14', 'brats'),
+        algorithms=tuple(ALGORITHMS),
+        dp_epsilons=(2.5, 4.5),
+        dp_algorithms=('centralized', 'fedavg', 'fedprox'),
+        partitions=(('iid', None), ('dirichlet', 0.1), ('dirichlet', 1.0)),
+        seeds=3,
+        num_clients=5,
+        num_rounds=None,
+    ),
+    'smoke': Suite(
+        variant='smoke',
+        tasks=('brats',),
+        algorithms=tuple(ALGORITHMS),
+        dp_epsilons=(4.5,),
+        dp_algorithms=('centralized', 'fedavg'),
+        partitions=(('iid', None), ('dirichlet', 0.1)),
+        seeds=1,
+        num_clients=None,
+        num_rounds=2,
+    ),
     # Hospital scale (chest X-ray twin with every row of the NIH table; configs/chestxray14.py
     # nih_scale): the privacy-utility question at the size it is asked at.
-    'nih_scale': Suite(variant='nih_scale', tasks=('chestxray14',),
-                       algorithms=('centralized', 'fedavg', 'local', 'fedprox'),
-                       dp_epsilons=(4.5, 2.5), dp_algorithms=('fedavg',),
-                       partitions=(('dirichlet', 0.5),), seeds=3, num_clients=None,
-                       num_rounds=None, dp_variant='nih_scale_dp', warm_start=True,
-                       pretrain_variant='nih_public',
-                       # Centralised training converges in 5 epochs of the pooled data (the
-                       # calibration run); the hospitals get 0.5 local epochs a round.
-                       algorithm_overrides=(('centralized', 'local.epochs', '0.1'),)),
+    'nih_scale': Suite(
+        variant='nih_scale',
+        tasks=('chestxray14',),
+        algorithms=('centralized', 'fedavg', 'local', 'fedprox'),
+        dp_epsilons=(4.5, 2.5),
+        dp_algorithms=('fedavg',),
+        partitions=(('dirichlet', 0.5),),
+        seeds=3,
+        num_clients=None,
+        num_rounds=None,
+        dp_variant='nih_scale_dp',
+        warm_start=True,
+        pretrain_variant='nih_public',
+        # Centralised training converges in 5 epochs of the pooled data (the
+        # calibration run); the hospitals get 0.5 local epochs a round.
+        algorithm_overrides=(('centralized', 'local.epochs', '0.1'),),
+    ),
 }
 
 
@@ -156,7 +195,7 @@ class RunSpec:
     partition: str
     alpha: float | None
     seed: int
-    warm: bool = False      # starts from the public pretraining run of its task and seed
+    warm: bool = False  # starts from the public pretraining run of its task and seed
     pretrain: bool = False  # the public pretraining run itself (algorithm 'centralized')
 
     @property
@@ -168,8 +207,9 @@ class RunSpec:
         return f'{self.algorithm}-{dp}-{part}{"-warm" if self.warm else ""}-seed{self.seed}'
 
     def pretrain_spec(self) -> RunSpec:
-        return dataclasses.replace(self, algorithm='centralized', dp_epsilon=0.0, warm=False,
-                                   pretrain=True)
+        return dataclasses.replace(
+            self, algorithm='centralized', dp_epsilon=0.0, warm=False, pretrain=True
+        )
 
 
 def _rank(spec: RunSpec) -> tuple:
@@ -188,13 +228,18 @@ def grid(suite: Suite) -> list[RunSpec]:
         for seed in range(suite.seeds):
             for partition, alpha in suite.partitions:
                 for algorithm in suite.algorithms:
-                    targets = (0.0, *suite.dp_epsilons) if algorithm in suite.dp_algorithms \
-                        else (0.0,)
-                    specs += [RunSpec(task, algorithm, eps, partition, alpha, seed)
-                              for eps in targets]
+                    targets = (
+                        (0.0, *suite.dp_epsilons) if algorithm in suite.dp_algorithms else (0.0,)
+                    )
+                    specs += [
+                        RunSpec(task, algorithm, eps, partition, alpha, seed) for eps in targets
+                    ]
                     if suite.warm_start:
-                        specs += [RunSpec(task, algorithm, eps, partition, alpha, seed, warm=True)
-                                  for eps in targets if eps]
+                        specs += [
+                            RunSpec(task, algorithm, eps, partition, alpha, seed, warm=True)
+                            for eps in targets
+                            if eps
+                        ]
             if suite.warm_start:
                 specs.append(specs[-1].pretrain_spec())
     return sorted(specs, key=lambda s: (s.task, s.seed, _rank(s)))
@@ -241,8 +286,9 @@ def make_config(spec: RunSpec, suite: Suite, data_dir: str | None, workdir: str 
         config.dp.target_epsilon = 0.0
         config.local.sampling = 'shuffle'
     if spec.warm:
-        config.init_from = os.path.abspath(os.path.join(workdir, spec.task,
-                                                        spec.pretrain_spec().name))
+        config.init_from = os.path.abspath(
+            os.path.join(workdir, spec.task, spec.pretrain_spec().name)
+        )
     return config
 
 
@@ -253,8 +299,9 @@ def apply_override(config, field: str, value: str) -> None:
     for name in parents:
         node = node.get(name) if hasattr(node, 'get') else None
     if node is None or not hasattr(node, 'get') or leaf not in node:
-        raise app.UsageError(f'--set: unknown config field {field!r}; see configs/base.py for '
-                             'the fields.')
+        raise app.UsageError(
+            f'--set: unknown config field {field!r}; see configs/base.py for the fields.'
+        )
     kind = type(node[leaf])
     try:
         if kind is bool:
@@ -270,6 +317,7 @@ def apply_override(config, field: str, value: str) -> None:
 
 def device_description() -> str:
     import jax
+
     devices = jax.devices()
     return f'{len(devices)}x {devices[0].platform}:{devices[0].device_kind}'
 
@@ -294,15 +342,37 @@ def run_one(spec: RunSpec, suite: Suite, workdir: str, data_dir: str | None) -> 
 # Results
 # -------------------------------------------------------------------------------------------------
 
-COLUMNS = ('task', 'mode', 'algorithm', 'prox_mu', 'dp_target_epsilon', 'achieved_epsilon',
-           'partition', 'alpha', 'seed', 'num_hospitals', 'rounds', 'main_metric', 'final_metric',
-           'best_metric', 'centralized_reference', 'rounds_to_95pct_centralized',
-           'bytes_per_hospital', 'wall_time_s', 'device', 'run_dir', 'secondary_1', 'secondary_2')
+COLUMNS = (
+    'task',
+    'mode',
+    'algorithm',
+    'prox_mu',
+    'dp_target_epsilon',
+    'achieved_epsilon',
+    'partition',
+    'alpha',
+    'seed',
+    'num_hospitals',
+    'rounds',
+    'main_metric',
+    'final_metric',
+    'best_metric',
+    'centralized_reference',
+    'rounds_to_95pct_centralized',
+    'bytes_per_hospital',
+    'wall_time_s',
+    'device',
+    'run_dir',
+    'secondary_1',
+    'secondary_2',
+)
 # Per task, the two metrics a reader puts next to the paper's besides the main one (results.csv's
 # secondary_1 / secondary_2, last evaluation): chest X-ray accuracies at thresholds chosen on a
 # validation half of the test split, BraTS per-case Dice and HD95 as the challenge computes them.
-SECONDARY = {'chestxray14': ('normal_vs_abnormal_accuracy', 'accuracy_at_val_threshold'),
-             'brats': ('mean_case_dice', 'mean_hd95')}
+SECONDARY = {
+    'chestxray14': ('normal_vs_abnormal_accuracy', 'accuracy_at_val_threshold'),
+    'brats': ('mean_case_dice', 'mean_hd95'),
+}
 
 
 def _centralized_key(run: report.Run, dp_target: float) -> tuple:
@@ -325,27 +395,45 @@ def algorithm_label(run: report.Run) -> str:
 
 def result_rows(runs: Sequence[report.Run]) -> list[dict]:
     """One results.csv row per run (see the module docstring for the columns)."""
-    central = {_centralized_key(r, r.dp_target): r.final_metric for r in runs
-               if algorithm_label(r) == 'centralized' and r.finished}
+    central = {
+        _centralized_key(r, r.dp_target): r.final_metric
+        for r in runs
+        if algorithm_label(r) == 'centralized' and r.finished
+    }
     rows = []
     for r in runs:
-        ref = central.get(_centralized_key(r, r.dp_target),
-                          central.get(_centralized_key(r, 0.0), math.nan))
+        ref = central.get(
+            _centralized_key(r, r.dp_target), central.get(_centralized_key(r, 0.0), math.nan)
+        )
         reached = rounds_to_reach(r, 0.95 * ref) if math.isfinite(ref) else None
-        rows.append({
-            'task': r.task, 'mode': r.config['mode'], 'algorithm': algorithm_label(r),
-            'prox_mu': r.config['local']['prox_mu'], 'dp_target_epsilon': r.dp_target,
-            'achieved_epsilon': r.epsilon, 'partition': r.partition,
-            'alpha': '' if r.alpha is None else r.alpha, 'seed': r.seed,
-            'num_hospitals': r.config['data']['num_clients'], 'rounds': len(r.rows),
-            'main_metric': r.main_metric, 'final_metric': r.final_metric,
-            'best_metric': r.best_metric, 'centralized_reference': ref,
-            'rounds_to_95pct_centralized': '' if reached is None else reached,
-            'bytes_per_hospital': r.total_bytes_per_hospital, 'wall_time_s': r.wall_time_s,
-            'device': r.info.get('device', ''),
-            'run_dir': os.path.relpath(r.path, os.path.dirname(os.path.dirname(r.path))),
-            **{f'secondary_{i + 1}': r.final(f'eval/{key}')
-               for i, key in enumerate(SECONDARY.get(r.task, ()))}})
+        rows.append(
+            {
+                'task': r.task,
+                'mode': r.config['mode'],
+                'algorithm': algorithm_label(r),
+                'prox_mu': r.config['local']['prox_mu'],
+                'dp_target_epsilon': r.dp_target,
+                'achieved_epsilon': r.epsilon,
+                'partition': r.partition,
+                'alpha': '' if r.alpha is None else r.alpha,
+                'seed': r.seed,
+                'num_hospitals': r.config['data']['num_clients'],
+                'rounds': len(r.rows),
+                'main_metric': r.main_metric,
+                'final_metric': r.final_metric,
+                'best_metric': r.best_metric,
+                'centralized_reference': ref,
+                'rounds_to_95pct_centralized': '' if reached is None else reached,
+                'bytes_per_hospital': r.total_bytes_per_hospital,
+                'wall_time_s': r.wall_time_s,
+                'device': r.info.get('device', ''),
+                'run_dir': os.path.relpath(r.path, os.path.dirname(os.path.dirname(r.path))),
+                **{
+                    f'secondary_{i + 1}': r.final(f'eval/{key}')
+                    for i, key in enumerate(SECONDARY.get(r.task, ()))
+                },
+            }
+        )
     return rows
 
 
@@ -354,8 +442,9 @@ def write_csv(rows: Sequence[dict], path: str) -> None:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: '' if isinstance(v, float) and math.isnan(v) else v
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: '' if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+            )
 
 
 def _mean_std(values: Sequence[float], digits: int) -> str:
@@ -369,45 +458,62 @@ def _mean_std(values: Sequence[float], digits: int) -> str:
     return f'{mean:.{digits}f} ± {std:.{digits}f}'
 
 
-PAPER = ('Paper figures for comparison: chest X-ray accuracy 88.2% federated vs 90.1% '
-         'centralised; BraTS Dice 0.78 vs 0.81; ε < 4.5; convergence within 50 rounds; '
-         '< 250 MB communicated per hospital.')
+PAPER = (
+    'Paper figures for comparison: chest X-ray accuracy 88.2% federated vs 90.1% '
+    'centralised; BraTS Dice 0.78 vs 0.81; ε < 4.5; convergence within 50 rounds; '
+    '< 250 MB communicated per hospital.'
+)
 
 
 def write_markdown(rows: Sequence[dict], path: str) -> None:
     """Mean ± std (sample std over seeds) of each setting, one table per task."""
-    lines = ['# Results', '', PAPER, '',
-             'Mean ± std over seeds (n = number of seeds). "95% of central." is the first '
-             'evaluated round reaching 95% of the final metric of the centralised run with the '
-             'same partition, seed and DP target (mean over the seeds that reach it; k/n reached).',
-             '']
+    lines = [
+        '# Results',
+        '',
+        PAPER,
+        '',
+        'Mean ± std over seeds (n = number of seeds). "95% of central." is the first '
+        'evaluated round reaching 95% of the final metric of the centralised run with the '
+        'same partition, seed and DP target (mean over the seeds that reach it; k/n reached).',
+        '',
+    ]
     for task in sorted({r['task'] for r in rows}):
         task_rows = [r for r in rows if r['task'] == task]
         metric = task_rows[0]['main_metric']
         second = ''.join(f' {name} |' for name in SECONDARY.get(task, ()))
-        lines += [f'## {task} ({metric})', '',
-                  f'| algorithm | DP target ε | partition | n | final {metric} | best {metric} '
-                  f'|{second} achieved ε | 95% of central. (rounds) | MB / hospital | train s |',
-                  '|---|---|---|---|---|---|' + '---|' * len(SECONDARY.get(task, ()))
-                  + '---|---|---|---|']
+        lines += [
+            f'## {task} ({metric})',
+            '',
+            f'| algorithm | DP target ε | partition | n | final {metric} | best {metric} '
+            f'|{second} achieved ε | 95% of central. (rounds) | MB / hospital | train s |',
+            '|---|---|---|---|---|---|'
+            + '---|' * len(SECONDARY.get(task, ()))
+            + '---|---|---|---|',
+        ]
         groups: dict[tuple, list[dict]] = {}
         for r in task_rows:
             key = (r['algorithm'], r['dp_target_epsilon'], r['partition'], str(r['alpha']))
             groups.setdefault(key, []).append(r)
         for (algorithm, eps, partition, alpha), group in sorted(groups.items()):
-            reached = [g['rounds_to_95pct_centralized'] for g in group
-                       if g['rounds_to_95pct_centralized'] != '']
+            reached = [
+                g['rounds_to_95pct_centralized']
+                for g in group
+                if g['rounds_to_95pct_centralized'] != ''
+            ]
             part = f'{partition} α={alpha}' if alpha else partition
             lines.append(
                 f'| {algorithm} | {eps:g} | {part} | {len(group)} | '
                 f'{_mean_std([g["final_metric"] for g in group], 4)} | '
                 f'{_mean_std([g["best_metric"] for g in group], 4)} | '
-                + ''.join(f'{_mean_std([g[f"secondary_{i + 1}"] for g in group], 4)} | '
-                          for i in range(len(SECONDARY.get(task, ()))))
+                + ''.join(
+                    f'{_mean_std([g[f"secondary_{i + 1}"] for g in group], 4)} | '
+                    for i in range(len(SECONDARY.get(task, ())))
+                )
                 + f'{_mean_std([g["achieved_epsilon"] for g in group], 2) if eps else "–"} | '
                 f'{_mean_std(reached, 1)} ({len(reached)}/{len(group)}) | '
                 f'{_mean_std([g["bytes_per_hospital"] / 1e6 for g in group], 3)} | '
-                f'{_mean_std([g["wall_time_s"] for g in group], 1)} |')
+                f'{_mean_std([g["wall_time_s"] for g in group], 1)} |'
+            )
         lines.append('')
     with open(path, 'w') as f:
         f.write('\n'.join(lines))
@@ -426,20 +532,26 @@ def collect(workdir: str) -> list[dict]:
 # Main
 # -------------------------------------------------------------------------------------------------
 
+
 def _enable_compilation_cache(workdir: str) -> None:
     if os.environ.get('JAX_COMPILATION_CACHE_DIR') or _JAX_CACHE.value == '':
         return
     import jax
-    jax.config.update('jax_compilation_cache_dir',
-                      _JAX_CACHE.value or os.path.join(workdir, '.jax_cache'))
+
+    jax.config.update(
+        'jax_compilation_cache_dir', _JAX_CACHE.value or os.path.join(workdir, '.jax_cache')
+    )
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
 
 
 def suite_from_flags() -> Suite:
     """The --suite grid narrowed (or changed) by the other flags."""
     suite = SUITES[_SUITE.value]
-    changes = {'tasks': tuple(_TASKS.value or suite.tasks), 'seeds': _SEEDS.value or suite.seeds,
-               'num_rounds': _NUM_ROUNDS.value or suite.num_rounds}
+    changes = {
+        'tasks': tuple(_TASKS.value or suite.tasks),
+        'seeds': _SEEDS.value or suite.seeds,
+        'num_rounds': _NUM_ROUNDS.value or suite.num_rounds,
+    }
     if _ALGORITHMS.value:
         changes['algorithms'] = tuple(_ALGORITHMS.value)
     if _PARTITIONS.value:
@@ -465,19 +577,24 @@ def suite_from_flags() -> Suite:
             for field, value in overrides:
                 apply_override(config, field, value)
     suite = dataclasses.replace(suite, **changes)
-    for field, known in (('tasks', CONFIG_MODULES), ('algorithms', ALGORITHMS),
-                         ('dp_algorithms', ALGORITHMS)):
+    for field, known in (
+        ('tasks', CONFIG_MODULES),
+        ('algorithms', ALGORITHMS),
+        ('dp_algorithms', ALGORITHMS),
+    ):
         unknown = set(getattr(suite, field)) - set(known)
         if unknown:
             raise app.UsageError(f'--{field}: unknown {sorted(unknown)}; use {sorted(known)}.')
     return suite
 
 
-def run_suite(suite: Suite, workdir: str, data_dir: str | None = None, *,
-              write_report: bool = True) -> list[dict]:
+def run_suite(
+    suite: Suite, workdir: str, data_dir: str | None = None, *, write_report: bool = True
+) -> list[dict]:
     """Runs (or resumes, or skips) every run of the grid; writes the results; returns the rows."""
     os.makedirs(workdir, exist_ok=True)
     from fedjax_med.data import sources
+
     sources.keep_last_dataset(True)  # runs of one seed share their data: build it once
     trained, skipped, failed = 0, 0, []
     for spec in grid(suite):
@@ -492,8 +609,10 @@ def run_suite(suite: Suite, workdir: str, data_dir: str | None = None, *,
             else:
                 traceback.print_exc()
             failed.append(f'{spec.task}/{spec.name}')
-    print(f'{trained} run(s) trained, {skipped} already finished (skipped), '
-          f'{len(failed)} failed.', flush=True)
+    print(
+        f'{trained} run(s) trained, {skipped} already finished (skipped), {len(failed)} failed.',
+        flush=True,
+    )
     rows = collect(workdir)
     print(f'Wrote {len(rows)} rows to {os.path.join(workdir, "results.csv")} and results.md')
     if write_report:

@@ -33,8 +33,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[:1] != [REPO]:  # first, ahead of any installed package named `configs`
     sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not installed
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (with :variant).',
-                                          lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file (with :variant).', lock_config=True
+)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder; the trace goes to WORKDIR/trace.')
 _WARMUP = flags.DEFINE_integer('warmup_rounds', 2, 'Rounds run (and compiled) before tracing.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Rounds traced.')
@@ -52,12 +53,15 @@ def main(argv: Sequence[str]) -> None:
     config = _CONFIG.value
     workdir = os.path.expanduser(_WORKDIR.value)
     if _WARMUP.value < 1 or _ROUNDS.value < 1:
-        raise app.UsageError('--warmup_rounds and --rounds must be at least 1 (the first round '
-                             'compiles).')
+        raise app.UsageError(
+            '--warmup_rounds and --rounds must be at least 1 (the first round compiles).'
+        )
     needed = _WARMUP.value + _ROUNDS.value + 1
     if needed > config.num_rounds:
-        raise app.UsageError(f'--warmup_rounds + --rounds + 1 = {needed} exceeds '
-                             f'config.num_rounds={config.num_rounds}; lower them.')
+        raise app.UsageError(
+            f'--warmup_rounds + --rounds + 1 = {needed} exceeds '
+            f'config.num_rounds={config.num_rounds}; lower them.'
+        )
     if not flags.FLAGS['verbosity'].present:
         logging.set_verbosity(logging.ERROR)  # Orbax is chatty at INFO
     trace_dir = os.path.join(workdir, 'trace')
@@ -67,8 +71,9 @@ def main(argv: Sequence[str]) -> None:
 
     def trace_rounds(done: int) -> None:
         if done == first:
-            jax.profiler.start_trace(trace_dir, create_perfetto_trace=True,
-                                     profiler_options=options)
+            jax.profiler.start_trace(
+                trace_dir, create_perfetto_trace=True, profiler_options=options
+            )
         elif done == last:
             jax.profiler.stop_trace()
 

@@ -6,8 +6,9 @@ import sys
 import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
-                      os.path.join(tempfile.gettempdir(), 'fedjax_med_test_jax_cache'))
+os.environ.setdefault(
+    'JAX_COMPILATION_CACHE_DIR', os.path.join(tempfile.gettempdir(), 'fedjax_med_test_jax_cache')
+)
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -29,55 +29,112 @@ _DPSGD = {'dp.mode': 'sample', 'local.sampling': 'poisson', 'dp.clip_norm': 0.5}
 # name -> (task, {dotted field: value})
 CASES = {
     'cxr_plain': ('chestxray14', {}),
-    'cxr_partial_fedadam_prox': ('chestxray14', {
-        'clients_per_round': 2, 'server.optimizer': 'fedadam', 'server.learning_rate': 0.03,
-        'local.prox_mu': 0.01, 'local.schedule': 'exponential', 'local.optimizer': 'momentum',
-        'local.learning_rate': 0.05}),
-    'cxr_dpsgd_target': ('chestxray14', {**_DPSGD, 'dp.target_epsilon': 8.0,
-                                         'dp.chunk_size': 8}),
-    'cxr_dpsgd_fast': ('chestxray14', {**_DPSGD, 'dp.noise_multiplier': 1.0,
-                                       'dp.fast_clipping': True, 'dp.accountant': 'pld'}),
-    'cxr_client_dp_adaptive': ('chestxray14', {
-        'dp.mode': 'client', 'dp.noise_multiplier': 0.3, 'dp.clip_norm': 0.5,
-        'dp.adaptive_clip': True}),
-    'cxr_secagg_dropout': ('chestxray14', {'secagg.enabled': True, 'secagg.dropout_fraction': 0.25,
-                                           'secagg.clip': 0.5}),
-    'cxr_secagg_plus': ('chestxray14', {'secagg.enabled': True, 'secagg.neighbours': 2,
-                                        'secagg.threshold': 2}),
-    'cxr_client_dp_secagg': ('chestxray14', {'dp.mode': 'client', 'dp.noise_multiplier': 0.3,
-                                             'dp.clip_norm': 0.5, 'secagg.enabled': True}),
-    'cxr_quantize_rotate_bf16': ('chestxray14', {
-        'compression.kind': 'quantize', 'compression.bits': 4, 'compression.rotate': True,
-        'compression.broadcast_dtype': 'bfloat16'}),
-    'cxr_topk': ('chestxray14', {'compression.kind': 'topk', 'compression.topk_fraction': 0.1,
-                                 'clients_per_round': 3}),
+    'cxr_partial_fedadam_prox': (
+        'chestxray14',
+        {
+            'clients_per_round': 2,
+            'server.optimizer': 'fedadam',
+            'server.learning_rate': 0.03,
+            'local.prox_mu': 0.01,
+            'local.schedule': 'exponential',
+            'local.optimizer': 'momentum',
+            'local.learning_rate': 0.05,
+        },
+    ),
+    'cxr_dpsgd_target': ('chestxray14', {**_DPSGD, 'dp.target_epsilon': 8.0, 'dp.chunk_size': 8}),
+    'cxr_dpsgd_fast': (
+        'chestxray14',
+        {**_DPSGD, 'dp.noise_multiplier': 1.0, 'dp.fast_clipping': True, 'dp.accountant': 'pld'},
+    ),
+    'cxr_client_dp_adaptive': (
+        'chestxray14',
+        {
+            'dp.mode': 'client',
+            'dp.noise_multiplier': 0.3,
+            'dp.clip_norm': 0.5,
+            'dp.adaptive_clip': True,
+        },
+    ),
+    'cxr_secagg_dropout': (
+        'chestxray14',
+        {'secagg.enabled': True, 'secagg.dropout_fraction': 0.25, 'secagg.clip': 0.5},
+    ),
+    'cxr_secagg_plus': (
+        'chestxray14',
+        {'secagg.enabled': True, 'secagg.neighbours': 2, 'secagg.threshold': 2},
+    ),
+    'cxr_client_dp_secagg': (
+        'chestxray14',
+        {
+            'dp.mode': 'client',
+            'dp.noise_multiplier': 0.3,
+            'dp.clip_norm': 0.5,
+            'secagg.enabled': True,
+        },
+    ),
+    'cxr_quantize_rotate_bf16': (
+        'chestxray14',
+        {
+            'compression.kind': 'quantize',
+            'compression.bits': 4,
+            'compression.rotate': True,
+            'compression.broadcast_dtype': 'bfloat16',
+        },
+    ),
+    'cxr_topk': (
+        'chestxray14',
+        {'compression.kind': 'topk', 'compression.topk_fraction': 0.1, 'clients_per_round': 3},
+    ),
     'cxr_median': ('chestxray14', {'server.aggregator': 'median'}),
-    'cxr_trimmed_mean': ('chestxray14', {'server.aggregator': 'trimmed_mean',
-                                         'server.trim_fraction': 0.25}),
-    'cxr_uniform_fedavgm': ('chestxray14', {'server.aggregator': 'uniform',
-                                            'server.optimizer': 'fedavgm'}),
+    'cxr_trimmed_mean': (
+        'chestxray14',
+        {'server.aggregator': 'trimmed_mean', 'server.trim_fraction': 0.25},
+    ),
+    'cxr_uniform_fedavgm': (
+        'chestxray14',
+        {'server.aggregator': 'uniform', 'server.optimizer': 'fedavgm'},
+    ),
     'cxr_local': ('chestxray14', {'mode': 'local'}),
     'cxr_centralized': ('chestxray14', {'mode': 'centralized'}),
     'brats_plain': ('brats', {}),
     'brats_dpsgd_local': ('brats', {**_DPSGD, 'dp.noise_multiplier': 1.0, 'mode': 'local'}),
-    'brats_3d': ('brats', {'data.patch_size': 8, 'data.num_clients': 2, 'data.partition': 'iid',
-                           'data.num_train': 32, 'data.num_test': 16,
-                           'data.patches_per_case': 4, 'local.batch_size': 4,
-                           'eval_batch_size': 8}),
+    'brats_3d': (
+        'brats',
+        {
+            'data.patch_size': 8,
+            'data.num_clients': 2,
+            'data.partition': 'iid',
+            'data.num_train': 32,
+            'data.num_test': 16,
+            'data.patches_per_case': 4,
+            'local.batch_size': 4,
+            'eval_batch_size': 8,
+        },
+    ),
     # Partial participation on the vectorised path: 4 of 16 hospitals a round. Recorded when the
     # round still trained all 16 with the absent ones masked; the round over the 4 participants
     # alone (host_round.py) reproduces them bit for bit.
-    **{f'cxr_k16_m4_{name}': ('chestxray14', {
-        'data.num_clients': 16, 'data.partition': 'iid', 'clients_per_round': 4,
-        # 16 hospitals vmapped at once (0, automatic, is one at a time on a CPU).
-        'clients_in_parallel': 16, 'local.batch_size': 4, **fields})
-       for name, fields in {
-           'plain': {},
-           'dpsgd': {**_DPSGD, 'dp.noise_multiplier': 1.0},
-           'secagg_dropout': {'secagg.enabled': True, 'secagg.dropout_fraction': 0.25},
-           'client_dp': {'dp.mode': 'client', 'dp.noise_multiplier': 0.3, 'dp.clip_norm': 0.5},
-           'topk': {'compression.kind': 'topk', 'compression.topk_fraction': 0.1},
-       }.items()},
+    **{
+        f'cxr_k16_m4_{name}': (
+            'chestxray14',
+            {
+                'data.num_clients': 16,
+                'data.partition': 'iid',
+                'clients_per_round': 4,
+                # 16 hospitals vmapped at once (0, automatic, is one at a time on a CPU).
+                'clients_in_parallel': 16,
+                'local.batch_size': 4,
+                **fields,
+            },
+        )
+        for name, fields in {
+            'plain': {},
+            'dpsgd': {**_DPSGD, 'dp.noise_multiplier': 1.0},
+            'secagg_dropout': {'secagg.enabled': True, 'secagg.dropout_fraction': 0.25},
+            'client_dp': {'dp.mode': 'client', 'dp.noise_multiplier': 0.3, 'dp.clip_norm': 0.5},
+            'topk': {'compression.kind': 'topk', 'compression.topk_fraction': 0.1},
+        }.items()
+    },
 }
 
 
@@ -95,8 +152,9 @@ def config_of(name: str):
 
 
 def strip_timing(row: dict) -> dict:
-    return {k: v for k, v in row.items()
-            if not k.startswith(TIMING_PREFIXES) and k not in ADDED_KEYS}
+    return {
+        k: v for k, v in row.items() if not k.startswith(TIMING_PREFIXES) and k not in ADDED_KEYS
+    }
 
 
 def read_rows(workdir: str) -> list[dict]:
@@ -110,12 +168,18 @@ def environment() -> dict:
     cpu = ''
     try:
         with open('/proc/cpuinfo') as f:
-            cpu = next((line.split(':', 1)[1].strip() for line in f
-                        if line.startswith('model name')), '')
+            cpu = next(
+                (line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), ''
+            )
     except OSError:
         pass
-    return {'jax': jax.__version__, 'jaxlib': jax.lib.__version__, 'numpy': np.__version__,
-            'machine': platform.machine(), 'cpu': cpu}
+    return {
+        'jax': jax.__version__,
+        'jaxlib': jax.lib.__version__,
+        'numpy': np.__version__,
+        'machine': platform.machine(),
+        'cpu': cpu,
+    }
 
 
 # The cxr_k16_m4 goldens were recorded when the vectorised round still trained all 16
@@ -139,8 +203,12 @@ def record(name: str, rows: list[dict]) -> None:
 def _close(a, b, rtol: float, atol: float) -> bool:
     if isinstance(a, list) and isinstance(b, list):
         return len(a) == len(b) and all(_close(x, y, rtol, atol) for x, y in zip(a, b, strict=True))
-    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) \
-            or not isinstance(b, (int, float)):
+    if (
+        isinstance(a, bool)
+        or isinstance(b, bool)
+        or not isinstance(a, (int, float))
+        or not isinstance(b, (int, float))
+    ):
         return a == b
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
@@ -164,8 +232,10 @@ def compare(name: str, rows: list[dict], *, exact: bool | None = None) -> list[s
         return [f'{len(rows)} rows, golden has {len(want)}']
     for i, (got, ref) in enumerate(zip(rows, want, strict=True)):
         if sorted(got) != sorted(ref):
-            problems.append(f'row {i}: keys differ: extra {sorted(set(got) - set(ref))}, '
-                            f'missing {sorted(set(ref) - set(got))}')
+            problems.append(
+                f'row {i}: keys differ: extra {sorted(set(got) - set(ref))}, '
+                f'missing {sorted(set(ref) - set(got))}'
+            )
             continue
         for key in ref:
             if not _close(got[key], ref[key], rtol, atol):

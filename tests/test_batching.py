@@ -17,21 +17,26 @@ def test_largest_hospital_stays_within_the_bound():
     # The smallest hospital has n <= B (q = 1, no spread at all); sizing the batch for it gave
     # B + 1 = 33 slots, which the 3000-example hospital overflows in about 38% of its steps.
     sizes, batch = [30, 1000, 3000], 32
-    for max_batch in (batching.poisson_max_batch(batch, sizes),
-                      batching.poisson_max_batch(batch, min(sizes)),  # the call without sizes
-                      batching.poisson_max_batch(batch)):
+    for max_batch in (
+        batching.poisson_max_batch(batch, sizes),
+        batching.poisson_max_batch(batch, min(sizes)),  # the call without sizes
+        batching.poisson_max_batch(batch),
+    ):
         assert _step_overflow(batch, 3000, max_batch) <= batching.POISSON_TAIL
         assert _step_overflow(batch, 1000, max_batch) <= batching.POISSON_TAIL
 
 
-@pytest.mark.parametrize('batch,sizes,tail', [
-    (32, [30, 1000, 3000], 1e-9),
-    (32, [391, 1034, 477, 246, 853], 1e-9),
-    (16, [112, 392, 696, 160, 240], 1e-9),
-    (8, [5, 8, 9, 40, 20000], 1e-12),
-    (64, [64, 65, 3000, 20000], 1e-6),
-    (4, [1, 2, 3], 1e-9),
-])
+@pytest.mark.parametrize(
+    'batch,sizes,tail',
+    [
+        (32, [30, 1000, 3000], 1e-9),
+        (32, [391, 1034, 477, 246, 853], 1e-9),
+        (16, [112, 392, 696, 160, 240], 1e-9),
+        (8, [5, 8, 9, 40, 20000], 1e-12),
+        (64, [64, 65, 3000, 20000], 1e-6),
+        (4, [1, 2, 3], 1e-9),
+    ],
+)
 def test_every_hospital_within_the_bound_and_max_batch_is_the_smallest_such(batch, sizes, tail):
     max_batch = batching.poisson_max_batch(batch, sizes, tail)
     for n in sizes:
@@ -39,8 +44,7 @@ def test_every_hospital_within_the_bound_and_max_batch_is_the_smallest_such(batc
             assert _step_overflow(batch, m, max_batch) <= tail, (n, m, max_batch)
             assert batching.overflow_probability(batch, m, max_batch) <= tail
     # Exact: one slot fewer breaks the bound for some hospital (or its neighbour).
-    assert max(_step_overflow(batch, m, max_batch - 1)
-               for n in sizes for m in (n, n + 1)) > tail
+    assert max(_step_overflow(batch, m, max_batch - 1) for n in sizes for m in (n, n + 1)) > tail
     # The size-free (Poisson) bound covers them all.
     assert batching.poisson_max_batch(batch, tail=tail) >= max_batch
 
@@ -57,8 +61,14 @@ def test_sampler_does_not_truncate_the_large_hospitals():
     max_batch = batching.poisson_max_batch(batch, sizes)
     num_steps = max(batching.steps_per_round(n, batch, epochs) for n in sizes)
     for r in range(3):
-        out = batching.poisson_batches(sizes, batch, epochs, num_steps, max_batch,
-                                       lambda k, r=r: np.random.default_rng([0, r, k]))
+        out = batching.poisson_batches(
+            sizes,
+            batch,
+            epochs,
+            num_steps,
+            max_batch,
+            lambda k, r=r: np.random.default_rng([0, r, k]),
+        )
         assert out.overflow == 0
         assert out.indices.shape == (3, num_steps, max_batch)
         # The mask holds the whole draw: mean batch size near B for the large hospitals.
@@ -72,8 +82,9 @@ def test_run_tail_keeps_whole_run_overflow_next_to_delta():
     deltas = np.array([1 / (10 * n) for n in sizes])
     default = batching.poisson_max_batch(batch, sizes)
     # The default per-step bound alone is not negligible over a run next to delta.
-    assert (batching.run_overflow_probability(batch, sizes, default, steps, rounds)
-            > 1e-3 * deltas).any()
+    assert (
+        batching.run_overflow_probability(batch, sizes, default, steps, rounds) > 1e-3 * deltas
+    ).any()
     for epsilon, factor in ((None, 1.0), (3.0, 1 + np.exp(3.0))):
         tail = batching.run_overflow_tail(steps, rounds, deltas, epsilon=epsilon)
         max_batch = batching.poisson_max_batch(batch, sizes, tail)

@@ -19,7 +19,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope='module')
 def bench():
     spec = importlib.util.spec_from_file_location(
-        'fedjax_med_benchmark', os.path.join(REPO, 'launch', 'benchmark.py'))
+        'fedjax_med_benchmark', os.path.join(REPO, 'launch', 'benchmark.py')
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
     spec.loader.exec_module(module)
@@ -36,12 +37,22 @@ def fast_compile():
     jax.config.update('jax_disable_most_optimizations', previous)
 
 
-TINY = dict(model='resnet_small', task='chestxray14', resolution=8, channels=1, batch=3, steps=2,
-            width=4, depth=1, norm_groups=2)
+TINY = dict(
+    model='resnet_small',
+    task='chestxray14',
+    resolution=8,
+    channels=1,
+    batch=3,
+    steps=2,
+    width=4,
+    depth=1,
+    norm_groups=2,
+)
 
 
-@pytest.mark.parametrize('dp,clients_in_parallel', [('none', 0), ('sgd', 0), ('none', 2),
-                                                     ('none', 3)])
+@pytest.mark.parametrize(
+    'dp,clients_in_parallel', [('none', 0), ('sgd', 0), ('none', 2), ('none', 3)]
+)
 def test_sequential_loop_matches_vectorised_round(bench, dp, clients_in_parallel, fast_compile):
     """K=3 hospitals, 2 local Adam steps, FedAvg: the Python loop over a jitted single-hospital
     update with host aggregation gives the round's parameters (DP: same noise too), whether the
@@ -57,8 +68,10 @@ def test_sequential_loop_matches_vectorised_round(bench, dp, clients_in_parallel
     assert len(seq.host_aggregation_s) == 1
     state, _ = setup.round_fn(setup.state, setup.client_data, setup.inputs, key)
     vec_params = jax.device_get(state.params)
-    moved = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(vec_params),
-                                                   jax.tree.leaves(params0), strict=True)]
+    moved = [
+        np.abs(a - b).max()
+        for a, b in zip(jax.tree.leaves(vec_params), jax.tree.leaves(params0), strict=True)
+    ]
     assert max(moved) > 1e-4  # the round really trained
     for a, b in zip(jax.tree.leaves(seq_params), jax.tree.leaves(vec_params), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
@@ -73,8 +86,11 @@ def test_clients_in_parallel_flag_reaches_every_round(bench):
     assert config.clients_in_parallel == 1
     # Full mode: the large models as their configs train them, the small one vmapped.
     full = bench.WORKLOADS['full']
-    assert (full['resnet18'].clients_in_parallel, full['unet'].clients_in_parallel,
-            full['resnet_small'].clients_in_parallel) == (1, 1, 0)
+    assert (
+        full['resnet18'].clients_in_parallel,
+        full['unet'].clients_in_parallel,
+        full['resnet_small'].clients_in_parallel,
+    ) == (1, 1, 0)
 
 
 def test_round_inputs_cover_the_work(bench):
@@ -88,8 +104,10 @@ def test_round_inputs_cover_the_work(bench):
     np.testing.assert_array_equal(inputs.mask.sum(axis=(1, 2)), [6, 6, 6, 0])
     np.testing.assert_array_equal(inputs.weights > 0, [True, True, True, False])
     assert spec.label() == 'k3_s2'
-    assert bench.RoundSpec(5, 2, dp='sgd', secagg=True, dtype='bfloat16').label() == \
-        'k5_s2_dp_sgd_secagg_bfloat16'
+    assert (
+        bench.RoundSpec(5, 2, dp='sgd', secagg=True, dtype='bfloat16').label()
+        == 'k5_s2_dp_sgd_secagg_bfloat16'
+    )
 
 
 def test_tiny_benchmark_end_to_end(bench, tmp_path):
@@ -97,17 +115,36 @@ def test_tiny_benchmark_end_to_end(bench, tmp_path):
     results = bench.main(['--tiny', f'--json={path}'])
     with open(path) as f:
         report = json.load(f)
-    required = ('vmap_vs_sequential_speedup', 'dp_over_nondp_throughput',
-                'dp_fast_over_nondp_throughput', 'federated_over_centralized_throughput',
-                'secagg_overhead', 'secagg_overhead_with_host', 'bf16_over_fp32_throughput',
-                'scaling_k', 'scaling_devices', 'peak_memory_bytes', 'compile_time_s', 'device',
-                'jax_version', 'measurements', 'models', 'errors', 'skipped', 'notes')
+    required = (
+        'vmap_vs_sequential_speedup',
+        'dp_over_nondp_throughput',
+        'dp_fast_over_nondp_throughput',
+        'federated_over_centralized_throughput',
+        'secagg_overhead',
+        'secagg_overhead_with_host',
+        'bf16_over_fp32_throughput',
+        'scaling_k',
+        'scaling_devices',
+        'peak_memory_bytes',
+        'compile_time_s',
+        'device',
+        'jax_version',
+        'measurements',
+        'models',
+        'errors',
+        'skipped',
+        'notes',
+    )
     for key in required:
         assert key in report, key
     assert report['errors'] == {} and report['skipped'] == {}
-    for key in ('vmap_vs_sequential_speedup', 'dp_over_nondp_throughput',
-                'federated_over_centralized_throughput', 'secagg_overhead',
-                'bf16_over_fp32_throughput'):
+    for key in (
+        'vmap_vs_sequential_speedup',
+        'dp_over_nondp_throughput',
+        'federated_over_centralized_throughput',
+        'secagg_overhead',
+        'bf16_over_fp32_throughput',
+    ):
         assert report[key] > 0, key
     assert report['secagg_overhead_with_host'] >= report['secagg_overhead']
     assert set(report['scaling_k']) == {'1', '2'} and all(report['scaling_k'].values())
@@ -119,9 +156,11 @@ def test_tiny_benchmark_end_to_end(bench, tmp_path):
         assert m['examples_per_s'] > 0 and m['compile_s'] > 0
     # The same work in both halves of each ratio.
     ms = report['measurements']
-    assert ms['resnet_small/k2_s1']['examples_per_round'] == \
-        ms['resnet_small/k1_s2']['examples_per_round'] == \
-        ms['resnet_small/k2_s1_sequential']['examples_per_round']
+    assert (
+        ms['resnet_small/k2_s1']['examples_per_round']
+        == ms['resnet_small/k1_s2']['examples_per_round']
+        == ms['resnet_small/k2_s1_sequential']['examples_per_round']
+    )
     assert 'resnet_small/k2_s1' in bench.format_table(results)
 
 

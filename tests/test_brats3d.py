@@ -37,6 +37,7 @@ def fast_compiles():
 # Patch sampler
 # ---------------------------------------------------------------------------------------------
 
+
 def toy_case(tumour=True):
     """A [10, 12, 14] volume: an ellipsoidal brain (image 0 outside), a small tumour box whose
     enhancing part (ET) is a single voxel."""
@@ -48,7 +49,7 @@ def toy_case(tumour=True):
     if tumour:
         regions[3:6, 4:8, 5:9, 0] = 1  # WT
         regions[4:6, 5:7, 6:8, 1] = 1  # TC
-        regions[5, 6, 7, 2] = 1        # ET: one voxel
+        regions[5, 6, 7, 2] = 1  # ET: one voxel
     return image, regions
 
 
@@ -79,22 +80,40 @@ def test_sample_patches_inside_volume_fraction_and_determinism():
 
 def test_sample_patches_balances_regions_pads_small_volumes_and_tumour_free_cases():
     image, regions = toy_case()
-    out = patches.sample_patches(image, regions, patch_size=4, num_patches=300,
-                                 tumour_fraction=1.0, rng=np.random.default_rng(0))
+    out = patches.sample_patches(
+        image,
+        regions,
+        patch_size=4,
+        num_patches=300,
+        tumour_fraction=1.0,
+        rng=np.random.default_rng(0),
+    )
     # A present region is picked uniformly before its voxel, so the single ET voxel centres
     # 300 * (1/3 + 1/3 * 1/8 + 1/3 * 1/48) = 115 patches on average (sd 8), not 300/48 = 6 as
     # uniformly drawn tumour voxels would.
     on_et = regions[..., 2][tuple(out['centre'].T)].sum()
     assert 85 <= on_et <= 145
     # A volume thinner than the patch is zero-padded at its high end.
-    thin = patches.sample_patches(image[:4], regions[:4], patch_size=6, num_patches=5,
-                                  tumour_fraction=0.4, rng=np.random.default_rng(0))
+    thin = patches.sample_patches(
+        image[:4],
+        regions[:4],
+        patch_size=6,
+        num_patches=5,
+        tumour_fraction=0.4,
+        rng=np.random.default_rng(0),
+    )
     assert thin['image'].shape == (5, 6, 6, 6, 4) and (thin['patch_origin'][:, 0] == 0).all()
     assert (thin['image'][:, 4:] == 0).all()
     # Without tumour every patch is brain-centred, whatever the fraction.
     image, regions = toy_case(tumour=False)
-    none = patches.sample_patches(image, regions, patch_size=4, num_patches=5,
-                                  tumour_fraction=1.0, rng=np.random.default_rng(0))
+    none = patches.sample_patches(
+        image,
+        regions,
+        patch_size=4,
+        num_patches=5,
+        tumour_fraction=1.0,
+        rng=np.random.default_rng(0),
+    )
     assert none['tumour_centred'].sum() == 0
 
 
@@ -105,8 +124,9 @@ def test_synthetic_patches_are_seeded_and_federated_by_case(tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
     assert a['image'].shape == (24, 8, 8, 8, 4) and a['label'].shape == (24, 8, 8, 8, 3)
     np.testing.assert_array_equal(a['patient_id'], np.repeat(np.arange(6), 4))
-    assert not np.array_equal(synthetic.synthetic_brats_patches(6, 16, 8, 4, 0.5, seed=1)['image'],
-                              a['image'])
+    assert not np.array_equal(
+        synthetic.synthetic_brats_patches(6, 16, 8, 4, 0.5, seed=1)['image'], a['image']
+    )
     wt, tc, et = (a['label'][..., r] for r in range(3))
     assert (tc <= wt).all() and (et <= tc).all()
     local_centre = a['centre'] - a['patch_origin']
@@ -114,11 +134,27 @@ def test_synthetic_patches_are_seeded_and_federated_by_case(tmp_path):
     assert centred.sum() == 12  # 2 of 4 in each case (every synthetic case has a tumour)
     assert (wt[np.flatnonzero(centred), *local_centre[centred].T] == 1).all()
 
-    cfg = ml_collections.ConfigDict(dict(
-        name='synthetic_brats', data_dir='', manual_dir='', resolution=16, num_train=24,
-        num_test=12, num_clients=2, partition='iid', dirichlet_alpha=0.5, findings_per_client=2,
-        quantity_sigma=1.0, natural_column='grade', feature_skew=True, test_fraction=0.2,
-        patch_size=8, patches_per_case=4, tumour_patch_fraction=0.5))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name='synthetic_brats',
+            data_dir='',
+            manual_dir='',
+            resolution=16,
+            num_train=24,
+            num_test=12,
+            num_clients=2,
+            partition='iid',
+            dirichlet_alpha=0.5,
+            findings_per_client=2,
+            quantity_sigma=1.0,
+            natural_column='grade',
+            feature_skew=True,
+            test_fraction=0.2,
+            patch_size=8,
+            patches_per_case=4,
+            tumour_patch_fraction=0.5,
+        )
+    )
     ds = sources.load_federated(cfg, seed=0)
     full = synthetic.synthetic_brats_patches(9, 16, 8, 4, 0.5, seed=0)  # (24 + 12) / 4 cases
     owners = {}
@@ -150,23 +186,34 @@ def test_acquisition_bias_field_of_a_patch_is_that_of_its_place_in_the_volume():
     whole = gain(plane)
     # A one-slice patch spanning the whole plane: exactly the 2-D look, noise included.
     np.testing.assert_allclose(
-        partition.apply_acquisition_shift(plane[:, None], 1, 'brats', seed=0,
-                                          origins=[[0, 0, 0]], volume_shapes=[[1, 12, 10]])[:, 0],
-        partition.apply_acquisition_shift(plane, 1, 'brats', seed=0), rtol=1e-6)
+        partition.apply_acquisition_shift(
+            plane[:, None], 1, 'brats', seed=0, origins=[[0, 0, 0]], volume_shapes=[[1, 12, 10]]
+        )[:, 0],
+        partition.apply_acquisition_shift(plane, 1, 'brats', seed=0),
+        rtol=1e-6,
+    )
     # A 3 x 4 x 5 patch at (z, y, x) = (2, 6, 3) of a [5, 12, 10] volume.
     patch = np.broadcast_to(plane[:, None, 6:10, 3:8], (1, 3, 4, 5, 4)).copy()
     np.testing.assert_allclose(
         gain(patch, origins=[[2, 6, 3]], volume_shapes=[[5, 12, 10]]),
-        np.broadcast_to(whole[:, None, 6:10, 3:8], patch.shape), rtol=1e-4)
+        np.broadcast_to(whole[:, None, 6:10, 3:8], patch.shape),
+        rtol=1e-4,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # 3-D U-Net, its convolutions, DP-SGD
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize('kernel,strides,padding', [
-    ((3, 3, 3), (1, 1, 1), 'SAME'), ((3, 3, 3), (2, 1, 2), 'SAME'), ((2, 3, 1), (1, 2, 1), 'VALID'),
-])
+
+@pytest.mark.parametrize(
+    'kernel,strides,padding',
+    [
+        ((3, 3, 3), (1, 1, 1), 'SAME'),
+        ((3, 3, 3), (2, 1, 2), 'SAME'),
+        ((2, 3, 1), (1, 2, 1), 'VALID'),
+    ],
+)
 def test_loop_friendly_conv3d_gradients_equal_plain_conv(kernel, strides, padding):
     x = jax.random.normal(jax.random.key(0), (2, 7, 6, 5, 3))
     plain = nn.Conv(4, kernel, strides, padding=padding)
@@ -187,8 +234,9 @@ def test_unet_3d_output_shape_parameters_and_gradient():
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 8, 4))
     variables = jax.jit(model.init)(jax.random.key(1), x)
     assert jax.eval_shape(model.apply, variables, x).shape == (2, 8, 8, 8, 3)
-    kernels = {k: v.shape for k, v in
-               traverse_util.flatten_dict(variables['params'], sep='/').items()}
+    kernels = {
+        k: v.shape for k, v in traverse_util.flatten_dict(variables['params'], sep='/').items()
+    }
     assert kernels['ConvBlock_0/Conv_0/kernel'] == (3, 3, 3, 4, 4)
     assert kernels['head/kernel'] == (1, 1, 1, 4, 3)
     # Same parameter names as the 2-D U-Net; only the kernels gain a dimension.
@@ -197,14 +245,16 @@ def test_unet_3d_output_shape_parameters_and_gradient():
     # Gradient check: along the unit gradient direction the derivative is ||grad||; compare it
     # with a central finite difference (a small step, so few ReLUs change sides).
     labels = (jax.random.uniform(jax.random.key(2), (2, 8, 8, 8, 3)) > 0.7).astype(jnp.float32)
-    loss_and_grad = jax.jit(jax.value_and_grad(
-        lambda v, x: jnp.mean(BRATS_LOSS(model.apply(v, x), labels))))
+    loss_and_grad = jax.jit(
+        jax.value_and_grad(lambda v, x: jnp.mean(BRATS_LOSS(model.apply(v, x), labels)))
+    )
     _, grads = loss_and_grad(variables, x)
     norm = float(optax.tree.norm(grads))
     eps = 1e-3
     step = lambda s: jax.tree.map(lambda v, g: v + s * eps * g / norm, variables, grads)
-    numeric = (float(loss_and_grad(step(1.0), x)[0])
-               - float(loss_and_grad(step(-1.0), x)[0])) / (2 * eps)
+    numeric = (float(loss_and_grad(step(1.0), x)[0]) - float(loss_and_grad(step(-1.0), x)[0])) / (
+        2 * eps
+    )
     np.testing.assert_allclose(numeric, norm, rtol=1e-2)
     with pytest.raises(ValueError, match='add the batch axis'):
         model.apply(variables, x[0, 0, 0])
@@ -220,8 +270,11 @@ def test_dp_sgd_step_on_3d_patches_naive_and_fast():
     kw = dict(clip_norm=0.05, expected_batch_size=2.0)
     # Arguments, not closed-over constants (XLA would spend ages folding them); the noise
     # multiplier is traced, so one compilation serves both calls.
-    naive = jax.jit(lambda v, b, z: dp_sgd.dp_gradient(
-        per_example, v, b, mask, jax.random.key(3), noise_multiplier=z, **kw))
+    naive = jax.jit(
+        lambda v, b, z: dp_sgd.dp_gradient(
+            per_example, v, b, mask, jax.random.key(3), noise_multiplier=z, **kw
+        )
+    )
     grads, aux = naive(variables, batch, 0.0)
     # By hand: each real example's gradient clipped to 0.05, summed, over the expected batch.
     one_grad = jax.jit(jax.grad(per_example))
@@ -238,12 +291,13 @@ def test_dp_sgd_step_on_3d_patches_naive_and_fast():
     noised, _ = naive(variables, batch, 1.0)
     leaves = jax.tree.leaves(noised)
     assert all(np.isfinite(x).all() for x in leaves)
-    assert not all(np.allclose(a, e) for a, e in zip(leaves, jax.tree.leaves(grads),
-                                                     strict=True))
+    assert not all(np.allclose(a, e) for a, e in zip(leaves, jax.tree.leaves(grads), strict=True))
     # Fast clipping (norms from activations, no per-example gradients) gives the same step.
-    fast, fast_aux = jax.jit(lambda v, b: fast_clip.dp_gradient_fast(
-        model, v, b, mask, jax.random.key(3), loss_fn=BRATS_LOSS, noise_multiplier=0.0,
-        **kw))(variables, batch)
+    fast, fast_aux = jax.jit(
+        lambda v, b: fast_clip.dp_gradient_fast(
+            model, v, b, mask, jax.random.key(3), loss_fn=BRATS_LOSS, noise_multiplier=0.0, **kw
+        )
+    )(variables, batch)
     np.testing.assert_allclose(fast_aux['grad_norm_mean'], aux['grad_norm_mean'], rtol=1e-4)
     for a, e in zip(jax.tree.leaves(fast), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, e, atol=1e-6, rtol=1e-3)
@@ -253,20 +307,26 @@ def test_dp_sgd_step_on_3d_patches_naive_and_fast():
 # Config checks
 # ---------------------------------------------------------------------------------------------
 
+
 def test_patch_config_validation_messages_and_patch3d_variant():
     c = brats_configs.get_config('patch3d')
     validate.validate(c)
     assert c.data.patch_size == 64 and c.model.depth == 4
-    params = jax.eval_shape(lambda: build_model(c.model, 'brats').init(
-        jax.random.key(0), jnp.zeros((1, 64, 64, 64, 4))))
+    params = jax.eval_shape(
+        lambda: build_model(c.model, 'brats').init(jax.random.key(0), jnp.zeros((1, 64, 64, 64, 4)))
+    )
     assert params['params']['ConvBlock_0']['Conv_0']['kernel'].shape == (3, 3, 3, 4, 16)
     c.data.patch_size = 36  # not a multiple of 2**3
-    with pytest.raises(ValueError, match=r'config.data.patch_size=36 must be a multiple of '
-                                         r'2\*\*\(model.depth-1\)=8.*use e.g. 32'):
+    with pytest.raises(
+        ValueError,
+        match=r'config.data.patch_size=36 must be a multiple of '
+        r'2\*\*\(model.depth-1\)=8.*use e.g. 32',
+    ):
         validate.validate(c)
     c.data.patch_size = 256
-    with pytest.raises(ValueError, match='patch_size=256 exceeds the volume size '
-                                         'config.data.resolution=128'):
+    with pytest.raises(
+        ValueError, match='patch_size=256 exceeds the volume size config.data.resolution=128'
+    ):
         validate.validate(c)
     c.data.patch_size, c.data.tumour_patch_fraction = 64, 1.5
     with pytest.raises(ValueError, match=r'tumour_patch_fraction=1.5 must be in \[0, 1\]'):
@@ -274,14 +334,17 @@ def test_patch_config_validation_messages_and_patch3d_variant():
     cxr = brats_configs.get_config('smoke')
     cxr.task, cxr.data.name, cxr.model.name = 'chestxray14', 'synthetic_cxr', 'resnet_small'
     cxr.data.patch_size = 8
-    with pytest.raises(ValueError, match="patch_size=8 cuts 3-D patches from BraTS volumes; "
-                                         "config.task='chestxray14'"):
+    with pytest.raises(
+        ValueError,
+        match="patch_size=8 cuts 3-D patches from BraTS volumes; config.task='chestxray14'",
+    ):
         validate.validate(cxr)
 
 
 # ---------------------------------------------------------------------------------------------
 # The builder's volume mode on files in the real layouts
 # ---------------------------------------------------------------------------------------------
+
 
 def _expected_volume(mods, seg, brain):
     """What the 3-D builder should store for a fixture at resolution 16 (= the in-plane size, so
@@ -307,11 +370,13 @@ def test_builder_volume_mode_on_real_layouts(tmp_path, version):
         mods, seg, brain = write_msd(tmp_path / 'raw')
         truth = {'BRATS_001': (mods, seg, brain)}
     else:
-        prefix, ext = ('BraTS20_Training_', '.nii') if version == 'brats2020' else (
-            'BraTS2021_', '.nii.gz')
+        prefix, ext = (
+            ('BraTS20_Training_', '.nii') if version == 'brats2020' else ('BraTS2021_', '.nii.gz')
+        )
         truth = write_brats(tmp_path / 'raw', prefix, ext, n=2)
-    builder = tfds_io.make_builder(version, data_dir=str(tmp_path / 'tfds'), resolution=16,
-                                   volumes=True)
+    builder = tfds_io.make_builder(
+        version, data_dir=str(tmp_path / 'tfds'), resolution=16, volumes=True
+    )
     assert builder.builder_config.name == f'{version}_r16_vol'
     tfds_io.ensure_built(builder, str(tmp_path / 'raw'))
     data = tfds_io.read_split(builder, 'train')
@@ -332,12 +397,27 @@ def test_builder_volume_mode_on_real_layouts(tmp_path, version):
         assert data['first_slice'][row] == 1
 
     # load_federated cuts patches from the volumes, split by case.
-    cfg = ml_collections.ConfigDict(dict(
-        name=version, data_dir=str(tmp_path / 'tfds'), manual_dir=str(tmp_path / 'raw'),
-        resolution=16, num_train=0, num_test=0, num_clients=1, partition='iid',
-        dirichlet_alpha=0.5, findings_per_client=2, quantity_sigma=1.0, natural_column='grade',
-        feature_skew=False, test_fraction=0.5, patch_size=8, patches_per_case=3,
-        tumour_patch_fraction=0.7))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name=version,
+            data_dir=str(tmp_path / 'tfds'),
+            manual_dir=str(tmp_path / 'raw'),
+            resolution=16,
+            num_train=0,
+            num_test=0,
+            num_clients=1,
+            partition='iid',
+            dirichlet_alpha=0.5,
+            findings_per_client=2,
+            quantity_sigma=1.0,
+            natural_column='grade',
+            feature_skew=False,
+            test_fraction=0.5,
+            patch_size=8,
+            patches_per_case=3,
+            tumour_patch_fraction=0.7,
+        )
+    )
     ds = sources.load_federated(cfg, seed=0)
     everything = [ds.clients_train[0], ds.clients_test[0]]
     assert sum(len(s['image']) for s in everything) == 3 * len(truth)
@@ -352,21 +432,37 @@ def test_builder_volume_mode_on_real_layouts(tmp_path, version):
 
 
 def test_synthetic_volumes_via_tfds_give_the_in_memory_patches(tmp_path):
-    base = dict(data_dir=str(tmp_path / 'tfds'), manual_dir='', resolution=16, num_train=16,
-                num_test=8, num_clients=2, partition='iid', dirichlet_alpha=0.5,
-                findings_per_client=2, quantity_sigma=1.0, natural_column='grade',
-                feature_skew=False, test_fraction=0.2, patch_size=8, patches_per_case=4,
-                tumour_patch_fraction=0.5, name='synthetic_brats')
+    base = dict(
+        data_dir=str(tmp_path / 'tfds'),
+        manual_dir='',
+        resolution=16,
+        num_train=16,
+        num_test=8,
+        num_clients=2,
+        partition='iid',
+        dirichlet_alpha=0.5,
+        findings_per_client=2,
+        quantity_sigma=1.0,
+        natural_column='grade',
+        feature_skew=False,
+        test_fraction=0.2,
+        patch_size=8,
+        patches_per_case=4,
+        tumour_patch_fraction=0.5,
+        name='synthetic_brats',
+    )
     mem = sources.load_federated(ml_collections.ConfigDict(base), seed=0)
-    via = sources.load_federated(ml_collections.ConfigDict(dict(base, synthetic_via_tfds=True)),
-                                 seed=0)
+    via = sources.load_federated(
+        ml_collections.ConfigDict(dict(base, synthetic_via_tfds=True)), seed=0
+    )
     order = lambda d: np.lexsort([d['patch_index'], d['patient_id']])
     m, v = order(mem.test), order(via.test)
     np.testing.assert_array_equal(mem.test['patch_origin'][m], via.test['patch_origin'][v])
     np.testing.assert_array_equal(mem.test['label'][m], via.test['label'][v])
     assert mem.test['image'].dtype == via.test['image'].dtype == np.float16
-    np.testing.assert_allclose(mem.test['image'][m].astype(np.float32),
-                               via.test['image'][v].astype(np.float32), atol=1e-2)
+    np.testing.assert_allclose(
+        mem.test['image'][m].astype(np.float32), via.test['image'][v].astype(np.float32), atol=1e-2
+    )
 
 
 def test_largest_tumour_slice():
@@ -380,6 +476,7 @@ def test_largest_tumour_slice():
 # ---------------------------------------------------------------------------------------------
 # One federated run
 # ---------------------------------------------------------------------------------------------
+
 
 def test_train_run_3d_federated(tmp_path):
     c = brats_configs.get_config('smoke')
@@ -399,10 +496,20 @@ def test_train_run_3d_federated(tmp_path):
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         rows = [json.loads(line) for line in f]
     assert [r['round'] for r in rows] == [1]
-    for key in ('train/loss', 'train/param_norm', 'eval/mean_dice', 'eval/dice_wt',
-                'eval/dice_tc', 'eval/dice_et', 'eval/loss', 'eval/own_mean_dice',
-                'hospital/hospital_0/mean_dice', 'hospital/hospital_1/mean_dice',
-                'comm/bytes_up', 'time/round_s'):
+    for key in (
+        'train/loss',
+        'train/param_norm',
+        'eval/mean_dice',
+        'eval/dice_wt',
+        'eval/dice_tc',
+        'eval/dice_et',
+        'eval/loss',
+        'eval/own_mean_dice',
+        'hospital/hospital_0/mean_dice',
+        'hospital/hospital_1/mean_dice',
+        'comm/bytes_up',
+        'time/round_s',
+    ):
         assert key in rows[0], key
     assert np.isfinite(rows[0]['train/loss'])
     assert 0.0 <= rows[0]['eval/mean_dice'] <= 1.0
@@ -411,7 +518,7 @@ def test_train_run_3d_federated(tmp_path):
     assert rows[0]['eval/num_cases'] == len(np.unique(test_cases))
     assert 0.0 <= rows[0]['eval/mean_case_dice'] <= 1.0
     assert 0.0 < rows[0]['eval/case_voxel_coverage'] <= 1.0
-    assert 0.0 <= rows[0]['eval/mean_hd95'] <= np.sqrt(3 * 16 ** 2)
+    assert 0.0 <= rows[0]['eval/mean_hd95'] <= np.sqrt(3 * 16**2)
     # The report draws 3-D test patches by their axial slice with the most tumour.
     os.makedirs(tmp_path / 'report')
     png = report.plot_brats_overlays([report.load_run(workdir)], str(tmp_path / 'report'), 2)

@@ -17,14 +17,14 @@ from fedjax_med.tasks import TASKS
 
 def test_case_dice_hand_values_and_empty_conventions():
     truth = np.zeros((4, 4, 4), bool)
-    truth[0:2, 0:2, 0:2] = True              # 8 voxels
+    truth[0:2, 0:2, 0:2] = True  # 8 voxels
     pred = np.zeros_like(truth)
-    pred[1:3, 0:2, 0:2] = True               # the same cube one voxel further: 4 shared
+    pred[1:3, 0:2, 0:2] = True  # the same cube one voxel further: 4 shared
     assert metrics.case_dice(pred, truth) == 0.5
     empty = np.zeros_like(truth)
-    assert metrics.case_dice(empty, empty) == 1.0   # nothing there, nothing predicted
-    assert metrics.case_dice(pred, empty) == 0.0    # tumour predicted in a tumour-free case
-    assert metrics.case_dice(empty, truth) == 0.0   # tumour missed
+    assert metrics.case_dice(empty, empty) == 1.0  # nothing there, nothing predicted
+    assert metrics.case_dice(pred, empty) == 0.0  # tumour predicted in a tumour-free case
+    assert metrics.case_dice(empty, truth) == 0.0  # tumour missed
 
 
 def test_hd95_hand_values():
@@ -73,10 +73,18 @@ def test_hd95_empty_conventions_and_the_brats_diagonal():
     regions = np.zeros((4, 4, 2, 3), bool)
     regions[1, 1, 1, 0] = True
     scores = metrics.case_scores(regions, np.zeros_like(regions))
-    assert scores == {'dice_wt': 0.0, 'hd95_wt': 6.0, 'dice_tc': 1.0, 'hd95_tc': 0.0,
-                      'dice_et': 1.0, 'hd95_et': 0.0}
-    assert metrics.case_scores(regions, np.zeros_like(regions), empty_distance=373.13)[
-        'hd95_wt'] == 373.13
+    assert scores == {
+        'dice_wt': 0.0,
+        'hd95_wt': 6.0,
+        'dice_tc': 1.0,
+        'hd95_tc': 0.0,
+        'dice_et': 1.0,
+        'hd95_et': 0.0,
+    }
+    assert (
+        metrics.case_scores(regions, np.zeros_like(regions), empty_distance=373.13)['hd95_wt']
+        == 373.13
+    )
     assert round(metrics.volume_diagonal((240, 240, 155)), 2) == 373.13
 
 
@@ -110,12 +118,14 @@ def test_hd95_equals_brute_force_surface_distances(seed):
 
     pred, truth = blob(), blob()
     assert metrics.hd95(pred, truth, empty_distance=99.0) == pytest.approx(
-        _brute_force_hd95(pred, truth), abs=1e-9)
+        _brute_force_hd95(pred, truth), abs=1e-9
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Case volumes from slices and patches
 # ---------------------------------------------------------------------------------------------
+
 
 def test_group_cases_and_assemble_slices():
     groups = metrics.group_cases(np.array([3, 1, 3, 2, 1]))
@@ -139,15 +149,15 @@ def test_group_cases_and_assemble_slices():
 def test_stitch_patches_votes_covers_and_clips():
     pred = np.zeros((3, 2, 2, 2, 3), np.uint8)
     truth = np.zeros_like(pred)
-    pred[0, ..., 0] = 1                       # patch at z 0..1 says WT everywhere
+    pred[0, ..., 0] = 1  # patch at z 0..1 says WT everywhere
     truth[0, 1, 0, 0, 0] = truth[1, 0, 0, 0, 0] = 1  # the same voxel (1, 0, 0) in both patches
-    pred[2, ..., 0] = 1                       # patch at (3, 3, 3): only its first voxel is inside
+    pred[2, ..., 0] = 1  # patch at (3, 3, 3): only its first voxel is inside
     origins = np.array([[0, 0, 0], [1, 0, 0], [3, 3, 3]])
     p, t, covered = metrics.stitch_patches(pred, truth, origins, (4, 4, 4))
     assert p.shape == t.shape == (4, 4, 4, 3) and covered.shape == (4, 4, 4)
     assert covered.sum() == 3 * 4 + 1
     expected = np.zeros((4, 4, 4), bool)
-    expected[0:2, 0:2, 0:2] = True            # z = 0: 1 of 1 votes; z = 1: 1 of 2, a tie
+    expected[0:2, 0:2, 0:2] = True  # z = 0: 1 of 1 votes; z = 1: 1 of 2, a tie
     expected[3, 3, 3] = True
     np.testing.assert_array_equal(p[..., 0], expected)
     assert not p[..., 1:].any()
@@ -159,6 +169,7 @@ def test_stitch_patches_votes_covers_and_clips():
 # ---------------------------------------------------------------------------------------------
 # The BraTS task: packed predictions -> per-case summary
 # ---------------------------------------------------------------------------------------------
+
 
 def _packed(pred, padding=2):
     """The task's device-side packing of binary predictions, plus padding rows."""
@@ -183,15 +194,25 @@ def test_brats_split_metrics_on_slices_hand_values():
     out = TASKS['brats'].split_metrics(_packed(pred), split)
     # Case 3: WT 1 / 0, TC 0 / diagonal of (2, 4, 4) = 6, ET 1 / 0.
     # Case 7: WT 0 / diagonal of (3, 4, 4) = sqrt(41), TC 1 / 0, ET 1 / 0.
-    assert out == pytest.approx({
-        'case_dice_wt': 0.5, 'case_dice_tc': 0.5, 'case_dice_et': 1.0,
-        'mean_case_dice': 2 / 3,
-        'hd95_wt': math.sqrt(41) / 2, 'hd95_tc': 3.0, 'hd95_et': 0.0,
-        'mean_hd95': (math.sqrt(41) / 2 + 3.0) / 3, 'num_cases': 2}, abs=1e-12)
+    assert out == pytest.approx(
+        {
+            'case_dice_wt': 0.5,
+            'case_dice_tc': 0.5,
+            'case_dice_et': 1.0,
+            'mean_case_dice': 2 / 3,
+            'hd95_wt': math.sqrt(41) / 2,
+            'hd95_tc': 3.0,
+            'hd95_et': 0.0,
+            'mean_hd95': (math.sqrt(41) / 2 + 3.0) / 3,
+            'num_cases': 2,
+        },
+        abs=1e-12,
+    )
     # The dataset-level Dice of the same predictions is another number: WT 16/17, TC 0, ET 1.
     inter, p, t = ((pred & label).sum((0, 1, 2)), pred.sum((0, 1, 2)), label.sum((0, 1, 2)))
     assert metrics.dice_from_sums(inter, p, t, 5)['mean_dice'] == pytest.approx(
-        (16 / 17 + 0 + 1) / 3)
+        (16 / 17 + 0 + 1) / 3
+    )
 
 
 def test_brats_split_metrics_on_patches():
@@ -201,9 +222,13 @@ def test_brats_split_metrics_on_patches():
     label[0, :, :, :, 0] = 1
     pred = label.copy()
     pred[1, 0, 0, 0, 2] = 1
-    split = {'label': label, 'case_id': np.array([5, 5]), 'patient_id': np.array([5, 5]),
-             'patch_origin': np.array([[0, 0, 0], [2, 2, 2]]),
-             'volume_shape': np.array([[4, 4, 4], [4, 4, 4]])}
+    split = {
+        'label': label,
+        'case_id': np.array([5, 5]),
+        'patient_id': np.array([5, 5]),
+        'patch_origin': np.array([[0, 0, 0], [2, 2, 2]]),
+        'volume_shape': np.array([[4, 4, 4], [4, 4, 4]]),
+    }
     out = TASKS['brats'].split_metrics(_packed(pred, padding=1), split)
     assert out['num_cases'] == 1 and out['case_voxel_coverage'] == 16 / 64
     assert (out['case_dice_wt'], out['case_dice_tc'], out['case_dice_et']) == (1.0, 1.0, 0.0)
@@ -220,11 +245,22 @@ def test_case_summary_without_cases_is_nan():
 # Chest X-ray: thresholds from a validation half
 # ---------------------------------------------------------------------------------------------
 
+
 def test_validation_patients_by_crc32_of_the_id():
     # crc32 of b'4', b'5', b'6', b'7' is even; of b'1', b'2', b'3', b'8' odd.
     ids = np.array([1, 2, 3, 4, 5, 6, 7, 8, 4, 1])
     assert metrics.validation_patients(ids).tolist() == [
-        False, False, False, True, True, True, True, False, True, False]
+        False,
+        False,
+        False,
+        True,
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]
     assert metrics.validation_patients(np.array(['7'])).tolist() == [True]  # same text, same side
 
 
@@ -232,8 +268,7 @@ def test_youden_threshold_hand_values():
     # Thresholds 0.1, 0.35, 0.4, 0.8 give J = 0, 0.5, 0, 0.5: the higher of the tied two.
     scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
     assert metrics.youden_threshold(scores, labels) == 0.8
-    assert metrics.youden_threshold(np.array([0.2, 0.6, 0.7, 0.9]),
-                                    np.array([0, 0, 1, 1])) == 0.7
+    assert metrics.youden_threshold(np.array([0.2, 0.6, 0.7, 0.9]), np.array([0, 0, 1, 1])) == 0.7
     assert math.isnan(metrics.youden_threshold(scores, np.zeros(4)))
     assert math.isnan(metrics.youden_threshold(scores, np.ones(4)))
 
@@ -241,21 +276,33 @@ def test_youden_threshold_hand_values():
 def _threshold_example():
     # Validation half: patients 4, 5, 6, 7; test half: patients 1 (two images), 2, 8, 3.
     patients = np.array([4, 5, 6, 7, 1, 1, 2, 8, 3])
-    probs = np.array([
-        # a     b     c
-        [0.2, 0.3, 0.0],    # validation
-        [0.6, 0.1, 0.0],
-        [0.7, 0.5, 0.0],
-        [0.9, 0.4, 0.0],
-        [0.75, 0.3, 0.0],   # test
-        [0.65, 0.2, 0.0],
-        [0.8, 0.9, 0.0],
-        [0.1, 0.35, 0.0],
-        [0.05, 0.1, 0.0],
-    ])
-    labels = np.array([
-        [0, 1, 0], [0, 0, 0], [1, 0, 0], [1, 0, 0],
-        [1, 0, 0], [1, 0, 1], [0, 1, 0], [0, 1, 0], [0, 0, 0]])
+    probs = np.array(
+        [
+            # a     b     c
+            [0.2, 0.3, 0.0],  # validation
+            [0.6, 0.1, 0.0],
+            [0.7, 0.5, 0.0],
+            [0.9, 0.4, 0.0],
+            [0.75, 0.3, 0.0],  # test
+            [0.65, 0.2, 0.0],
+            [0.8, 0.9, 0.0],
+            [0.1, 0.35, 0.0],
+            [0.05, 0.1, 0.0],
+        ]
+    )
+    labels = np.array(
+        [
+            [0, 1, 0],
+            [0, 0, 0],
+            [1, 0, 0],
+            [1, 0, 0],
+            [1, 0, 0],
+            [1, 0, 1],
+            [0, 1, 0],
+            [0, 1, 0],
+            [0, 0, 0],
+        ]
+    )
     return probs, labels, patients
 
 
@@ -283,20 +330,28 @@ def test_threshold_metrics_hand_values():
 def test_cxr_split_metrics_drop_the_padding_and_an_empty_split_is_nan():
     probs, labels, patients = _threshold_example()
     names = ('a', 'b', 'c')
-    stats = {'probs': np.concatenate([probs, np.ones((3, 3))]),
-             'labels': np.concatenate([labels, np.ones((3, 3))]),
-             'mask': np.r_[np.ones(9), np.zeros(3)]}
+    stats = {
+        'probs': np.concatenate([probs, np.ones((3, 3))]),
+        'labels': np.concatenate([labels, np.ones((3, 3))]),
+        'mask': np.r_[np.ones(9), np.zeros(3)],
+    }
     from fedjax_med import tasks
+
     expected = metrics.threshold_metrics(probs, labels, patients, names)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(tasks, 'CXR_LABELS', names)
         got = TASKS['chestxray14'].split_metrics(stats, {'patient_id': patients})
     np.testing.assert_equal(got, expected)
     empty = metrics.threshold_metrics(np.zeros((0, 3)), np.zeros((0, 3)), np.zeros(0), names)
-    counts = {k: empty.pop(k) for k in ('threshold_labels', 'threshold_val_examples',
-                                        'threshold_test_examples')}
-    assert counts == {'threshold_labels': 0, 'threshold_val_examples': 0,
-                      'threshold_test_examples': 0}
+    counts = {
+        k: empty.pop(k)
+        for k in ('threshold_labels', 'threshold_val_examples', 'threshold_test_examples')
+    }
+    assert counts == {
+        'threshold_labels': 0,
+        'threshold_val_examples': 0,
+        'threshold_test_examples': 0,
+    }
     assert all(math.isnan(v) for v in empty.values())
 
 
@@ -308,5 +363,7 @@ def test_a_run_without_case_metrics_logs_the_dataset_level_ones_only(tmp_path):
     c.num_rounds, c.eval_case_metrics = 1, False
     summary = train.run(c, str(tmp_path / 'run'))
     assert 0.0 <= summary['eval/mean_dice'] <= 1.0 and 'eval/own_mean_dice' in summary
-    assert not any(k.startswith(('eval/case_', 'eval/hd95', 'eval/mean_case', 'eval/num_cases'))
-                   for k in summary)
+    assert not any(
+        k.startswith(('eval/case_', 'eval/hd95', 'eval/mean_case', 'eval/num_cases'))
+        for k in summary
+    )

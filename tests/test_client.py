@@ -20,14 +20,18 @@ def linear_apply(params, x):
 
 def make_data(seed, n=12):
     rng = np.random.default_rng(seed)
-    return {'image': rng.normal(size=(n, D, 1, 1)).astype(np.float32),
-            'label': (rng.random((n, L)) < 0.3).astype(np.float32)}
+    return {
+        'image': rng.normal(size=(n, D, 1, 1)).astype(np.float32),
+        'label': (rng.random((n, L)) < 0.3).astype(np.float32),
+    }
 
 
 def init_params(seed=0):
     rng = np.random.default_rng(seed)
-    return {'w': jnp.asarray(rng.normal(size=(D, L)) * 0.1, jnp.float32),
-            'b': jnp.zeros(L, jnp.float32)}
+    return {
+        'w': jnp.asarray(rng.normal(size=(D, L)) * 0.1, jnp.float32),
+        'b': jnp.zeros(L, jnp.float32),
+    }
 
 
 def numpy_sgd(params, data, indices, mask, lr, steps, mu=0.0):
@@ -47,13 +51,23 @@ def numpy_sgd(params, data, indices, mask, lr, steps, mu=0.0):
 
 def run_local(params, data, indices, mask, active, lr=0.5, mu=0.0):
     task = TASKS['chestxray14']
-    inputs = ClientInputs(indices=jnp.asarray(indices), mask=jnp.asarray(mask),
-                          step_active=jnp.asarray(active), expected_batch=jnp.float32(4.0),
-                          noise_multiplier=jnp.float32(0.0), key=jax.random.key(0))
+    inputs = ClientInputs(
+        indices=jnp.asarray(indices),
+        mask=jnp.asarray(mask),
+        step_active=jnp.asarray(active),
+        expected_batch=jnp.float32(4.0),
+        noise_multiplier=jnp.float32(0.0),
+        key=jax.random.key(0),
+    )
     return client_lib.local_update(
-        params, jax.tree.map(jnp.asarray, data), inputs, jnp.float32(lr),
+        params,
+        jax.tree.map(jnp.asarray, data),
+        inputs,
+        jnp.float32(lr),
         grad_fn=client_lib.mean_gradient(linear_apply, task.per_example_loss),
-        optimizer=client_lib.client_optimizer('sgd'), prox_mu=mu)
+        optimizer=client_lib.client_optimizer('sgd'),
+        prox_mu=mu,
+    )
 
 
 @pytest.mark.parametrize('mu', [0.0, 0.7])
@@ -105,21 +119,26 @@ def round_setup(num_clients=3, steps=2, batch=4, overrides=None):
     config.local.learning_rate = 0.5
     config.update_from_flattened_dict(overrides or {})
     mesh = parallel.make_mesh(1)
-    fn = rounds.build_round_fn(apply_fn=linear_apply, task=TASKS['chestxray14'], config=config,
-                               mesh=mesh)
+    fn = rounds.build_round_fn(
+        apply_fn=linear_apply, task=TASKS['chestxray14'], config=config, mesh=mesh
+    )
     datas = [make_data(10 + k, steps * batch) for k in range(num_clients)]
     client_data = {k: jnp.stack([jnp.asarray(d[k]) for d in datas]) for k in ('image', 'label')}
-    indices = np.tile(np.arange(steps * batch, dtype=np.int32).reshape(steps, batch),
-                      (num_clients, 1, 1))
+    indices = np.tile(
+        np.arange(steps * batch, dtype=np.int32).reshape(steps, batch), (num_clients, 1, 1)
+    )
 
     def inputs(weights, noise_multiplier=(0.0,) * num_clients):
         return RoundInputs(
-            indices=jnp.asarray(indices), mask=jnp.ones(indices.shape, jnp.float32),
+            indices=jnp.asarray(indices),
+            mask=jnp.ones(indices.shape, jnp.float32),
             step_active=jnp.asarray(np.asarray(weights)[:, None] > 0).repeat(steps, 1),
             weights=jnp.asarray(weights, jnp.float32),
             expected_batch=jnp.full(num_clients, batch, jnp.float32),
             noise_multiplier=jnp.asarray(noise_multiplier, jnp.float32),
-            client_ids=jnp.arange(num_clients, dtype=jnp.int32), learning_rate=jnp.float32(0.5))
+            client_ids=jnp.arange(num_clients, dtype=jnp.int32),
+            learning_rate=jnp.float32(0.5),
+        )
 
     state = rounds.init_server_state(init_params(), config, num_clients, mesh)
     return fn, state, client_data, inputs, datas, indices
@@ -128,10 +147,8 @@ def round_setup(num_clients=3, steps=2, batch=4, overrides=None):
 def test_round_is_weighted_fedavg_and_ignores_non_participants():
     fn, state, client_data, inputs, datas, indices = round_setup()
     params0 = jax.tree.map(np.asarray, state.params)
-    new_state, metrics = fn(state, client_data, inputs([8.0, 4.0, 0.0]),
-                            jax.random.key(1))
-    refs = [numpy_sgd(params0, d, indices[0], np.ones(indices[0].shape), 0.5, 2)
-            for d in datas[:2]]
+    new_state, metrics = fn(state, client_data, inputs([8.0, 4.0, 0.0]), jax.random.key(1))
+    refs = [numpy_sgd(params0, d, indices[0], np.ones(indices[0].shape), 0.5, 2) for d in datas[:2]]
     expected = params0['w'] + (8 * refs[0]['w'] + 4 * refs[1]['w']) / 12
     np.testing.assert_allclose(new_state.params['w'], expected, atol=1e-6)
     assert int(new_state.round) == 1
@@ -165,9 +182,11 @@ def test_a_round_makes_no_host_round_trips():
 def test_dp_sgd_noise_of_each_hospital_follows_its_own_noise_multiplier():
     """Local mode keeps each hospital's model: the hospital given sigma = 0 trains exactly as in
     a noise-free round, and the noisier of two noised hospitals moves further from it."""
+
     def local_models(sigmas):
         fn, state, client_data, inputs, _, _ = round_setup(
-            overrides={'mode': 'local', 'dp.mode': 'sample', 'dp.clip_norm': 1.0})
+            overrides={'mode': 'local', 'dp.mode': 'sample', 'dp.clip_norm': 1.0}
+        )
         new_state, _ = fn(state, client_data, inputs([1.0, 1.0, 1.0], sigmas), jax.random.key(3))
         return np.asarray(new_state.params['w'])
 

@@ -14,8 +14,8 @@ def stacked_deltas(num_clients=5, seed=0):
     rng = np.random.default_rng(seed)
     scales = np.array([0.1, 0.5, 2.0, 5.0, 20.0])[:num_clients]
     return {
-        "dense": {"w": jnp.asarray(rng.normal(size=(num_clients, 3, 2)) * scales[:, None, None])},
-        "bias": jnp.asarray(rng.normal(size=(num_clients, 2)) * scales[:, None]),
+        'dense': {'w': jnp.asarray(rng.normal(size=(num_clients, 3, 2)) * scales[:, None, None])},
+        'bias': jnp.asarray(rng.normal(size=(num_clients, 2)) * scales[:, None]),
     }
 
 
@@ -67,7 +67,7 @@ def test_noised_mean_ignores_absent_clients_and_noise_scale():
     for a, b in zip(jax.tree.leaves(base), jax.tree.leaves(other), strict=True):
         np.testing.assert_array_equal(a, b)
 
-    big = {"w": jnp.zeros((3, 60_000))}
+    big = {'w': jnp.zeros((3, 60_000))}
     noise = client_dp.noised_mean(
         big,
         jnp.ones(3),
@@ -75,7 +75,7 @@ def test_noised_mean_ignores_absent_clients_and_noise_scale():
         clip_norm=2.0,
         noise_multiplier=1.5,
         expected_clients=3.0,
-    )["w"]
+    )['w']
     # Relative standard error of the sample std is ~0.3%; 2% is a sound bound.
     assert abs(float(noise.std()) / (1.5 * 2.0 / 3.0) - 1) < 0.02
 
@@ -124,7 +124,7 @@ def test_effective_noise_multiplier():
     assert client_dp.effective_noise_multiplier(1.0, 1.0) == pytest.approx(2 / math.sqrt(3))
     assert client_dp.effective_noise_multiplier(1.0, math.inf) == pytest.approx(1.0)
     assert client_dp.effective_noise_multiplier(0.0, 1.0) == 0.0
-    with pytest.raises(ValueError, match="count_noise_std=0.5"):
+    with pytest.raises(ValueError, match='count_noise_std=0.5'):
         client_dp.effective_noise_multiplier(1.0, 0.5)
 
 

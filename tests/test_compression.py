@@ -29,7 +29,8 @@ def test_quantization_is_unbiased_and_on_the_grid():
 def test_quantization_of_constant_leaf_is_exact():
     x = {'c': jnp.full((4,), 2.5)}
     np.testing.assert_array_equal(
-        compression.stochastic_quantize(x, jax.random.key(0), bits=4)['c'], x['c'])
+        compression.stochastic_quantize(x, jax.random.key(0), bits=4)['c'], x['c']
+    )
 
 
 def test_hadamard_is_orthonormal_and_inverse_exact():
@@ -38,8 +39,9 @@ def test_hadamard_is_orthonormal_and_inverse_exact():
     rotated = compression.randomized_hadamard(x, key)
     assert rotated['w'].shape == (16,) and rotated['b'].shape == (8,)
     for name in x:
-        np.testing.assert_allclose(jnp.linalg.norm(rotated[name]), jnp.linalg.norm(x[name]),
-                                   rtol=1e-5)
+        np.testing.assert_allclose(
+            jnp.linalg.norm(rotated[name]), jnp.linalg.norm(x[name]), rtol=1e-5
+        )
     back = compression.inverse_randomized_hadamard(rotated, key, x)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), back, x)
     # Rotation spreads a spike over all coordinates.
@@ -55,7 +57,8 @@ def test_topk_error_feedback_keeps_what_it_does_not_send():
     residual = {'w': residual['w'].at[0].set(5.0)}
     sent, new_residual = comp.apply(update, residual, None)
     np.testing.assert_allclose(
-        sent['w'], [5.1, -3.0, 0, 0, 0, 0, 0, 0, 0, 0], rtol=1e-6)  # top 2 of update + residual
+        sent['w'], [5.1, -3.0, 0, 0, 0, 0, 0, 0, 0, 0], rtol=1e-6
+    )  # top 2 of update + residual
     np.testing.assert_allclose(new_residual['w'] + sent['w'], update['w'] + residual['w'])
 
 
@@ -88,16 +91,18 @@ def test_topk_error_feedback_converges_on_a_quadratic():
 def test_quantize_compressor_vmapped_over_clients(rotate):
     comp = compression.compressor('quantize', bits=4, rotate=rotate)
     num_clients = 3
-    updates = {'w': jax.random.normal(jax.random.key(4), (num_clients, 3, 5)),
-               'b': jax.random.normal(jax.random.key(5), (num_clients, 7))}
+    updates = {
+        'w': jax.random.normal(jax.random.key(4), (num_clients, 3, 5)),
+        'b': jax.random.normal(jax.random.key(5), (num_clients, 7)),
+    }
     state = jax.vmap(comp.init)(updates)
     keys = jax.random.split(jax.random.key(6), num_clients)
     out, _ = jax.jit(jax.vmap(comp.apply))(updates, state, keys)
     jax.tree.map(lambda o, u: np.testing.assert_equal(o.shape, u.shape), out, updates)
     # Unbiased over many keys, also through the rotation.
-    many = jax.jit(jax.vmap(
-        lambda k: comp.apply(jax.tree.map(lambda x: x[0], updates), (), k)[0]))(
-        jax.random.split(jax.random.key(7), 3000))
+    many = jax.jit(jax.vmap(lambda k: comp.apply(jax.tree.map(lambda x: x[0], updates), (), k)[0]))(
+        jax.random.split(jax.random.key(7), 3000)
+    )
     for name in updates:
         np.testing.assert_allclose(many[name].mean(0), updates[name][0], atol=0.05)
 

@@ -13,8 +13,10 @@ from PIL import Image
 
 from fedjax_med.data import brats, mri, nih_metadata, sources, storage, tfds_io
 
-HEADER = ('Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,{sex},View Position,'
-          'OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n')
+HEADER = (
+    'Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,{sex},View Position,'
+    'OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n'
+)
 # (image, labels, patient, view, sex)
 NIH_ROWS = [
     ('00000001_000.png', 'Cardiomegaly', 1, 'PA', 'M'),
@@ -50,8 +52,8 @@ def write_nih(root, *, nested=True, lists=True, sex_column='Patient Gender', gz=
         else:
             Image.fromarray(pixels).save(folder / name)
     text = HEADER.format(sex=sex_column) + ''.join(
-        f'{n},{lab},0,{p},{40 + p},{s},{v},2500,2048,0.171,0.171\n'
-        for n, lab, p, v, s in NIH_ROWS)
+        f'{n},{lab},0,{p},{40 + p},{s},{v},2500,2048,0.171,0.171\n' for n, lab, p, v, s in NIH_ROWS
+    )
     if gz:
         with gzip.open(root / 'Data_Entry_2017_v2020.csv.gz', 'wt') as f:
             f.write(text)
@@ -61,14 +63,16 @@ def write_nih(root, *, nested=True, lists=True, sex_column='Patient Gender', gz=
         names = [r[0] for r in NIH_ROWS]
         (root / 'test_list.txt').write_text('\n'.join(n for n in names if n in TEST_IMAGES))
         (root / 'train_val_list.txt').write_text(
-            '\n'.join(n for n in names if n not in TEST_IMAGES))
+            '\n'.join(n for n in names if n not in TEST_IMAGES)
+        )
     return root
 
 
 def test_nih_builder_official_split(tmp_path):
     manual = write_nih(tmp_path / 'nih')
-    builder = tfds_io.make_builder('nih_chestxray14', data_dir=str(tmp_path / 'tfds'),
-                                   resolution=16)
+    builder = tfds_io.make_builder(
+        'nih_chestxray14', data_dir=str(tmp_path / 'tfds'), resolution=16
+    )
     tfds_io.ensure_built(builder, str(manual))
     assert builder.info.splits['train'].num_examples == 5  # 7 listed, minus corrupt + missing
     assert builder.info.splits['test'].num_examples == 3
@@ -87,10 +91,10 @@ def test_nih_builder_official_split(tmp_path):
 
 
 def test_nih_builder_flat_layout_patient_sex_seeded_split(tmp_path):
-    manual = write_nih(tmp_path / 'nih', nested=False, lists=False, sex_column='Patient Sex',
-                       gz=True)
-    builder = tfds_io.make_builder('nih_chestxray14', data_dir=str(tmp_path / 'tfds'),
-                                   resolution=8)
+    manual = write_nih(
+        tmp_path / 'nih', nested=False, lists=False, sex_column='Patient Sex', gz=True
+    )
+    builder = tfds_io.make_builder('nih_chestxray14', data_dir=str(tmp_path / 'tfds'), resolution=8)
     tfds_io.ensure_built(builder, str(manual))
     assert builder.info.metadata['official_split'] is False
     train, test = tfds_io.read_split(builder, 'train'), tfds_io.read_split(builder, 'test')
@@ -102,12 +106,12 @@ def test_nih_builder_flat_layout_patient_sex_seeded_split(tmp_path):
 def test_nih_missing_csv_or_images_is_one_clear_error(tmp_path):
     empty = tmp_path / 'empty'
     empty.mkdir()
-    builder = tfds_io.make_builder('nih_chestxray14', data_dir=str(tmp_path / 'tfds'),
-                                   resolution=8)
+    builder = tfds_io.make_builder('nih_chestxray14', data_dir=str(tmp_path / 'tfds'), resolution=8)
     with pytest.raises(FileNotFoundError, match='Data_Entry_2017'):
         tfds_io.ensure_built(builder, str(empty))
     (empty / 'Data_Entry_2017.csv').write_text(
-        HEADER.format(sex='Patient Gender') + '00000001_000.png,Mass,0,1,40,M,PA,1,1,0.1,0.1\n')
+        HEADER.format(sex='Patient Gender') + '00000001_000.png,Mass,0,1,40,M,PA,1,1,0.1,0.1\n'
+    )
     with pytest.raises(FileNotFoundError, match='No PNG images'):
         tfds_io.ensure_built(builder, str(empty))
     with pytest.raises(FileNotFoundError, match='manual_dir'):
@@ -116,11 +120,24 @@ def test_nih_missing_csv_or_images_is_one_clear_error(tmp_path):
 
 def test_load_federated_nih_uses_official_test(tmp_path):
     manual = write_nih(tmp_path / 'nih')
-    cfg = ml_collections.ConfigDict(dict(
-        name='nih_chestxray14', data_dir=str(tmp_path / 'tfds'), manual_dir=str(manual),
-        resolution=16, num_train=0, num_test=0, num_clients=2, partition='iid',
-        dirichlet_alpha=0.5, findings_per_client=2, quantity_sigma=1.0, natural_column='view',
-        feature_skew=True, test_fraction=0.2))
+    cfg = ml_collections.ConfigDict(
+        dict(
+            name='nih_chestxray14',
+            data_dir=str(tmp_path / 'tfds'),
+            manual_dir=str(manual),
+            resolution=16,
+            num_train=0,
+            num_test=0,
+            num_clients=2,
+            partition='iid',
+            dirichlet_alpha=0.5,
+            findings_per_client=2,
+            quantity_sigma=1.0,
+            natural_column='view',
+            feature_skew=True,
+            test_fraction=0.2,
+        )
+    )
     ds = sources.load_federated(cfg, seed=0)
     assert ds.task == 'chestxray14' and ds.info['official_split']
     assert sorted(ds.test['patient_id']) == [2, 6, 7]
@@ -151,8 +168,9 @@ def _case_volumes(seed):
     seg[4:7, 5:8, 3:5] = 4
     seg[5, 6, 3] = 1
     seg &= np.where(brain, 255, 0).astype(np.uint8)
-    mods = np.stack([(rng.uniform(1, 2, SHAPE) + 3 * (seg > 0) * (m + 1)) * brain
-                     for m in range(4)]).astype(np.float32)
+    mods = np.stack(
+        [(rng.uniform(1, 2, SHAPE) + 3 * (seg > 0) * (m + 1)) * brain for m in range(4)]
+    ).astype(np.float32)
     return mods, seg, brain
 
 
@@ -162,8 +180,9 @@ def _affine():
 
 def _save_reoriented(data, path, codes=('P', 'L', 'S')):
     """Writes data (RAS+) in another voxel order with the matching affine: same anatomy."""
-    transform = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(('R', 'A', 'S')),
-                                                nib.orientations.axcodes2ornt(codes))
+    transform = nib.orientations.ornt_transform(
+        nib.orientations.axcodes2ornt(('R', 'A', 'S')), nib.orientations.axcodes2ornt(codes)
+    )
     stored = nib.orientations.apply_orientation(data, transform)
     affine = _affine() @ nib.orientations.inv_ornt_aff(transform, data.shape[:3])
     nib.save(nib.Nifti1Image(stored, affine), str(path))
@@ -185,19 +204,25 @@ def write_brats(root, prefix, ext, n=3):
     bad = root / f'{prefix}missing'
     bad.mkdir()
     for name in ('flair', 't1', 't2', 'seg'):
-        nib.save(nib.Nifti1Image(np.ones(SHAPE, np.float32), _affine()),
-                 str(bad / f'{prefix}missing_{name}{ext}'))
+        nib.save(
+            nib.Nifti1Image(np.ones(SHAPE, np.float32), _affine()),
+            str(bad / f'{prefix}missing_{name}{ext}'),
+        )
     odd = root / f'{prefix}odd'
     odd.mkdir()
     for name in (*mri.MODALITIES, 'seg'):
         shape = (16, 16, 5) if name == 't2' else SHAPE
-        nib.save(nib.Nifti1Image(np.ones(shape, np.float32), _affine()),
-                 str(odd / f'{prefix}odd_{name}{ext}'))
+        nib.save(
+            nib.Nifti1Image(np.ones(shape, np.float32), _affine()),
+            str(odd / f'{prefix}odd_{name}{ext}'),
+        )
     return truth
 
 
-@pytest.mark.parametrize('version,prefix,ext', [('brats2020', 'BraTS20_Training_', '.nii'),
-                                                ('brats2021', 'BraTS2021_', '.nii.gz')])
+@pytest.mark.parametrize(
+    'version,prefix,ext',
+    [('brats2020', 'BraTS20_Training_', '.nii'), ('brats2021', 'BraTS2021_', '.nii.gz')],
+)
 def test_brats_builder_orientation_labels_zscore(tmp_path, version, prefix, ext):
     truth = write_brats(tmp_path / 'raw', prefix, ext)
     builder = tfds_io.make_builder(version, data_dir=str(tmp_path / 'tfds'), resolution=16)
@@ -222,8 +247,14 @@ def test_brats_builder_orientation_labels_zscore(tmp_path, version, prefix, ext)
         image = data['image'][by_z[z]].astype(np.float32)
         np.testing.assert_array_equal(np.any(image != 0, -1), shown)
         # z-score inside the brain over the whole case.
-        vals = np.concatenate([data['image'][r].astype(np.float32)[
-            brats.to_display(brain[:, :, int(data['slice_index'][r])])] for r in rows])
+        vals = np.concatenate(
+            [
+                data['image'][r].astype(np.float32)[
+                    brats.to_display(brain[:, :, int(data['slice_index'][r])])
+                ]
+                for r in rows
+            ]
+        )
         np.testing.assert_allclose(vals.mean(0), 0, atol=0.02)
         np.testing.assert_allclose(vals.std(0), 1, atol=0.02)
         # Tumour brighter than brain in every modality (channel order kept).
@@ -251,15 +282,29 @@ def write_msd(root):
         stored[..., ch] = mods[ours] * (ours + 1)
     _save_reoriented(stored, root / 'imagesTr' / 'BRATS_001.nii.gz')
     _save_reoriented(seg.astype(np.float32), root / 'labelsTr' / 'BRATS_001.nii.gz')
-    (root / 'dataset.json').write_text(json.dumps({
-        'modality': modality,
-        'labels': {'0': 'background', '1': 'edema', '2': 'non-enhancing tumor',
-                   '3': 'enhancing tumour'},
-        'training': [{'image': './imagesTr/BRATS_001.nii.gz',
-                      'label': './labelsTr/BRATS_001.nii.gz'},
-                     {'image': './imagesTr/BRATS_002.nii.gz',
-                      'label': './labelsTr/BRATS_002.nii.gz'}],  # absent: skipped
-    }))
+    (root / 'dataset.json').write_text(
+        json.dumps(
+            {
+                'modality': modality,
+                'labels': {
+                    '0': 'background',
+                    '1': 'edema',
+                    '2': 'non-enhancing tumor',
+                    '3': 'enhancing tumour',
+                },
+                'training': [
+                    {
+                        'image': './imagesTr/BRATS_001.nii.gz',
+                        'label': './labelsTr/BRATS_001.nii.gz',
+                    },
+                    {
+                        'image': './imagesTr/BRATS_002.nii.gz',
+                        'label': './labelsTr/BRATS_002.nii.gz',
+                    },
+                ],  # absent: skipped
+            }
+        )
+    )
     return mods, seg_brats, brain
 
 
@@ -272,13 +317,15 @@ def test_msd_builder_channel_order_and_label_mapping(tmp_path):
     row = int(np.flatnonzero(data['slice_index'] == 3)[0])
     # Same regions as the BraTS-convention truth.
     np.testing.assert_array_equal(
-        data['label'][row], mri.seg_to_regions(brats.to_display(seg_brats[:, :, 3]), 'brats'))
+        data['label'][row], mri.seg_to_regions(brats.to_display(seg_brats[:, :, 3]), 'brats')
+    )
     assert data['patient_id'][row] == 1
     # Channel 0 must be FLAIR: z-scored FLAIR of the truth equals it.
     flair = mods[0][None, ..., None]
     z = mri.zscore_in_mask(flair, brain[None])[0, :, :, 3, 0]
-    np.testing.assert_allclose(data['image'][row][..., 0].astype(np.float32),
-                               brats.to_display(z), atol=2e-2)
+    np.testing.assert_allclose(
+        data['image'][row][..., 0].astype(np.float32), brats.to_display(z), atol=2e-2
+    )
 
 
 def test_brats_missing_dir_is_clear_error(tmp_path):
@@ -293,34 +340,60 @@ def test_brats_missing_dir_is_clear_error(tmp_path):
 # Synthetic builders and the CLI
 # ---------------------------------------------------------------------------------------------
 
+
 def test_synthetic_via_tfds_matches_in_memory_path(tmp_path):
-    base = dict(data_dir=str(tmp_path / 'tfds'), manual_dir='', resolution=16, num_train=80,
-                num_test=20, num_clients=2, partition='iid', dirichlet_alpha=0.5,
-                findings_per_client=2, quantity_sigma=1.0, natural_column='view',
-                feature_skew=False, test_fraction=0.2, slices_per_case=4)
+    base = dict(
+        data_dir=str(tmp_path / 'tfds'),
+        manual_dir='',
+        resolution=16,
+        num_train=80,
+        num_test=20,
+        num_clients=2,
+        partition='iid',
+        dirichlet_alpha=0.5,
+        findings_per_client=2,
+        quantity_sigma=1.0,
+        natural_column='view',
+        feature_skew=False,
+        test_fraction=0.2,
+        slices_per_case=4,
+    )
     for name in ('synthetic_cxr', 'synthetic_brats'):
         mem = sources.load_federated(ml_collections.ConfigDict(dict(base, name=name)), seed=0)
         via = sources.load_federated(
-            ml_collections.ConfigDict(dict(base, name=name, synthetic_via_tfds=True)), seed=0)
+            ml_collections.ConfigDict(dict(base, name=name, synthetic_via_tfds=True)), seed=0
+        )
         assert sorted(mem.test['patient_id']) == sorted(via.test['patient_id'])
         within = 'slice_index' if name == 'synthetic_brats' else 'follow_up'
         order_m = np.lexsort([mem.test[within], mem.test['patient_id']])
         order_v = np.lexsort([via.test[within], via.test['patient_id']])
         tol = 1 / 255 if name == 'synthetic_cxr' else 1e-2  # PNG / float16 storage
         assert mem.test['image'].dtype == via.test['image'].dtype
-        np.testing.assert_allclose(storage.decode_images(mem.test['image'][order_m]),
-                                   storage.decode_images(via.test['image'][order_v]), atol=tol)
+        np.testing.assert_allclose(
+            storage.decode_images(mem.test['image'][order_m]),
+            storage.decode_images(via.test['image'][order_v]),
+            atol=tol,
+        )
         np.testing.assert_array_equal(mem.test['label'][order_m], via.test['label'][order_v])
     assert 'tensorflow' not in sys.modules
 
 
-@pytest.mark.parametrize('name,resolution', [('nih_chestxray14', 224), ('nih_chestxray14', 20),
-                                             ('brats2021', 128), ('msd_brain', 40),
-                                             ('synthetic_cxr', 64), ('synthetic_brats', 64)])
+@pytest.mark.parametrize(
+    'name,resolution',
+    [
+        ('nih_chestxray14', 224),
+        ('nih_chestxray14', 20),
+        ('brats2021', 128),
+        ('msd_brain', 40),
+        ('synthetic_cxr', 64),
+        ('synthetic_brats', 64),
+    ],
+)
 def test_make_builder_predefined_and_custom_configs(tmp_path, name, resolution):
     num = 150 if name == 'synthetic_brats' else 2500
-    builder = tfds_io.make_builder(name, data_dir=str(tmp_path), resolution=resolution,
-                                   num_examples=num)
+    builder = tfds_io.make_builder(
+        name, data_dir=str(tmp_path), resolution=resolution, num_examples=num
+    )
     assert builder.builder_config.resolution == resolution
     assert not tfds_io.is_built(builder)
 
@@ -328,9 +401,19 @@ def test_make_builder_predefined_and_custom_configs(tmp_path, name, resolution):
 def test_build_cli_prints_split_sizes(tmp_path):
     manual = write_nih(tmp_path / 'nih')
     out = subprocess.run(
-        [sys.executable, '-m', 'fedjax_med.data.build', '--dataset=nih_chestxray14',
-         f'--manual_dir={manual}', f'--data_dir={tmp_path / "tfds"}', '--resolution=8'],
-        capture_output=True, text=True, check=True)
+        [
+            sys.executable,
+            '-m',
+            'fedjax_med.data.build',
+            '--dataset=nih_chestxray14',
+            f'--manual_dir={manual}',
+            f'--data_dir={tmp_path / "tfds"}',
+            '--resolution=8',
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert 'train: 5 examples' in out.stdout and 'test: 3 examples' in out.stdout
     assert 'skipped_train: 2' in out.stdout
     assert 'tensorflow imported: False' in out.stdout

@@ -7,11 +7,25 @@ from fedjax_med.data import inspect, sources
 
 def test_describe_and_plots(tmp_path):
     for name in ('synthetic_cxr', 'synthetic_brats'):
-        cfg = ml_collections.ConfigDict(dict(
-            name=name, data_dir='', manual_dir='', resolution=16, num_train=64, num_test=16,
-            num_clients=2, partition='dirichlet', dirichlet_alpha=0.5, findings_per_client=2,
-            quantity_sigma=1.0, natural_column='view', feature_skew=True, test_fraction=0.2,
-            slices_per_case=4))
+        cfg = ml_collections.ConfigDict(
+            dict(
+                name=name,
+                data_dir='',
+                manual_dir='',
+                resolution=16,
+                num_train=64,
+                num_test=16,
+                num_clients=2,
+                partition='dirichlet',
+                dirichlet_alpha=0.5,
+                findings_per_client=2,
+                quantity_sigma=1.0,
+                natural_column='view',
+                feature_skew=True,
+                test_fraction=0.2,
+                slices_per_case=4,
+            )
+        )
         ds = sources.load_federated(cfg, seed=0)
         text = inspect.describe(ds)
         assert 'hospital_1' in text and 'total' in text

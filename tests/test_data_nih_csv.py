@@ -10,11 +10,22 @@ import pytest
 
 from fedjax_med.data import nih_metadata
 
-REAL_CSV = (pathlib.Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data' /
-            'nih_chestxray14' / 'Data_Entry_2017_v2020.csv.gz')
+REAL_CSV = (
+    pathlib.Path(__file__).resolve().parents[1]
+    / '..'
+    / 'shared'
+    / 'data'
+    / 'nih_chestxray14'
+    / 'Data_Entry_2017_v2020.csv.gz'
+)
 # Published per-label image counts of ChestX-ray14 (a few, checked independently of the parser).
-KNOWN = {'Infiltration': 19894, 'Effusion': 13317, 'Atelectasis': 11559, 'Hernia': 227,
-         'No Finding': 60361}
+KNOWN = {
+    'Infiltration': 19894,
+    'Effusion': 13317,
+    'Atelectasis': 11559,
+    'Hernia': 227,
+    'No Finding': 60361,
+}
 
 needs_csv = pytest.mark.skipif(not REAL_CSV.exists(), reason=f'{REAL_CSV} not present')
 
@@ -56,8 +67,10 @@ def test_shipped_table_matches_real_csv():
     np.testing.assert_array_equal(table['view'], entries['view'] == 'AP')
     np.testing.assert_array_equal(table['sex'], entries['sex'] == 'F')
     np.testing.assert_array_equal(table['age'], entries['age'])
-    names = [f'{p:08d}_{i:03d}.png' for p, i in zip(table['patient_id'], table['image_number'],
-                                                     strict=True)]
+    names = [
+        f'{p:08d}_{i:03d}.png'
+        for p, i in zip(table['patient_id'], table['image_number'], strict=True)
+    ]
     assert names == list(entries['image_index'])
 
 
@@ -71,10 +84,12 @@ def test_shipped_table_is_small_and_complete():
 
 
 def test_parser_handles_bracketed_headers_and_patient_sex(tmp_path):
-    text = ('Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Sex,'
-            'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n'
-            '00000007_000.png,Hernia|Mass,0,7,061Y,F,AP,2500,2048,0.171,0.171\n'
-            '00000008_002.png,No Finding,2,8,30,M,PA,2048,2500,0.168,0.168\n')
+    text = (
+        'Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Sex,'
+        'View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]\n'
+        '00000007_000.png,Hernia|Mass,0,7,061Y,F,AP,2500,2048,0.171,0.171\n'
+        '00000008_002.png,No Finding,2,8,30,M,PA,2048,2500,0.168,0.168\n'
+    )
     path = tmp_path / 'Data_Entry_2017.csv'
     path.write_text(text)
     entries = nih_metadata.read_data_entry_csv(path)

@@ -26,8 +26,9 @@ STRATEGY_KW = {
 @pytest.mark.parametrize('strategy', partition.STRATEGIES)
 def test_disjoint_complete_patientwise_seeded(strategy):
     patient, labels, view = _toy()
-    kw = dict(unit_ids=patient, num_clients=5, seed=3, labels=labels, column=view,
-              **STRATEGY_KW[strategy])
+    kw = dict(
+        unit_ids=patient, num_clients=5, seed=3, labels=labels, column=view, **STRATEGY_KW[strategy]
+    )
     parts = partition.partition_examples(strategy, **kw)
     assert len(parts) == 5 and all(len(p) > 0 for p in parts)
     allidx = np.concatenate(parts)
@@ -46,11 +47,28 @@ def test_dirichlet_skew_increases_as_alpha_decreases():
     patient, labels, _ = _toy(3000)
     _, unit = partition.group_units(patient)
     classes = partition.unit_primary_label(labels, unit, unit.max() + 1)[unit]
-    skew = {a: np.mean([partition.label_skew(partition.partition_examples(
-        'dirichlet', unit_ids=patient, num_clients=5, seed=s, labels=labels,
-        dirichlet_alpha=a), classes) for s in range(3)]) for a in (100.0, 1.0, 0.1)}
-    iid = partition.label_skew(partition.partition_examples(
-        'iid', unit_ids=patient, num_clients=5, seed=0), classes)
+    skew = {
+        a: np.mean(
+            [
+                partition.label_skew(
+                    partition.partition_examples(
+                        'dirichlet',
+                        unit_ids=patient,
+                        num_clients=5,
+                        seed=s,
+                        labels=labels,
+                        dirichlet_alpha=a,
+                    ),
+                    classes,
+                )
+                for s in range(3)
+            ]
+        )
+        for a in (100.0, 1.0, 0.1)
+    }
+    iid = partition.label_skew(
+        partition.partition_examples('iid', unit_ids=patient, num_clients=5, seed=0), classes
+    )
     assert skew[100.0] < skew[1.0] < skew[0.1]
     assert skew[100.0] < 0.15 and iid < 0.15 and skew[0.1] > 0.4
 
@@ -63,8 +81,9 @@ def test_primary_label_is_rarest_positive_or_no_finding():
 
 def test_pathological_hospitals_hold_k_findings():
     patient, labels, _ = _toy(3000)
-    parts = partition.partition_examples('pathological', unit_ids=patient, num_clients=5, seed=0,
-                                         labels=labels, classes_per_client=2)
+    parts = partition.partition_examples(
+        'pathological', unit_ids=patient, num_clients=5, seed=0, labels=labels, classes_per_client=2
+    )
     _, unit = partition.group_units(patient)
     classes = partition.unit_primary_label(labels, unit, unit.max() + 1)[unit]
     for p in parts:
@@ -90,8 +109,12 @@ def test_natural_partition_follows_column():
     assert sum(1 for p in parts if values[p][0] == 'PA') == 3
     ages = np.arange(100)
     parts = partition.natural_partition(ages, 4, np.random.default_rng(0))
-    assert [(ages[p].min(), ages[p].max()) for p in parts] == [(0, 24), (25, 49), (50, 74),
-                                                               (75, 99)]
+    assert [(ages[p].min(), ages[p].max()) for p in parts] == [
+        (0, 24),
+        (25, 49),
+        (50, 74),
+        (75, 99),
+    ]
 
 
 def test_split_train_test_is_patientwise():

@@ -10,11 +10,25 @@ from fedjax_med.data import sources
 
 
 def _config(name, **kw):
-    c = ml_collections.ConfigDict(dict(
-        name=name, data_dir='', manual_dir='', resolution=16, num_train=240, num_test=60,
-        num_clients=3, partition='dirichlet', dirichlet_alpha=0.5, findings_per_client=3,
-        quantity_sigma=1.0, natural_column='view', feature_skew=True, test_fraction=0.2,
-        slices_per_case=6))
+    c = ml_collections.ConfigDict(
+        dict(
+            name=name,
+            data_dir='',
+            manual_dir='',
+            resolution=16,
+            num_train=240,
+            num_test=60,
+            num_clients=3,
+            partition='dirichlet',
+            dirichlet_alpha=0.5,
+            findings_per_client=3,
+            quantity_sigma=1.0,
+            natural_column='view',
+            feature_skew=True,
+            test_fraction=0.2,
+            slices_per_case=6,
+        )
+    )
     c.update(kw)
     return c
 
@@ -77,8 +91,9 @@ def test_bad_name_and_column_are_clear_errors():
     with pytest.raises(ValueError, match='data.name'):
         sources.load_federated(_config('cifar'), seed=0)
     with pytest.raises(ValueError, match='natural_column'):
-        sources.load_federated(_config('synthetic_cxr', partition='natural',
-                                       natural_column='hospital_name'), seed=0)
+        sources.load_federated(
+            _config('synthetic_cxr', partition='natural', natural_column='hospital_name'), seed=0
+        )
 
 
 def test_no_tensorflow_imported():

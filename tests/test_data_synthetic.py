@@ -33,8 +33,13 @@ def test_cxr_metadata_comes_from_real_table_patientwise():
 
 def _render(labels, view=0):
     n = len(labels)
-    rows = {'label': labels.astype(np.float32), 'patient_id': np.arange(n),
-            'view': np.full(n, view), 'age': np.full(n, 50), 'sex': np.zeros(n, np.int64)}
+    rows = {
+        'label': labels.astype(np.float32),
+        'patient_id': np.arange(n),
+        'view': np.full(n, view),
+        'age': np.full(n, 50),
+        'sex': np.zeros(n, np.int64),
+    }
     return synthetic.synthetic_cxr(n, 48, seed=0, metadata_rows=rows)['image'][..., 0]
 
 
@@ -54,8 +59,10 @@ def test_cardiomegaly_brightens_the_lower_middle():
     labels = np.zeros((n, 14))
     labels[:, nih_metadata.CXR_LABELS.index('Cardiomegaly')] = 1
     region = (slice(24, 40), slice(30, 44))
-    assert _render(labels)[:, region[0], region[1]].mean() > _render(
-        np.zeros((n, 14)))[:, region[0], region[1]].mean() + 0.01
+    assert (
+        _render(labels)[:, region[0], region[1]].mean()
+        > _render(np.zeros((n, 14)))[:, region[0], region[1]].mean() + 0.01
+    )
 
 
 def test_brats_shapes_regions_and_determinism():

@@ -24,8 +24,10 @@ def test_nih_layout_builds_and_trains_one_round(tmp_path):
     assert 'eval/mean_auroc' in s and 'eval/accuracy_at_val_threshold' in s
 
 
-@pytest.mark.parametrize('version,prefix,ext', [('brats2021', 'BraTS2021_', '.nii.gz'),
-                                                ('brats2020', 'BraTS20_Training_', '.nii')])
+@pytest.mark.parametrize(
+    'version,prefix,ext',
+    [('brats2021', 'BraTS2021_', '.nii.gz'), ('brats2020', 'BraTS20_Training_', '.nii')],
+)
 def test_brats_layouts_build_and_train_one_round(tmp_path, version, prefix, ext):
     manual = tmp_path / 'brats'
     manual.mkdir()

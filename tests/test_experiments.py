@@ -15,16 +15,26 @@ ARGS = ['--suite=smoke', '--algorithms=centralized,fedavg', '--partitions=iid', 
 
 
 def _launch(workdir, *extra):
-    result = subprocess.run([sys.executable, SCRIPT, f'--workdir={workdir}', *ARGS, *extra],
-                            capture_output=True, text=True, cwd=REPO, env=dict(os.environ),
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, f'--workdir={workdir}', *ARGS, *extra],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ),
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
 
 def test_dry_run_lists_the_smoke_grid():
-    result = subprocess.run([sys.executable, SCRIPT, '--workdir=unused', '--suite=smoke',
-                             '--dry_run'], capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, SCRIPT, '--workdir=unused', '--suite=smoke', '--dry_run'],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     runs = result.stdout.split()
     assert len(runs) == 12, result.stdout + result.stderr
     assert 'brats/fedprox-nodp-dirichlet0.1-seed0' in runs
@@ -38,13 +48,30 @@ def test_smoke_suite_writes_results_and_resumes(tmp_path):
     with open(tmp_path / 'results.csv') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 4
-    for column in ('task', 'mode', 'algorithm', 'dp_target_epsilon', 'achieved_epsilon',
-                   'partition', 'alpha', 'seed', 'final_metric', 'best_metric',
-                   'rounds_to_95pct_centralized', 'bytes_per_hospital', 'wall_time_s', 'device'):
+    for column in (
+        'task',
+        'mode',
+        'algorithm',
+        'dp_target_epsilon',
+        'achieved_epsilon',
+        'partition',
+        'alpha',
+        'seed',
+        'final_metric',
+        'best_metric',
+        'rounds_to_95pct_centralized',
+        'bytes_per_hospital',
+        'wall_time_s',
+        'device',
+    ):
         assert column in rows[0]
     by_name = {(r['algorithm'], float(r['dp_target_epsilon'])): r for r in rows}
-    assert set(by_name) == {('centralized', 0.0), ('centralized', 4.5), ('fedavg', 0.0),
-                            ('fedavg', 4.5)}
+    assert set(by_name) == {
+        ('centralized', 0.0),
+        ('centralized', 4.5),
+        ('fedavg', 0.0),
+        ('fedavg', 4.5),
+    }
     for row in rows:
         assert 0.0 <= float(row['final_metric']) <= 1.0
         assert row['device']
@@ -65,9 +92,13 @@ def test_smoke_suite_writes_results_and_resumes(tmp_path):
 
 def test_dp_algorithms_and_config_overrides_narrow_the_grid():
     def dry(*extra):
-        return subprocess.run([sys.executable, SCRIPT, '--workdir=unused', '--suite=smoke',
-                               '--dry_run', *extra], capture_output=True, text=True, cwd=REPO,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, SCRIPT, '--workdir=unused', '--suite=smoke', '--dry_run', *extra],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
 
     result = dry('--dp_algorithms=fedavg', '--set=data.num_train=64,local.epochs=2')
     runs = result.stdout.split()
@@ -99,17 +130,23 @@ def test_hospital_scale_suite_order_and_configs():
         print(json.dumps({'names': [s.name for s in specs],
                           'configs': [pick(cfg(i)) for i in range(5)]}))
     """
-    result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
-                            cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, '-c', code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert len(out['names']) == 3 * 9
     assert out['names'][:9] == [
-        'public-pretrain-seed0', 'centralized-nodp-dirichlet0.5-seed0',
-        'fedavg-nodp-dirichlet0.5-seed0', 'fedavg-eps4.5-dirichlet0.5-warm-seed0',
-        'fedavg-eps4.5-dirichlet0.5-seed0', 'fedavg-eps2.5-dirichlet0.5-warm-seed0',
-        'fedavg-eps2.5-dirichlet0.5-seed0', 'local-nodp-dirichlet0.5-seed0',
-        'fedprox-nodp-dirichlet0.5-seed0']
+        'public-pretrain-seed0',
+        'centralized-nodp-dirichlet0.5-seed0',
+        'fedavg-nodp-dirichlet0.5-seed0',
+        'fedavg-eps4.5-dirichlet0.5-warm-seed0',
+        'fedavg-eps4.5-dirichlet0.5-seed0',
+        'fedavg-eps2.5-dirichlet0.5-warm-seed0',
+        'fedavg-eps2.5-dirichlet0.5-seed0',
+        'local-nodp-dirichlet0.5-seed0',
+        'fedprox-nodp-dirichlet0.5-seed0',
+    ]
     pretrain, central, fedavg, warm, cold = out['configs']
     assert pretrain['train_on'] == 'public' and pretrain['mode'] == 'centralized'
     assert central['train_on'] == 'hospitals' and central['mode'] == 'centralized'

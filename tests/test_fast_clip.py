@@ -37,8 +37,10 @@ def problem(name: str, dtype=jnp.float32):
     # Zero-initialised scales would hide the gradients of whole branches.
     leaves, treedef = jax.tree.flatten(variables)
     keys = jax.random.split(jax.random.key(2), len(leaves))
-    variables = jax.tree.unflatten(treedef, [
-        x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    variables = jax.tree.unflatten(
+        treedef,
+        [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)],
+    )
     logits = model.apply(variables, images)
     labels = (jax.random.uniform(jax.random.key(3), logits.shape) > 0.5).astype(jnp.float32)
     return model, variables, {'image': images, 'label': labels}, loss
@@ -51,8 +53,11 @@ def reference_norms(model, variables, batch, loss):
 
 
 def fast_norms(model, variables, batch, loss):
-    fn = jax.jit(lambda v, b: fast_clip.per_example_grad_norms(
-        model, v, b['image'], b['label'], loss_fn=loss)[0])
+    fn = jax.jit(
+        lambda v, b: fast_clip.per_example_grad_norms(
+            model, v, b['image'], b['label'], loss_fn=loss
+        )[0]
+    )
     return np.asarray(fn(variables, batch))
 
 
@@ -64,8 +69,9 @@ def dp_functions(name, clip_norm, noise_multiplier):
     per_example = client.per_example_loss_fn(lambda v, x: model.apply(v, x), loss)
     # Variables are arguments, not closed-over constants: XLA would spend ages folding them.
     naive = jax.jit(lambda v, b, m, k: dp_sgd.dp_gradient(per_example, v, b, m, k, **kwargs))
-    fast = jax.jit(lambda v, b, m, k: fast_clip.dp_gradient_fast(
-        model, v, b, m, k, loss_fn=loss, **kwargs))
+    fast = jax.jit(
+        lambda v, b, m, k: fast_clip.dp_gradient_fast(model, v, b, m, k, loss_fn=loss, **kwargs)
+    )
     return naive, fast, variables, batch
 
 
@@ -74,35 +80,53 @@ def assert_trees_close(actual, expected, rtol):
         np.testing.assert_allclose(a, e, rtol=rtol, atol=rtol * float(np.max(np.abs(e))))
 
 
-@pytest.mark.parametrize('kernel,strides,padding,dilation', [
-    ((3, 3), (1, 1), 'SAME', 1), ((3, 3), (2, 2), 'SAME', 1), ((7, 7), (2, 2), 'SAME', 1),
-    ((2, 3), (2, 1), 'VALID', 1), ((1, 1), (2, 2), 'SAME', 1), ((3, 3), (1, 2), 'SAME', 2),
-    ((3, 3), (1, 1), ((2, 0), (1, 1)), 1),
-])
-def test_conv_patches_times_flattened_kernel_is_the_convolution(kernel, strides, padding,
-                                                                dilation):
+@pytest.mark.parametrize(
+    'kernel,strides,padding,dilation',
+    [
+        ((3, 3), (1, 1), 'SAME', 1),
+        ((3, 3), (2, 2), 'SAME', 1),
+        ((7, 7), (2, 2), 'SAME', 1),
+        ((2, 3), (2, 1), 'VALID', 1),
+        ((1, 1), (2, 2), 'SAME', 1),
+        ((3, 3), (1, 2), 'SAME', 2),
+        ((3, 3), (1, 1), ((2, 0), (1, 1)), 1),
+    ],
+)
+def test_conv_patches_times_flattened_kernel_is_the_convolution(kernel, strides, padding, dilation):
     x = jax.random.normal(jax.random.key(0), (2, 9, 8, 3))
     conv = layers.Conv(5, kernel, strides, padding, kernel_dilation=dilation, use_bias=False)
     variables = conv.init(jax.random.key(1), x)
     patches = fast_clip.conv_patches(conv, x)
     hwio = variables['params']['kernel']
     expected = conv.apply(variables, x)
-    np.testing.assert_allclose(patches @ hwio.reshape(-1, hwio.shape[-1]), expected,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        patches @ hwio.reshape(-1, hwio.shape[-1]), expected, rtol=1e-5, atol=1e-5
+    )
 
 
-@pytest.mark.parametrize('name,mode', [
-    ('resnet_stem1', 'mixed'), ('resnet_stem2', 'mixed'), ('unet', 'mixed'),
-    ('unet_leaky', 'mixed'),
-    ('resnet_stem2', 'ghost'), ('resnet_stem2', 'direct'), ('unet', 'ghost'), ('unet', 'direct'),
-])
+@pytest.mark.parametrize(
+    'name,mode',
+    [
+        ('resnet_stem1', 'mixed'),
+        ('resnet_stem2', 'mixed'),
+        ('unet', 'mixed'),
+        ('unet_leaky', 'mixed'),
+        ('resnet_stem2', 'ghost'),
+        ('resnet_stem2', 'direct'),
+        ('unet', 'ghost'),
+        ('unet', 'direct'),
+    ],
+)
 def test_per_example_norms_match_vmap_of_grad(name, mode, monkeypatch):
     # 'mixed' picks per layer (the tiny models use both); the others force one formula everywhere.
     if mode != 'mixed':
         monkeypatch.setattr(fast_clip, '_prefers_ghost', lambda *_: mode == 'ghost')
     model, variables, batch, loss = problem(name)
-    np.testing.assert_allclose(fast_norms(model, variables, batch, loss),
-                               reference_norms(model, variables, batch, loss), rtol=1e-5)
+    np.testing.assert_allclose(
+        fast_norms(model, variables, batch, loss),
+        reference_norms(model, variables, batch, loss),
+        rtol=1e-5,
+    )
 
 
 def test_mixed_choice_uses_both_formulas():
@@ -122,12 +146,16 @@ def test_mixed_choice_uses_both_formulas():
 def test_bfloat16_norms_are_close_to_float32_reference():
     model, variables, batch, loss = problem('resnet_stem1', dtype=jnp.bfloat16)
     f32_model = model.clone(dtype=jnp.float32)
-    np.testing.assert_allclose(fast_norms(model, variables, batch, loss),
-                               reference_norms(f32_model, variables, batch, loss), rtol=5e-2)
+    np.testing.assert_allclose(
+        fast_norms(model, variables, batch, loss),
+        reference_norms(f32_model, variables, batch, loss),
+        rtol=5e-2,
+    )
 
 
-@pytest.mark.parametrize('name,binding', [
-    ('resnet_stem1', True), ('resnet_stem1', False), ('unet', True)])
+@pytest.mark.parametrize(
+    'name,binding', [('resnet_stem1', True), ('resnet_stem1', False), ('unet', True)]
+)
 def test_without_noise_equals_dp_gradient(name, binding):
     model, variables, batch, loss = problem(name)
     norms = reference_norms(model, variables, batch, loss)[np.asarray(MASK)]
@@ -161,8 +189,9 @@ def test_same_key_gives_the_same_noise_as_dp_gradient():
 def test_masked_examples_contribute_exactly_zero_even_with_nan_data():
     _, fast, variables, batch = dp_functions('resnet_stem1', 0.5, 0.0)
     fn = lambda b, m: fast(variables, b, m, jax.random.key(0))
-    poisoned = dict(batch, image=batch['image'].at[1].set(jnp.nan),
-                    label=batch['label'].at[4].set(jnp.nan))
+    poisoned = dict(
+        batch, image=batch['image'].at[1].set(jnp.nan), label=batch['label'].at[4].set(jnp.nan)
+    )
     grads, aux = fn(poisoned, MASK)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
     # Same as the batch with the masked examples replaced by other (real) data.
@@ -177,21 +206,31 @@ def test_masked_examples_contribute_exactly_zero_even_with_nan_data():
 
 def test_vmap_over_clients_matches_each_client():
     model, variables, batch, loss = problem('unet')
-    fn = functools.partial(fast_clip.dp_gradient_fast, model, loss_fn=loss, clip_norm=0.5,
-                           noise_multiplier=0.0, expected_batch_size=2.0)
+    fn = functools.partial(
+        fast_clip.dp_gradient_fast,
+        model,
+        loss_fn=loss,
+        clip_norm=0.5,
+        noise_multiplier=0.0,
+        expected_batch_size=2.0,
+    )
     batches = jax.tree.map(lambda x: jnp.stack([x, x[::-1]]), batch)
     masks = jnp.stack([MASK, MASK[::-1]])
     keys = jax.random.split(jax.random.key(0), 2)
     stacked, _ = jax.jit(jax.vmap(fn, in_axes=(None, 0, 0, 0)))(variables, batches, masks, keys)
     for i in range(2):
-        single, _ = jax.jit(fn)(variables, jax.tree.map(lambda x, i=i: x[i], batches), masks[i],
-                                keys[i])
+        single, _ = jax.jit(fn)(
+            variables, jax.tree.map(lambda x, i=i: x[i], batches), masks[i], keys[i]
+        )
         assert_trees_close(jax.tree.map(lambda x, i=i: x[i], stacked), single, rtol=1e-5)
 
 
 def test_layers_leave_parameters_and_plain_apply_unchanged():
-    config = type('C', (), {'compute_dtype': 'float32', 'name': 'resnet18', 'norm_groups': 32,
-                            'negative_slope': 0.0})
+    config = type(
+        'C',
+        (),
+        {'compute_dtype': 'float32', 'name': 'resnet18', 'norm_groups': 32, 'negative_slope': 0.0},
+    )
     resnet18 = build_model(config, 'chestxray14')
     variables = jax.eval_shape(resnet18.init, jax.random.key(0), jnp.zeros((1, 64, 64, 1)))
     assert set(variables) == {'params'}  # no perturbations or activations recorded by init
@@ -228,7 +267,14 @@ def test_support_check():
     assert not fast_clip.supports_fast_clipping(model)
     x = jnp.ones((2, 3))
     with pytest.raises(ValueError, match='Dense_0'):
-        fast_clip.dp_gradient_fast(model, model.init(jax.random.key(0), x),
-                                   {'image': x, 'label': jnp.ones((2, 2))}, jnp.ones(2, bool),
-                                   jax.random.key(0), loss_fn=CXR_LOSS, clip_norm=1.0,
-                                   noise_multiplier=0.0, expected_batch_size=2.0)
+        fast_clip.dp_gradient_fast(
+            model,
+            model.init(jax.random.key(0), x),
+            {'image': x, 'label': jnp.ones((2, 2))},
+            jnp.ones(2, bool),
+            jax.random.key(0),
+            loss_fn=CXR_LOSS,
+            clip_norm=1.0,
+            noise_multiplier=0.0,
+            expected_batch_size=2.0,
+        )

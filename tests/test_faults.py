@@ -47,13 +47,20 @@ def config(**fields):
 
 def rows(path) -> list[dict]:
     with open(os.path.join(path, 'metrics.jsonl')) as f:
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith('time/')}
-                for line in f]
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith('time/')} for line in f
+        ]
 
 
 def cli(workdir_path, *args: str) -> list[str]:
-    return [sys.executable, '-m', 'fedjax_med.main', f'--config={SMOKE}',
-            f'--workdir={workdir_path}', *args]
+    return [
+        sys.executable,
+        '-m',
+        'fedjax_med.main',
+        f'--config={SMOKE}',
+        f'--workdir={workdir_path}',
+        *args,
+    ]
 
 
 def run_captured(c, path, **kwargs):
@@ -89,6 +96,7 @@ def copy_of(straight, tmp_path):
         target = tmp_path / name
         shutil.copytree(straight[0], target)
         return target
+
     return make
 
 
@@ -96,14 +104,17 @@ def copy_of(straight, tmp_path):
 # The closing summary
 # ---------------------------------------------------------------------------------------------
 
+
 def test_a_run_ends_with_a_summary_and_a_rerun_prints_the_same(straight, copy_of):
     path, first = straight
     block = summary_block(first)
     assert block[1] == 'rounds        3/3 (finished)'
     assert block[2].startswith('global test   mean_auroc ')
     assert any(li.startswith('communication ') and 'MB up' in li for li in block)
-    assert (f'outputs       {path}: metrics.jsonl, summary.json, config.json, checkpoints/, '
-            'tensorboard/') in block
+    assert (
+        f'outputs       {path}: metrics.jsonl, summary.json, config.json, checkpoints/, '
+        'tensorboard/'
+    ) in block
     assert f'tensorboard   tensorboard --logdir {path}' in block
     assert f'report        python -m fedjax_med.report {path}' in block
     again = copy_of()
@@ -116,13 +127,21 @@ def test_a_run_ends_with_a_summary_and_a_rerun_prints_the_same(straight, copy_of
 # The workdir lock
 # ---------------------------------------------------------------------------------------------
 
+
 def _hold_lock(path):
     """A process that holds the lock of `path` until its stdin closes."""
-    code = ('import sys; from fedjax_med.workdir import WorkdirLock; '
-            f'lock = WorkdirLock({str(path)!r}); lock.acquire(); print("locked", flush=True); '
-            'sys.stdin.read(); lock.release()')
-    holder = subprocess.Popen([sys.executable, '-c', code], cwd=REPO, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    code = (
+        'import sys; from fedjax_med.workdir import WorkdirLock; '
+        f'lock = WorkdirLock({str(path)!r}); lock.acquire(); print("locked", flush=True); '
+        'sys.stdin.read(); lock.release()'
+    )
+    holder = subprocess.Popen(
+        [sys.executable, '-c', code],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == 'locked'
     return holder
 
@@ -138,8 +157,10 @@ def test_a_second_run_on_a_locked_workdir_refuses_naming_the_holder(tmp_path):
         holder.wait()
     assert isinstance(error, workdir.WorkdirError)
     (line,) = error.problems
-    assert line.startswith(f'{path} is in use by another run (PID {holder.pid} on host '
-                           f'{socket.gethostname()}, started ')
+    assert line.startswith(
+        f'{path} is in use by another run (PID {holder.pid} on host '
+        f'{socket.gethostname()}, started '
+    )
     assert os.listdir(path) == []  # nothing written; the holder removed its lock
 
 
@@ -147,12 +168,15 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(copy_of):
     path = copy_of()
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()
-    (path / '.lock').write_text(json.dumps({'pid': dead.pid, 'host': socket.gethostname(),
-                                            'started': time.time() - 60}))
+    (path / '.lock').write_text(
+        json.dumps({'pid': dead.pid, 'host': socket.gethostname(), 'started': time.time() - 60})
+    )
     summary, _, err = run_captured(config(), path)
     assert isinstance(summary, dict)
-    assert (f'fedjax_med: taking over the lock of {path} left by PID {dead.pid} on host '
-            f'{socket.gethostname()}') in err and 'which is no longer running.' in err
+    assert (
+        f'fedjax_med: taking over the lock of {path} left by PID {dead.pid} on host '
+        f'{socket.gethostname()}'
+    ) in err and 'which is no longer running.' in err
     assert not (path / '.lock').exists()  # released at the end
 
 
@@ -168,6 +192,7 @@ def test_a_lock_from_another_host_is_not_taken_over(copy_of):
 # Corrupt checkpoints: fall back to the newest intact one, same result
 # ---------------------------------------------------------------------------------------------
 
+
 def _truncate(path):
     with open(path, 'r+b') as f:
         f.truncate(os.path.getsize(path) // 2)
@@ -180,23 +205,32 @@ def _largest_array_file(step):
 
 CORRUPTIONS = {
     'truncated array file': (lambda s: _truncate(_largest_array_file(s)), 'an array file'),
-    'truncated state metadata': (lambda s: _truncate(f'{s}/state/_METADATA'),
-                                 'state/_METADATA is truncated'),
-    'truncated checkpoint metadata': (lambda s: _truncate(f'{s}/_CHECKPOINT_METADATA'),
-                                      '_CHECKPOINT_METADATA is truncated'),
-    'truncated host state': (lambda s: _truncate(f'{s}/host/metadata'),
-                             'host/metadata is truncated'),
+    'truncated state metadata': (
+        lambda s: _truncate(f'{s}/state/_METADATA'),
+        'state/_METADATA is truncated',
+    ),
+    'truncated checkpoint metadata': (
+        lambda s: _truncate(f'{s}/_CHECKPOINT_METADATA'),
+        '_CHECKPOINT_METADATA is truncated',
+    ),
+    'truncated host state': (
+        lambda s: _truncate(f'{s}/host/metadata'),
+        'host/metadata is truncated',
+    ),
     'deleted state folder': (lambda s: shutil.rmtree(f'{s}/state'), 'its state/ folder is missing'),
     'empty step folder': (lambda s: [shutil.rmtree(s), os.makedirs(s)], 'the folder is empty'),
-    'garbage array files': (lambda s: [open(f, 'wb').write(os.urandom(os.path.getsize(f)))
-                                       for f in glob.glob(f'{s}/state/**/d/*', recursive=True)],
-                            'an array file'),
+    'garbage array files': (
+        lambda s: [
+            open(f, 'wb').write(os.urandom(os.path.getsize(f)))
+            for f in glob.glob(f'{s}/state/**/d/*', recursive=True)
+        ],
+        'an array file',
+    ),
 }
 
 
 @pytest.mark.parametrize('corruption', list(CORRUPTIONS))
-def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight, copy_of,
-                                                                    corruption):
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(straight, copy_of, corruption):
     path = copy_of()
     corrupt, reason = CORRUPTIONS[corruption]
     corrupt(str(path / 'checkpoints' / '3'))
@@ -220,13 +254,15 @@ def test_no_intact_checkpoint_left_refuses_to_overwrite_the_outputs(copy_of):
     assert isinstance(error, workdir.WorkdirError)
     assert error.problems[0].startswith(
         f'{path} holds the outputs of a previous run (metrics.jsonl, summary.json, config.json) '
-        'but no checkpoint that can be read (see checkpoints.broken/)')
+        'but no checkpoint that can be read (see checkpoints.broken/)'
+    )
     assert (path / 'metrics.jsonl').read_text() == before
 
 
 # ---------------------------------------------------------------------------------------------
 # Never overwrite a previous run's outputs without --overwrite
 # ---------------------------------------------------------------------------------------------
+
 
 def test_outputs_without_a_checkpoint_are_kept_unless_overwrite(copy_of):
     path = copy_of()
@@ -237,13 +273,16 @@ def test_outputs_without_a_checkpoint_are_kept_unless_overwrite(copy_of):
     assert error.problems == [
         f'{path} holds the outputs of a previous run (metrics.jsonl, summary.json, config.json) '
         'but no checkpoint to resume from; starting afresh would overwrite them. Use another '
-        '--workdir, or add --overwrite to delete that run and start over.']
+        '--workdir, or add --overwrite to delete that run and start over.'
+    ]
     assert {f: (path / f).read_text() for f in before} == before
     # --overwrite starts over, here with another config (which a resume would refuse).
     summary, _, err = run_captured(config(num_rounds=1, seed=1), path, overwrite=True)
     assert isinstance(summary, dict) and summary['round'] == 1
-    assert (f'fedjax_med: --overwrite: deleted the previous run in {path} (tensorboard/, '
-            'metrics.jsonl, summary.json, config.json).') in err
+    assert (
+        f'fedjax_med: --overwrite: deleted the previous run in {path} (tensorboard/, '
+        'metrics.jsonl, summary.json, config.json).'
+    ) in err
     assert [r['round'] for r in rows(path)] == [1]
 
 
@@ -258,14 +297,17 @@ def test_a_config_json_that_is_not_ours_is_not_overwritten(tmp_path):
 # Non-finite rounds: stopped before anything of the round is logged or saved
 # ---------------------------------------------------------------------------------------------
 
+
 def test_a_server_step_that_blows_up_stops_before_the_round_is_logged_or_saved(tmp_path):
     # Round 1's server step multiplies the mean update by 1e30: the new parameters overflow
     # while every hospital update was finite.
     error, _, _ = run_captured(config(server__learning_rate=1e30), tmp_path)
     assert isinstance(error, FloatingPointError)
     msg = str(error)
-    assert msg.startswith('Round 1: the new global parameters are not finite (their norm is inf) '
-                          'although every hospital update was finite')
+    assert msg.startswith(
+        'Round 1: the new global parameters are not finite (their norm is inf) '
+        'although every hospital update was finite'
+    )
     assert 'Lower config.server.learning_rate (now 1e+30' in msg and '\n' not in msg
     assert (tmp_path / 'metrics.jsonl').read_text() == ''
     assert not os.path.exists(tmp_path / 'checkpoints')  # no round saved (empty folder removed)
@@ -285,8 +327,7 @@ def test_hospitals_failing_after_server_steps_grew_the_model_blame_the_server(tm
 
 
 def test_hospital_updates_that_blow_up_blame_the_local_learning_rate(tmp_path):
-    error, _, _ = run_captured(config(local__learning_rate=1e30, local__optimizer='sgd'),
-                               tmp_path)
+    error, _, _ = run_captured(config(local__learning_rate=1e30, local__optimizer='sgd'), tmp_path)
     assert isinstance(error, FloatingPointError)
     assert str(error).startswith('Round 1: 4 hospital update(s) are not finite')
     assert 'Lower config.local.learning_rate (now 1e+30)' in str(error)
@@ -305,16 +346,22 @@ def test_huge_client_dp_noise_is_named_as_the_cause(tmp_path):
 
 def test_a_growing_loss_warns_once(capsys):
     monitor = health.RoundMonitor(config(), 10.0, [])
-    metrics = lambda loss: {'train/loss': loss, 'train/nonfinite_updates': 0,
-                            'train/param_norm': 11.0, 'train/update_norm': 1.0}
+    metrics = lambda loss: {
+        'train/loss': loss,
+        'train/nonfinite_updates': 0,
+        'train/param_norm': 11.0,
+        'train/update_norm': 1.0,
+    }
     for r, loss in enumerate([0.6, 0.9, 70.0, 500.0]):
         monitor.check(r, metrics(loss))
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith("fedjax_med: warning: round 3 training loss 70 is 117x the first "
-                           "round's (0.6): training is diverging. Lower "
-                           'config.local.learning_rate (now 0.003) or config.server.learning_rate')
+    assert line.startswith(
+        'fedjax_med: warning: round 3 training loss 70 is 117x the first '
+        "round's (0.6): training is diverging. Lower "
+        'config.local.learning_rate (now 0.003) or config.server.learning_rate'
+    )
     # Resumed: the first round's loss comes from the history.
-    monitor = health.RoundMonitor(config(), 10.0, [{'train/loss': 0.6, 'train/param_norm': 11.}])
+    monitor = health.RoundMonitor(config(), 10.0, [{'train/loss': 0.6, 'train/param_norm': 11.0}])
     monitor.check(5, metrics(61.0))
     assert 'round 6 training loss 61' in capsys.readouterr().err
 
@@ -357,8 +404,12 @@ def test_each_bad_value_is_one_problem_naming_the_field(field, value, expected):
 
 def test_nan_fails_under_dp_too_and_infinite_count_noise_is_allowed():
     for field in ('dp__target_epsilon', 'dp__noise_multiplier', 'dp__clip_norm'):
-        fields = {'dp__mode': 'sample', 'local__sampling': 'poisson', 'dp__noise_multiplier': 1.0,
-                  field: NAN}
+        fields = {
+            'dp__mode': 'sample',
+            'local__sampling': 'poisson',
+            'dp__noise_multiplier': 1.0,
+            field: NAN,
+        }
         with pytest.raises(ConfigError) as e:
             validate(config(**fields))
         (msg,) = e.value.problems
@@ -371,10 +422,18 @@ def test_nan_fails_under_dp_too_and_infinite_count_noise_is_allowed():
 # ---------------------------------------------------------------------------------------------
 
 # One command with a bad value in each field (every value of BAD_VALUES is checked above).
-CLI_BAD_VALUES = ['server.learning_rate=nan', 'local.momentum=nan', 'local.epochs=inf',
-                  'dp.target_epsilon=inf', 'dp.noise_multiplier=nan', 'dp.target_quantile=1',
-                  'dp.delta=-0.1', 'compression.bits=0', 'compression.topk_fraction=1.5',
-                  'secagg.clip=0']
+CLI_BAD_VALUES = [
+    'server.learning_rate=nan',
+    'local.momentum=nan',
+    'local.epochs=inf',
+    'dp.target_epsilon=inf',
+    'dp.noise_multiplier=nan',
+    'dp.target_quantile=1',
+    'dp.delta=-0.1',
+    'compression.bits=0',
+    'compression.topk_fraction=1.5',
+    'secagg.clip=0',
+]
 
 
 @pytest.fixture(scope='module')
@@ -387,19 +446,39 @@ def cli_results(straight, tmp_path_factory):
     cases = {
         'help': ([sys.executable, '-m', 'fedjax_med.main', '--help'], None),
         'type': (cli(base / 'type', '--config.num_rounds=abc'), base / 'type'),
-        'variant': ([sys.executable, '-m', 'fedjax_med.main',
-                     '--config=configs/chestxray14.py:synthtic', f'--workdir={base / "v"}'],
-                    base / 'v'),
-        'data': ([sys.executable, '-m', 'fedjax_med.main', '--config=configs/chestxray14.py',
-                  f'--config.data.data_dir={base / "no_data"}', f'--workdir={base / "data"}'],
-                 base / 'data'),
+        'variant': (
+            [
+                sys.executable,
+                '-m',
+                'fedjax_med.main',
+                '--config=configs/chestxray14.py:synthtic',
+                f'--workdir={base / "v"}',
+            ],
+            base / 'v',
+        ),
+        'data': (
+            [
+                sys.executable,
+                '-m',
+                'fedjax_med.main',
+                '--config=configs/chestxray14.py',
+                f'--config.data.data_dir={base / "no_data"}',
+                f'--workdir={base / "data"}',
+            ],
+            base / 'data',
+        ),
         'mismatch': (cli(mismatch, '--config.seed=1'), mismatch),
-        'values': (cli(base / 'values', *[f'--config.{v}' for v in CLI_BAD_VALUES]),
-                   base / 'values'),
+        'values': (
+            cli(base / 'values', *[f'--config.{v}' for v in CLI_BAD_VALUES]),
+            base / 'values',
+        ),
     }
-    procs = {name: subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE,
-                                    stderr=subprocess.PIPE, text=True)
-             for name, (argv, _) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for name, (argv, _) in cases.items()
+    }
     results = {}
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
@@ -413,7 +492,7 @@ def _one_error_line(result, prefix='fedjax_med: config error: '):
     assert 'Traceback' not in err
     (line,) = err.splitlines()
     assert line.startswith(prefix), line
-    return line[len(prefix):]
+    return line[len(prefix) :]
 
 
 def test_cli_help_exits_0(cli_results):
@@ -423,8 +502,9 @@ def test_cli_help_exits_0(cli_results):
 
 def test_cli_wrong_type_is_one_line(cli_results):
     assert _one_error_line(cli_results['type']) == (
-        "--config.num_rounds=abc: config.num_rounds takes an integer (e.g. "
-        "--config.num_rounds=3), not 'abc'.")
+        '--config.num_rounds=abc: config.num_rounds takes an integer (e.g. '
+        "--config.num_rounds=3), not 'abc'."
+    )
     assert not cli_results['type'][3].exists()
 
 
@@ -444,9 +524,11 @@ def test_cli_missing_dataset_is_one_line_and_leaves_no_workdir(cli_results):
 def test_cli_resume_with_another_seed_is_one_line(cli_results):
     line = _one_error_line(cli_results['mismatch'], 'fedjax_med: error: ')
     path = cli_results['mismatch'][3]
-    assert line == (f'cannot resume {path}, which holds a checkpoint of a different run: seed: '
-                    "checkpoint has 0, config has 1. Give the checkpoint's value to resume, use "
-                    'another --workdir, or add --overwrite to delete that run and start over.')
+    assert line == (
+        f'cannot resume {path}, which holds a checkpoint of a different run: seed: '
+        "checkpoint has 0, config has 1. Give the checkpoint's value to resume, use "
+        'another --workdir, or add --overwrite to delete that run and start over.'
+    )
 
 
 def test_cli_bad_values_are_one_line_each_naming_the_field(cli_results):
@@ -462,6 +544,7 @@ def test_cli_bad_values_are_one_line_each_naming_the_field(cli_results):
 # ---------------------------------------------------------------------------------------------
 # SIGINT / SIGTERM: stop after the round in progress, checkpointed, exit 130 / 143
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('signum', [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_stops_after_the_round_in_progress_with_it_saved(tmp_path, signum):
@@ -483,10 +566,14 @@ def test_a_signal_stops_after_the_round_in_progress_with_it_saved(tmp_path, sign
     done = len(rows(path))
     name = signal.Signals(signum).name
     assert e.value.exit_status == {signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
-    assert e.value.message == (f'stopped by {name} after round {done}; the last checkpoint is '
-                               f'round {done} in {path} (rerun the same command to resume).')
-    assert err.getvalue() == (f'fedjax_med: {name}: stopping after the round in progress, with '
-                              f'a checkpoint ({name} again stops at once).\n')
+    assert e.value.message == (
+        f'stopped by {name} after round {done}; the last checkpoint is '
+        f'round {done} in {path} (rerun the same command to resume).'
+    )
+    assert err.getvalue() == (
+        f'fedjax_med: {name}: stopping after the round in progress, with '
+        f'a checkpoint ({name} again stops at once).\n'
+    )
     assert os.listdir(path / 'checkpoints') == [str(done)] and 1 <= done < 1000
     assert not (path / '.lock').exists() and not (path / 'summary.json').exists()
     assert signal.getsignal(signum) is not None  # the handlers were put back
@@ -496,9 +583,19 @@ def test_cli_sigint_exits_130_with_one_line_and_no_traceback(copy_of):
     # The run starts over a previous run's outputs with --overwrite.
     path = copy_of('over')
     shutil.rmtree(path / 'checkpoints')
-    proc = subprocess.Popen(cli(path, '--config.num_rounds=1000', '--config.eval_every=1000',
-                                '--config.checkpoint_every=100', '--overwrite'),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cli(
+            path,
+            '--config.num_rounds=1000',
+            '--config.eval_every=1000',
+            '--config.checkpoint_every=100',
+            '--overwrite',
+        ),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith('round    1/1000'):
             proc.send_signal(signal.SIGINT)
@@ -513,5 +610,6 @@ def test_cli_sigint_exits_130_with_one_line_and_no_traceback(copy_of):
         'fedjax_med: SIGINT: stopping after the round in progress, with a checkpoint (SIGINT '
         'again stops at once).',
         f'fedjax_med: stopped by SIGINT after round {done}; the last checkpoint is round {done} '
-        f'in {path} (rerun the same command to resume).']
+        f'in {path} (rerun the same command to resume).',
+    ]
     assert os.listdir(path / 'checkpoints') == [str(done)]

@@ -10,7 +10,10 @@ from fedjax_med.aggregation import fedavg, server_opt
 
 
 def test_weighted_mean_hand_values():
-    stacked = {'w': jnp.array([[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]), 'b': jnp.array([1., 2, 9])}
+    stacked = {
+        'w': jnp.array([[1.0, 2.0], [3.0, 4.0], [100.0, 100.0]]),
+        'b': jnp.array([1.0, 2, 9]),
+    }
     weights = jnp.array([1.0, 3.0, 0.0])  # third hospital does not take part
     out = fedavg.weighted_mean(stacked, weights)
     np.testing.assert_allclose(out['w'], [(1 + 9) / 4, (2 + 12) / 4])
@@ -69,8 +72,9 @@ def test_server_optimizers_match_reference_for_two_rounds(name):
     params, state = {'w': jnp.asarray(x0)}, opt.init({'w': jnp.asarray(x0)})
     for d in deltas:
         params, state = server_opt.server_step(opt, params, state, {'w': jnp.asarray(d)})
-    np.testing.assert_allclose(params['w'], _reference(name, sc, x0.astype(np.float64), deltas),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        params['w'], _reference(name, sc, x0.astype(np.float64), deltas), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_fedavg_with_server_lr_one_adds_the_mean_update():

@@ -67,14 +67,17 @@ def test_nih_scale_twin_uses_the_whole_table_and_keeps_the_public_set_apart():
     assert sum(sizes) + len(data.public['patient_id']) == 112_120
     assert data.public['image'].dtype == np.uint8
     assert data.clients_train[0]['image'].dtype == np.uint8
-    hospital_patients = set(np.concatenate([s['patient_id'] for s in
-                                            data.clients_train + data.clients_test]).tolist())
+    hospital_patients = set(
+        np.concatenate([s['patient_id'] for s in data.clients_train + data.clients_test]).tolist()
+    )
     public_patients = set(data.public['patient_id'].tolist())
     assert not hospital_patients & public_patients
     assert len(public_patients) == round(0.1 * 30_805)
     # Five hospitals of roughly the real NIH-split-five-ways size (~20,000 images each).
-    per_hospital = [len(a['patient_id']) + len(b['patient_id'])
-                    for a, b in zip(data.clients_train, data.clients_test, strict=True)]
+    per_hospital = [
+        len(a['patient_id']) + len(b['patient_id'])
+        for a, b in zip(data.clients_train, data.clients_test, strict=True)
+    ]
     assert all(8_000 < n < 40_000 for n in per_hospital), per_hospital
     assert data.info['public_size'] == len(data.public['patient_id'])
 
@@ -99,8 +102,9 @@ def test_warm_start_from_public_pretraining(tmp_path):
     summary = train.run(warm, dst)
     with open(os.path.join(src, 'metrics.jsonl')) as f:
         source_rows = [json.loads(line) for line in f]
-    np.testing.assert_allclose(summary['eval/mean_auroc'], source_rows[-1]['eval/mean_auroc'],
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        summary['eval/mean_auroc'], source_rows[-1]['eval/mean_auroc'], rtol=0, atol=1e-5
+    )
     with open(os.path.join(dst, 'config.json')) as f:
         assert json.load(f)['init_from'] == src
 
@@ -124,13 +128,16 @@ def test_init_from_refuses_another_model(tmp_path):
         checkpoint.load_params(str(tmp_path), like)
 
 
-@pytest.mark.parametrize('change, message', [
-    ({'data.train_on': 'public'}, 'public_fraction > 0'),
-    ({'data.train_on': 'public', 'data.public_fraction': 0.1}, "mode='centralized'"),
-    ({'data.train_on': 'hospital'}, "'hospitals' or 'public'"),
-    ({'data.public_fraction': 1.0}, r'public_fraction=1.0 must be in \[0, 1\)'),
-    ({'init_from': '/no/such/run'}, "init_from='/no/such/run' is not a folder"),
-])
+@pytest.mark.parametrize(
+    'change, message',
+    [
+        ({'data.train_on': 'public'}, 'public_fraction > 0'),
+        ({'data.train_on': 'public', 'data.public_fraction': 0.1}, "mode='centralized'"),
+        ({'data.train_on': 'hospital'}, "'hospitals' or 'public'"),
+        ({'data.public_fraction': 1.0}, r'public_fraction=1.0 must be in \[0, 1\)'),
+        ({'init_from': '/no/such/run'}, "init_from='/no/such/run' is not a folder"),
+    ],
+)
 def test_config_errors(change, message):
     config = smoke(**{k.replace('.', '__'): v for k, v in change.items()})
     with pytest.raises(ConfigError, match=message):

@@ -29,8 +29,9 @@ def test_multilabel_metrics_hand_values():
     assert out['mean_auroc'] == pytest.approx((0.75 + 2 / 3) / 2)
     assert out['auroc_labels'] == 2
     # A label without positives has no AUROC: the mean covers the other one, and says so.
-    one = metrics.multilabel_metrics(probs, np.stack([labels[:, 0], 0 * labels[:, 1]], 1),
-                                     ('a', 'b'))
+    one = metrics.multilabel_metrics(
+        probs, np.stack([labels[:, 0], 0 * labels[:, 1]], 1), ('a', 'b')
+    )
     assert np.isnan(one['auroc/b']) and one['mean_auroc'] == pytest.approx(0.75)
     assert one['auroc_labels'] == 1
     # At 0.5: a predicts [1, 1, 0, 0] (2 of 4 right), b predicts [0, 1, 0, 1] (3 of 4 right).
@@ -43,8 +44,12 @@ def test_multilabel_metrics_hand_values():
 
 
 def test_dice_hand_values_and_absent_regions():
-    out = metrics.dice_from_sums(np.array([3.0, 0.0, 0.0]), np.array([4.0, 2.0, 0.0]),
-                                 np.array([5.0, 1.0, 0.0]), num_examples=7)
+    out = metrics.dice_from_sums(
+        np.array([3.0, 0.0, 0.0]),
+        np.array([4.0, 2.0, 0.0]),
+        np.array([5.0, 1.0, 0.0]),
+        num_examples=7,
+    )
     assert out['dice_wt'] == pytest.approx(6 / 9)
     assert out['dice_tc'] == 0.0
     assert out['dice_et'] == 1.0  # absent from prediction and truth
@@ -56,11 +61,21 @@ def test_a_split_without_examples_has_no_metrics_and_no_warning(task):
     """A hospital with an empty test split gets NaN (left out of the means over hospitals), not
     a Dice of 1 for 'nothing predicted, nothing there', and numpy prints nothing."""
     if task == 'chestxray14':
-        stats = {'probs': np.zeros((0, len(CXR_LABELS))), 'labels': np.zeros((0, len(CXR_LABELS))),
-                 'mask': np.zeros(0), 'loss': np.float32(0), 'count': np.float32(0)}
+        stats = {
+            'probs': np.zeros((0, len(CXR_LABELS))),
+            'labels': np.zeros((0, len(CXR_LABELS))),
+            'mask': np.zeros(0),
+            'loss': np.float32(0),
+            'count': np.float32(0),
+        }
     else:
-        stats = {'intersection': np.zeros(3), 'pred_sum': np.zeros(3), 'target_sum': np.zeros(3),
-                 'loss': np.float32(0), 'count': np.float32(0)}
+        stats = {
+            'intersection': np.zeros(3),
+            'pred_sum': np.zeros(3),
+            'target_sum': np.zeros(3),
+            'loss': np.float32(0),
+            'count': np.float32(0),
+        }
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         out = TASKS[task].finalize(stats)

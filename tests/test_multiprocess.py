@@ -16,8 +16,11 @@ CONFIG = 'configs/chestxray14.py:smoke'
 # Secure aggregation: the per-hospital SecAgg inputs and metrics are split over both processes.
 # A constant learning rate, so that 2 rounds resumed to 3 are the first 3 of a 3-round run (a
 # schedule over rounds depends on num_rounds).
-FLAGS = ['--config.secagg.enabled=True', '--config.eval_every=1',
-         '--config.local.schedule=constant']
+FLAGS = [
+    '--config.secagg.enabled=True',
+    '--config.eval_every=1',
+    '--config.local.schedule=constant',
+]
 
 
 def _free_port() -> int:
@@ -28,24 +31,49 @@ def _free_port() -> int:
 
 def _env(num_devices: int) -> dict:
     env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=REPO)
-    flags = [f for f in env.get('XLA_FLAGS', '').split()
-             if not f.startswith('--xla_force_host_platform_device_count')]
+    flags = [
+        f
+        for f in env.get('XLA_FLAGS', '').split()
+        if not f.startswith('--xla_force_host_platform_device_count')
+    ]
     env['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={num_devices}'])
     return env
 
 
 def _main(workdir, rounds: int, extra=()) -> list[str]:
-    return [sys.executable, '-m', 'fedjax_med.main', f'--config={CONFIG}', f'--workdir={workdir}',
-            f'--config.num_rounds={rounds}', *FLAGS, *extra]
+    return [
+        sys.executable,
+        '-m',
+        'fedjax_med.main',
+        f'--config={CONFIG}',
+        f'--workdir={workdir}',
+        f'--config.num_rounds={rounds}',
+        *FLAGS,
+        *extra,
+    ]
 
 
 def _run_two_processes(workdir, rounds: int) -> list[str]:
     port = _free_port()
-    procs = [subprocess.Popen(
-        _main(workdir, rounds, ['--num_processes=2', f'--process_id={i}',
-                                f'--coordinator_address=localhost:{port}']),
-        cwd=REPO, env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            _main(
+                workdir,
+                rounds,
+                [
+                    '--num_processes=2',
+                    f'--process_id={i}',
+                    f'--coordinator_address=localhost:{port}',
+                ],
+            ),
+            cwd=REPO,
+            env=_env(1),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outs = []
     for p in procs:
         try:
@@ -61,8 +89,9 @@ def _run_two_processes(workdir, rounds: int) -> list[str]:
 
 def _rows(workdir) -> list[dict]:
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-        return [{k: v for k, v in json.loads(line).items() if not k.startswith('time/')}
-                for line in f]
+        return [
+            {k: v for k, v in json.loads(line).items() if not k.startswith('time/')} for line in f
+        ]
 
 
 def test_two_processes_equal_one_process_on_two_devices_and_resume(tmp_path):
@@ -73,8 +102,15 @@ def test_two_processes_equal_one_process_on_two_devices_and_resume(tmp_path):
     resumed = _run_two_processes(multi, rounds=3)
     assert 'Resumed from round 2' in resumed[0]
 
-    done = subprocess.run(_main(single, 3), cwd=REPO, env=_env(2), capture_output=True,
-                          text=True, timeout=400, check=False)
+    done = subprocess.run(
+        _main(single, 3),
+        cwd=REPO,
+        env=_env(2),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     # (The model line: the closing summary names the workdir, whose path holds this test's name.)
     model_line = next(li for li in done.stdout.splitlines() if li.startswith('Model '))
@@ -85,5 +121,9 @@ def test_two_processes_equal_one_process_on_two_devices_and_resume(tmp_path):
     assert got == want  # every metric: training loss, evaluation, privacy, bytes
     summary = json.loads((multi / 'summary.json').read_text())
     assert summary['summary/num_devices'] == 2 and summary['round'] == 3
-    assert sorted(os.listdir(multi)) == ['checkpoints', 'config.json', 'metrics.jsonl',
-                                         'summary.json']
+    assert sorted(os.listdir(multi)) == [
+        'checkpoints',
+        'config.json',
+        'metrics.jsonl',
+        'summary.json',
+    ]

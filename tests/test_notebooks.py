@@ -16,7 +16,10 @@ NOTEBOOKS = sorted(glob.glob(os.path.join(REPO, 'colab', '*.ipynb')))
 
 def test_notebooks_are_valid_and_hold_no_outputs():
     assert [os.path.basename(p) for p in NOTEBOOKS] == [
-        '01_quickstart.ipynb', '02_privacy_utility.ipynb', '03_bring_your_data.ipynb']
+        '01_quickstart.ipynb',
+        '02_privacy_utility.ipynb',
+        '03_bring_your_data.ipynb',
+    ]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         nbformat.validate(nb)
@@ -37,10 +40,16 @@ def _execute(name, tmp_path, monkeypatch):
     monkeypatch.setenv('PATH', os.path.dirname(sys.executable) + os.pathsep + os.environ['PATH'])
     nb = nbformat.read(os.path.join(REPO, 'colab', name), as_version=4)
     # Run from the repository root, where `configs` is importable (configs/ is not installed).
-    NotebookClient(nb, timeout=300, kernel_name='python3',
-                   resources={'metadata': {'path': REPO}}).execute()
-    errors = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
-              if o.get('output_type') == 'error']
+    NotebookClient(
+        nb, timeout=300, kernel_name='python3', resources={'metadata': {'path': REPO}}
+    ).execute()
+    errors = [
+        o
+        for c in nb.cells
+        if c.cell_type == 'code'
+        for o in c.outputs
+        if o.get('output_type') == 'error'
+    ]
     assert not errors, errors
     return nb
 
@@ -49,8 +58,13 @@ def test_quickstart_notebook_runs_with_the_smoke_config(tmp_path, monkeypatch):
     nb = _execute('01_quickstart.ipynb', tmp_path, monkeypatch)
     pngs = os.listdir(tmp_path / 'runs')
     assert 'index.html' in pngs and 'chestxray14_attribution.png' in pngs
-    images = [o for c in nb.cells if c.cell_type == 'code' for o in c.outputs
-              if 'image/png' in o.get('data', {})]
+    images = [
+        o
+        for c in nb.cells
+        if c.cell_type == 'code'
+        for o in c.outputs
+        if 'image/png' in o.get('data', {})
+    ]
     assert len(images) >= 4
 
 

@@ -18,10 +18,19 @@ def test_cpu_compiler_options_are_accepted_and_change_only_rounding(monkeypatch,
     request.addfinalizer(parallel.compiler_options.cache_clear)  # later tests: their own env
     assert parallel.compiler_options() == parallel.CPU_COMPILER_OPTIONS
 
-    model = build_model(ml_collections.ConfigDict(dict(
-        name='resnet_small', width=8, depth=2, norm_groups=4, compute_dtype='float32',
-        negative_slope=0.0)),
-        'chestxray14')
+    model = build_model(
+        ml_collections.ConfigDict(
+            dict(
+                name='resnet_small',
+                width=8,
+                depth=2,
+                norm_groups=4,
+                compute_dtype='float32',
+                negative_slope=0.0,
+            )
+        ),
+        'chestxray14',
+    )
     x = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))
     params = model.init(jax.random.key(1), x)
     loss = lambda p: jnp.mean(jax.nn.sigmoid(model.apply(p, x)) ** 2)

@@ -32,8 +32,10 @@ def fake_mesh(num_devices: int):
     return SimpleNamespace(devices=np.empty(num_devices))
 
 
-@pytest.mark.parametrize('per_round,devices,expected', [
-    (4, 1, 4), (4, 3, 6), (0, 1, 16), (16, 1, 16), (15, 8, 16), (2, 8, 8)])
+@pytest.mark.parametrize(
+    'per_round,devices,expected',
+    [(4, 1, 4), (4, 3, 6), (0, 1, 16), (16, 1, 16), (15, 8, 16), (2, 8, 8)],
+)
 def test_the_round_has_m_slots_padded_to_the_devices(per_round, devices, expected):
     c = golden_cases.config_of('cxr_k16_m4_plain')
     c.clients_per_round = per_round
@@ -53,8 +55,7 @@ def test_slots_hold_the_participants_in_order_then_inert_padding():
         assert prepared.participants == chosen.tolist()
         assert inputs.indices.shape[0] == inputs.weights.shape[0] == 4
         # Each slot carries its hospital's own sigma, DP-SGD denominator and step count.
-        np.testing.assert_array_equal(inputs.noise_multiplier,
-                                      planner.noise_multiplier[chosen])
+        np.testing.assert_array_equal(inputs.noise_multiplier, planner.noise_multiplier[chosen])
         np.testing.assert_array_equal(inputs.step_active.sum(1), planner.steps[chosen])
         np.testing.assert_array_equal(prepared.round_steps[chosen], planner.steps[chosen])
         assert prepared.round_steps.sum() == planner.steps[chosen].sum()  # absent: no epsilon
@@ -67,11 +68,14 @@ def test_padding_slots_and_secagg_inputs_are_reindexed_to_the_slots():
     sym = np.triu(sym.transpose(2, 0, 1), 1).transpose(1, 2, 0)
     sym = sym + sym.transpose(1, 0, 2)
     signs = np.sign(np.arange(k)[None, :] - np.arange(k)[:, None]).astype(np.int32)
-    inputs = SecAggInputs(pair_keys=sym, pair_signs=signs,
-                          self_keys=rng.integers(1, 9, (k, 2), dtype=np.uint32),
-                          survivor=np.array([1, 0, 1, 1, 0], np.float32),
-                          recovered_self_keys=np.zeros((k, 2), np.uint32),
-                          recovered_pair_keys=np.zeros((k, k, 2), np.uint32))
+    inputs = SecAggInputs(
+        pair_keys=sym,
+        pair_signs=signs,
+        self_keys=rng.integers(1, 9, (k, 2), dtype=np.uint32),
+        survivor=np.array([1, 0, 1, 1, 0], np.float32),
+        recovered_self_keys=np.zeros((k, 2), np.uint32),
+        recovered_pair_keys=np.zeros((k, k, 2), np.uint32),
+    )
     ids = np.array([0, 2, 3, k], np.int32)  # three participants and a padding slot
     slots = host_round._secagg_slots(inputs, ids)
     np.testing.assert_array_equal(slots.pair_keys[:3, :3], sym[np.ix_([0, 2, 3], [0, 2, 3])])
@@ -93,14 +97,16 @@ def test_a_resumed_participants_only_run_equals_the_golden(name, tmp_path):
     assert golden_cases.compare(name, rows) == []
     with open(os.path.join(workdir, 'metrics.jsonl')) as f:
         logged = [json.loads(line)['train/participants'] for line in f]
-    assert logged == [np.flatnonzero(host_round.sample_participants(c, r, 16)).tolist()
-                      for r in range(c.num_rounds)]
+    assert logged == [
+        np.flatnonzero(host_round.sample_participants(c, r, 16)).tolist()
+        for r in range(c.num_rounds)
+    ]
 
 
 def test_on_three_devices_the_participants_only_round_equals_the_golden(tmp_path):
     # 16 hospitals pad to 18 rows, 4 participants to 6 slots over 3 devices; the reductions
     # over the sharded client axis sum in another order, so this is float tolerance.
-    code = textwrap.dedent(f'''
+    code = textwrap.dedent(f"""
         import json, sys
         sys.path.insert(0, {REPO!r})
         from fedjax_med import train
@@ -113,11 +119,16 @@ def test_on_three_devices_the_participants_only_round_equals_the_golden(tmp_path
             out[name] = (golden_cases.compare(name, golden_cases.read_rows(workdir),
                                               exact=False), summary['summary/round_traces'])
         print('RESULT' + json.dumps(out))
-    ''')
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu',
-               XLA_FLAGS='--xla_force_host_platform_device_count=3')
-    proc = subprocess.run([sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True,
-                          text=True, timeout=900)
+    """)
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO,
+        JAX_PLATFORMS='cpu',
+        XLA_FLAGS='--xla_force_host_platform_device_count=3',
+    )
+    proc = subprocess.run(
+        [sys.executable, '-c', code], env=env, cwd=REPO, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.split('RESULT', 1)[1])
     assert result == {name: [[], 1] for name in K16}
@@ -132,8 +143,9 @@ def test_the_compiled_round_does_the_work_of_its_participants():
         c.clients_per_round = per_round
         exp = experiment.build(c, parallel.make_mesh())
         inputs = exp.planner.prepare(0).inputs
-        lowered = exp.round_fn.fn.lower(exp.state, exp.client_data, inputs,
-                                        exp.round_key(c.seed, 0))
+        lowered = exp.round_fn.fn.lower(
+            exp.state, exp.client_data, inputs, exp.round_key(c.seed, 0)
+        )
         cost = lowered.compile().cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         return float(cost['flops'])

@@ -42,10 +42,10 @@ def test_each_hospital_gets_the_smallest_sigma_that_ends_at_the_target():
         # The same sigma from the accountant's own calibration, and 1% less noise overshoots.
         q, delta = min(1.0, 32 / n), 1 / (10 * n)
         want = accounting.calibrate_noise_multiplier(
-            target_epsilon=3.0, sampling_probability=q, steps=int(steps[k]) * 4, delta=delta)
+            target_epsilon=3.0, sampling_probability=q, steps=int(steps[k]) * 4, delta=delta
+        )
         assert sigmas[k] == pytest.approx(want, rel=1e-9)
-        less = accounting.epsilon(accounting.dp_sgd_event(q, 0.99 * sigmas[k], 4 * steps[k]),
-                                  delta)
+        less = accounting.epsilon(accounting.dp_sgd_event(q, 0.99 * sigmas[k], 4 * steps[k]), delta)
         assert less > 3.0
     m = setup.metrics()
     assert m['privacy/noise_multiplier'] == pytest.approx(sigmas.max())
@@ -66,7 +66,8 @@ def test_a_given_noise_multiplier_is_used_by_every_hospital():
     np.testing.assert_array_equal(setup.noise_multipliers, [1.3, 1.3])
     eps = _run_all_rounds(setup, steps, 2)
     for k, n in enumerate([60, 250]):
-        want = accounting.epsilon(accounting.dp_sgd_event(min(1.0, 32 / n), 1.3, 2 * steps[k]),
-                                  1 / (10 * n))
+        want = accounting.epsilon(
+            accounting.dp_sgd_event(min(1.0, 32 / n), 1.3, 2 * steps[k]), 1 / (10 * n)
+        )
         assert eps[k] == pytest.approx(want, rel=1e-12)
     assert math.isfinite(setup.metrics()['privacy/epsilon'])

@@ -38,9 +38,12 @@ def test_sample_dp_run_reports_growing_epsilon_and_refuses_a_resume_with_more_ro
     # leaves the workdir (config.json, metrics) as it was.
     config_json = (tmp_path / 'a' / 'config.json').read_text()
     c.num_rounds = 4
-    with pytest.raises(ValueError, match=r'num_rounds: checkpoint has 2, config has 4\. The DP '
-                       r'noise is calibrated to num_rounds .*Keep --config.num_rounds=2, or '
-                       r'start a new --workdir'):
+    with pytest.raises(
+        ValueError,
+        match=r'num_rounds: checkpoint has 2, config has 4\. The DP '
+        r'noise is calibrated to num_rounds .*Keep --config.num_rounds=2, or '
+        r'start a new --workdir',
+    ):
         train.run(c, str(tmp_path / 'a'))
     assert (tmp_path / 'a' / 'config.json').read_text() == config_json
     assert [r['privacy/epsilon'] for r in rows(tmp_path / 'a')] == eps
@@ -65,9 +68,11 @@ def test_budget_stop_checkpoints_the_last_round_run(tmp_path, monkeypatch, capsy
     from fedjax_med.checkpoint import Checkpointer
     from fedjax_med.privacy import plan as privacy_plan
 
-    monkeypatch.setattr(privacy_plan.PrivacyPlan, 'check_budget',
-                        lambda self, steps: 'Privacy budget reached' if self.rounds_done >= 2
-                        else None)
+    monkeypatch.setattr(
+        privacy_plan.PrivacyPlan,
+        'check_budget',
+        lambda self, steps: 'Privacy budget reached' if self.rounds_done >= 2 else None,
+    )
     c = chestxray14.get_config('smoke')
     c.local.sampling, c.dp.mode, c.dp.target_epsilon = 'poisson', 'sample', 4.0
     c.num_rounds, c.eval_every, c.checkpoint_every = 3, 100, 100

@@ -21,7 +21,7 @@ def test_summary_splits_each_round_into_device_busy_and_idle_time():
     events = [
         span('PjitFunction(round_fn)', 0, 1),
         span('PjitFunction(round_fn)', 0.5, 0.4),  # nested span of the same call
-        span(EXECUTE, 1, 60, tid=2),                # the round runs after dispatch returned
+        span(EXECUTE, 1, 60, tid=2),  # the round runs after dispatch returned
         span('PjitFunction(evaluate)', 62, 1),
         span(EXECUTE, 63, 5, tid=3),
         span('PjitFunction(round_fn)', 100, 1),
@@ -45,18 +45,31 @@ def test_summary_splits_each_round_into_device_busy_and_idle_time():
 
 def test_device_processes_count_as_busy_on_accelerators():
     # GPU traces put kernels on the device's own process; the host thread only dispatches.
-    events = [span('PjitFunction(round_fn)', 0, 1), span('fusion.3', 2, 50, pid=99),
-              span('PjitFunction(round_fn)', 100, 1)]
+    events = [
+        span('PjitFunction(round_fn)', 0, 1),
+        span('fusion.3', 2, 50, pid=99),
+        span('PjitFunction(round_fn)', 100, 1),
+    ]
     assert profiling.summarize(events)[0]['device_busy_ms'] == pytest.approx(0.050)
 
 
 def test_a_real_trace_of_smoke_rounds_is_summarised(tmp_path):
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO, 'launch', 'profile_rounds.py'),
-         '--config=configs/brats.py:smoke', f'--workdir={tmp_path}', '--warmup_rounds=1',
-         '--rounds=1', '--config.num_rounds=4'],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
+        [
+            sys.executable,
+            os.path.join(REPO, 'launch', 'profile_rounds.py'),
+            '--config=configs/brats.py:smoke',
+            f'--workdir={tmp_path}',
+            '--warmup_rounds=1',
+            '--rounds=1',
+            '--config.num_rounds=4',
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     table = [line for line in result.stdout.splitlines() if line.startswith('| 1 |')]
     assert len(table) == 1, result.stdout

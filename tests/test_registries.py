@@ -27,14 +27,18 @@ def test_every_dataset_is_accepted_by_validate_and_serves_a_known_task(name):
 def test_validate_refuses_a_dataset_with_the_other_task(name):
     other = next(t for t in tasks.TASKS if t != registry.TASK_OF[name])
     msgs = problems(smoke(other, data__name=name))
-    assert any(m.startswith(f'config.data.name={name!r} is {registry.TASK_OF[name]} data')
-               for m in msgs), msgs
+    assert any(
+        m.startswith(f'config.data.name={name!r} is {registry.TASK_OF[name]} data') for m in msgs
+    ), msgs
 
 
 def test_an_unknown_dataset_is_refused_with_the_registered_names():
     (msg,) = [m for m in problems(smoke(data__name='chexpert')) if 'config.data.name=' in m]
-    assert msg.startswith("config.data.name='chexpert' is not known; use one of "
-                          + ', '.join(map(repr, registry.DATASETS)) + '.')
+    assert msg.startswith(
+        "config.data.name='chexpert' is not known; use one of "
+        + ', '.join(map(repr, registry.DATASETS))
+        + '.'
+    )
 
 
 def test_the_dataset_lists_are_the_registry():
@@ -55,8 +59,7 @@ def test_every_dataset_has_a_tfds_builder_and_the_build_command_offers_it(tmp_pa
     from fedjax_med.data import brats, build, tfds_io
 
     assert build._DATASET.name == 'dataset'
-    assert (tuple(flags.FLAGS['dataset'].parser.enum_values)
-            == registry.REAL + registry.SYNTHETIC)
+    assert tuple(flags.FLAGS['dataset'].parser.enum_values) == registry.REAL + registry.SYNTHETIC
     assert {c.release for c in brats.Brats.BUILDER_CONFIGS} == set(registry.BRATS_VERSIONS)
     for name in registry.DATASETS:
         builder = tfds_io.make_builder(name, data_dir=str(tmp_path), resolution=64)
@@ -66,16 +69,25 @@ def test_every_dataset_has_a_tfds_builder_and_the_build_command_offers_it(tmp_pa
 
 
 def test_validate_imports_no_tfds():
-    code = ("import sys, fedjax_med.validate, fedjax_med.data.registry; "
-            "assert 'tensorflow_datasets' not in sys.modules, 'TFDS imported'")
-    out = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True,
-                         env=dict(os.environ, JAX_PLATFORMS='cpu'), timeout=120)
+    code = (
+        'import sys, fedjax_med.validate, fedjax_med.data.registry; '
+        "assert 'tensorflow_datasets' not in sys.modules, 'TFDS imported'"
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS='cpu'),
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------
 # Partitions
 # ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize('strategy', partition.STRATEGIES)
 def test_every_partition_strategy_is_accepted_and_implemented(strategy):
@@ -85,8 +97,16 @@ def test_every_partition_strategy_is_accepted_and_implemented(strategy):
     units = np.repeat(np.arange(40), 2)
     labels = (rng.random((len(units), 3)) < 0.3).astype(np.uint8)
     parts = partition.partition_examples(
-        strategy, unit_ids=units, num_clients=4, seed=0, labels=labels,
-        column=units % 2, dirichlet_alpha=0.5, classes_per_client=1, quantity_sigma=0.5)
+        strategy,
+        unit_ids=units,
+        num_clients=4,
+        seed=0,
+        labels=labels,
+        column=units % 2,
+        dirichlet_alpha=0.5,
+        classes_per_client=1,
+        quantity_sigma=0.5,
+    )
     assert len(parts) == 4
     assert sorted(np.concatenate(parts).tolist()) == list(range(len(units)))
 
@@ -101,6 +121,7 @@ def test_an_unknown_partition_is_refused_by_both():
 # ---------------------------------------------------------------------------------------------
 # Tasks: names, main metrics, per-task tables, CXR findings
 # ---------------------------------------------------------------------------------------------
+
 
 def test_task_names_are_the_tasks_and_every_per_task_table_covers_them():
     assert validate.CHOICES['task'] == tuple(tasks.TASKS)

@@ -39,9 +39,14 @@ def runs(tmp_path_factory):
 def test_report_writes_figures_and_index(runs, tmp_path):
     pngs = report.make_report([str(runs)], str(tmp_path), ig_steps=8, num_examples=2)
     names = {os.path.basename(p) for p in pngs}
-    for expected in ('chestxray14_metric_vs_round.png', 'chestxray14_comm_utility.png',
-                     'chestxray14_hospital_fairness.png', 'chestxray14_attribution.png',
-                     'brats_metric_vs_round.png', 'brats_overlays.png'):
+    for expected in (
+        'chestxray14_metric_vs_round.png',
+        'chestxray14_comm_utility.png',
+        'chestxray14_hospital_fairness.png',
+        'chestxray14_attribution.png',
+        'brats_metric_vs_round.png',
+        'brats_overlays.png',
+    ):
         assert expected in names
     assert 'chestxray14_privacy_utility.png' not in names  # no DP run: nothing to trade off
     index = (tmp_path / 'index.html').read_text()
@@ -131,24 +136,48 @@ def test_a_run_older_than_a_config_field_loads_with_its_old_behaviour(runs, tmp_
 def test_overlays_show_the_largest_tumours_of_uint8_labels():
     """Labels are stored as uint8: the examples picked are those with the most tumour."""
     labels = np.zeros((5, 4, 4, 3), np.uint8)
-    labels[1, :2, :2, 0] = 1   # 4 pixels
-    labels[3, :, :, 0] = 1     # 16 pixels
-    labels[4, 0, 0, 0] = 1     # 1 pixel
+    labels[1, :2, :2, 0] = 1  # 4 pixels
+    labels[3, :, :, 0] = 1  # 16 pixels
+    labels[4, 0, 0, 0] = 1  # 1 pixel
     assert report.largest_tumours(labels, 3).tolist() == [3, 1, 4]
 
 
-def _fake_run(mode='none', target=0.0, sigma=0.0, eps=float('nan'), metric=0.5, *,
-              training='federated', optimizer='fedavg', seed=0, task='brats', rounds=1):
+def _fake_run(
+    mode='none',
+    target=0.0,
+    sigma=0.0,
+    eps=float('nan'),
+    metric=0.5,
+    *,
+    training='federated',
+    optimizer='fedavg',
+    seed=0,
+    task='brats',
+    rounds=1,
+):
     """A Run in memory: `rounds` rows, epsilon growing to `eps`, the metric ending at `metric`."""
-    config = {'dp': {'mode': mode, 'target_epsilon': target, 'noise_multiplier': sigma},
-              'task': task, 'mode': training, 'seed': seed, 'num_rounds': rounds,
-              'local': {'prox_mu': 0.0}, 'server': {'optimizer': optimizer},
-              'data': {'partition': 'iid', 'dirichlet_alpha': 0.5}}
+    config = {
+        'dp': {'mode': mode, 'target_epsilon': target, 'noise_multiplier': sigma},
+        'task': task,
+        'mode': training,
+        'seed': seed,
+        'num_rounds': rounds,
+        'local': {'prox_mu': 0.0},
+        'server': {'optimizer': optimizer},
+        'data': {'partition': 'iid', 'dirichlet_alpha': 0.5},
+    }
     key = f'eval/{report.main_metric(task)}'
-    rows = [{'round': k, 'privacy/epsilon': eps * k / rounds, key: metric * k / rounds}
-            for k in range(1, rounds + 1)]
-    return report.Run(path=f'/runs/{training}{optimizer}{mode}{target}{sigma}{seed}',
-                      config=config, rows=rows, summary=None, info={})
+    rows = [
+        {'round': k, 'privacy/epsilon': eps * k / rounds, key: metric * k / rounds}
+        for k in range(1, rounds + 1)
+    ]
+    return report.Run(
+        path=f'/runs/{training}{optimizer}{mode}{target}{sigma}{seed}',
+        config=config,
+        rows=rows,
+        summary=None,
+        info={},
+    )
 
 
 def _figure_of(plot, runs, monkeypatch, tmp_path):
@@ -162,29 +191,41 @@ def _figure_of(plot, runs, monkeypatch, tmp_path):
 
 
 def test_privacy_utility_keeps_fixed_sigma_runs_apart_from_runs_without_dp():
-    runs = [_fake_run('none', 0.0, 0.0, float('nan'), 0.8),
-            _fake_run('sample', 0.0, 1.5, 2.0, 0.3, seed=0),
-            _fake_run('sample', 0.0, 1.5, 2.2, 0.5, seed=1),
-            _fake_run('sample', 4.0, 0.0, 4.0, 0.4)]
+    runs = [
+        _fake_run('none', 0.0, 0.0, float('nan'), 0.8),
+        _fake_run('sample', 0.0, 1.5, 2.0, 0.3, seed=0),
+        _fake_run('sample', 0.0, 1.5, 2.2, 0.5, seed=1),
+        _fake_run('sample', 4.0, 0.0, 4.0, 0.4),
+    ]
     # Fixed σ (both seeds together) and target ε 4; the run without DP has no ε: a reference.
-    np.testing.assert_allclose(report.privacy_utility_points(runs),
-                               [(2.1, 0.4, 0.1), (4.0, 0.4, 0.0)])
+    np.testing.assert_allclose(
+        report.privacy_utility_points(runs), [(2.1, 0.4, 0.1), (4.0, 0.4, 0.0)]
+    )
     assert report.no_dp_reference(runs) == (0.8, 0.0)
     assert report.no_dp_reference(runs[1:]) is None
 
 
 def test_privacy_utility_draws_no_dp_as_a_labelled_line_not_a_point_on_the_epsilon_axis(
-        monkeypatch, tmp_path):
-    runs = [_fake_run('none', metric=0.80, seed=0), _fake_run('none', metric=0.84, seed=1),
-            _fake_run('sample', 4.0, eps=3.9, metric=0.4),
-            _fake_run('sample', 8.0, eps=7.8, metric=0.6),
-            _fake_run('none', metric=0.7, optimizer='fedadam'),
-            _fake_run('sample', 4.0, eps=4.0, metric=0.3, optimizer='fedadam')]
+    monkeypatch, tmp_path
+):
+    runs = [
+        _fake_run('none', metric=0.80, seed=0),
+        _fake_run('none', metric=0.84, seed=1),
+        _fake_run('sample', 4.0, eps=3.9, metric=0.4),
+        _fake_run('sample', 8.0, eps=7.8, metric=0.6),
+        _fake_run('none', metric=0.7, optimizer='fedadam'),
+        _fake_run('sample', 4.0, eps=4.0, metric=0.3, optimizer='fedadam'),
+    ]
     fig = _figure_of(report.plot_privacy_utility, runs, monkeypatch, tmp_path)
     (ax,) = fig.axes
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == [
-        'fedadam, DP', 'fedadam, no DP', 'fedavg, DP', 'fedavg, no DP', 'paper bound ε<4.5']
+        'fedadam, DP',
+        'fedadam, no DP',
+        'fedavg, DP',
+        'fedavg, no DP',
+        'paper bound ε<4.5',
+    ]
     # Every x tick is a number on the ε axis (no 'no DP' position), which starts at 0.
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert all(label.replace('−', '-').replace('.', '').isdigit() for label in labels), labels
@@ -196,8 +237,13 @@ def test_privacy_utility_draws_no_dp_as_a_labelled_line_not_a_point_on_the_epsil
     assert line.get_xdata()[0] == 0 and line.get_xdata()[1] == 1  # axes coordinates
     # The DP runs (faint dots) and settings (error bars) sit at their achieved ε only.
     from matplotlib.collections import PathCollection
-    dots = sorted(float(x) for c in ax.collections if isinstance(c, PathCollection)
-                  for x, _ in c.get_offsets())
+
+    dots = sorted(
+        float(x)
+        for c in ax.collections
+        if isinstance(c, PathCollection)
+        for x, _ in c.get_offsets()
+    )
     assert dots == [3.9, 4.0, 7.8]
     bars = sorted(float(x) for c in ax.containers for x in c.lines[0].get_xdata())
     assert bars == [3.9, 4.0, 7.8]
@@ -238,7 +284,10 @@ def test_overlay_contours_stay_visible_where_regions_share_a_border():
     assert dashes[2][1] is not None and dashes[1][1] is None  # ET dashed over a solid TC
     legend = report.region_legend(fig)
     assert [t.get_text() for t in legend.get_texts()] == [
-        'WT (whole tumour)', 'TC (tumour core)', 'ET (enhancing tumour)']
+        'WT (whole tumour)',
+        'TC (tumour core)',
+        'ET (enhancing tumour)',
+    ]
     assert [h.get_linestyle() for h in legend.legend_handles] == ['-', '-', '--']
 
 

@@ -20,8 +20,10 @@ from tests.test_client import init_params, linear_apply, make_data, numpy_sgd
 from tests.test_end_to_end import run_python
 
 # Four hospitals, two coordinates of 'w' and a scalar 'b'; the last one sits the round out.
-STACKED = {'w': jnp.array([[1.0, 5.0], [3.0, -2.0], [2.0, 0.0], [100.0, 100.0]]),
-           'b': jnp.array([4.0, 1.0, 7.0, -50.0])}
+STACKED = {
+    'w': jnp.array([[1.0, 5.0], [3.0, -2.0], [2.0, 0.0], [100.0, 100.0]]),
+    'b': jnp.array([4.0, 1.0, 7.0, -50.0]),
+}
 
 
 def test_median_odd_number_of_participants():
@@ -40,8 +42,9 @@ def test_median_even_number_is_the_mean_of_the_two_middle_values():
 
 
 def test_trimmed_mean_hand_values():
-    stacked = {'w': jnp.array([[4.0, 0.0], [-1.0, 0.0], [10.0, 9.0], [2.0, 1.0], [3.0, 2.0],
-                               [1e6, -1e6]])}
+    stacked = {
+        'w': jnp.array([[4.0, 0.0], [-1.0, 0.0], [10.0, 9.0], [2.0, 1.0], [3.0, 2.0], [1e6, -1e6]])
+    }
     five = jnp.array([1.0, 1.0, 1.0, 1.0, 1.0, 0.0])
     # beta = 0.2, m = 5: floor(1.0) = 1 value dropped from each end.
     out = robust.trimmed_mean(stacked, five, 0.2)
@@ -57,8 +60,9 @@ def test_trimmed_mean_hand_values():
     np.testing.assert_allclose(out['w'], [2.5, 1.5])
 
 
-@pytest.mark.parametrize('combine', [robust.coordinate_median,
-                                     lambda s, w: robust.trimmed_mean(s, w, 0.25)])
+@pytest.mark.parametrize(
+    'combine', [robust.coordinate_median, lambda s, w: robust.trimmed_mean(s, w, 0.25)]
+)
 def test_non_participants_are_ignored_exactly(combine):
     weights = jnp.array([1.0, 1.0, 1.0, 0.0])
     base_out = combine(STACKED, weights)
@@ -88,7 +92,7 @@ def _reference(name, values, weights, trim_fraction):
     if name == 'median':
         return np.median(part, axis=0)
     t = math.floor(trim_fraction * len(part))
-    return part[t:len(part) - t].mean(axis=0)
+    return part[t : len(part) - t].mean(axis=0)
 
 
 @pytest.mark.parametrize('name', ['median', 'trimmed_mean'])
@@ -102,12 +106,18 @@ def test_varying_participation_under_jit_compiles_once(name):
         return combine(stacked, weights)
 
     values = np.random.default_rng(0).normal(size=(6, 3)).astype(np.float32)
-    for pattern in ([1, 1, 1, 1, 1, 1], [0, 1, 1, 0, 1, 1], [1, 0, 0, 0, 0, 1], [0, 0, 3, 0, 0, 0],
-                    [1, 1, 1, 1, 1, 0]):
+    for pattern in (
+        [1, 1, 1, 1, 1, 1],
+        [0, 1, 1, 0, 1, 1],
+        [1, 0, 0, 0, 0, 1],
+        [0, 0, 3, 0, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+    ):
         weights = jnp.asarray(pattern, jnp.float32)
         out = aggregate({'w': jnp.asarray(values)}, weights)['w']
-        np.testing.assert_allclose(out, _reference(name, values, pattern, 0.25), rtol=1e-6,
-                                   atol=1e-7)
+        np.testing.assert_allclose(
+            out, _reference(name, values, pattern, 0.25), rtol=1e-6, atol=1e-7
+        )
     assert len(traces) == 1
 
 
@@ -118,28 +128,36 @@ def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: i
     config.local.optimizer = 'sgd'
     config.server.aggregator = aggregator
     config.server.trim_fraction = 0.25
-    fn = rounds.build_round_fn(apply_fn=linear_apply, task=TASKS['chestxray14'], config=config,
-                               mesh=mesh)
+    fn = rounds.build_round_fn(
+        apply_fn=linear_apply, task=TASKS['chestxray14'], config=config, mesh=mesh
+    )
     datas = [make_data(10 + k, steps * batch) for k in range(num_padded)]
     client_data = parallel.put_clients(
-        {key: np.stack([d[key] for d in datas]) for key in ('image', 'label')}, mesh)
-    indices = np.tile(np.arange(steps * batch, dtype=np.int32).reshape(steps, batch),
-                      (num_padded, 1, 1))
+        {key: np.stack([d[key] for d in datas]) for key in ('image', 'label')}, mesh
+    )
+    indices = np.tile(
+        np.arange(steps * batch, dtype=np.int32).reshape(steps, batch), (num_padded, 1, 1)
+    )
 
     def inputs_for(weights):
         w = np.zeros(num_padded, np.float32)
-        w[:len(weights)] = weights
+        w[: len(weights)] = weights
         inputs = RoundInputs(
-            indices=indices, mask=np.ones(indices.shape, np.float32),
-            step_active=np.repeat(w[:, None] > 0, steps, axis=1), weights=w,
+            indices=indices,
+            mask=np.ones(indices.shape, np.float32),
+            step_active=np.repeat(w[:, None] > 0, steps, axis=1),
+            weights=w,
             expected_batch=np.full(num_padded, batch, np.float32),
             noise_multiplier=np.zeros(num_padded, np.float32),
-            client_ids=np.arange(num_padded, dtype=np.int32), learning_rate=np.float32(0.5))
+            client_ids=np.arange(num_padded, dtype=np.int32),
+            learning_rate=np.float32(0.5),
+        )
         return jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
 
     params0 = init_params()
-    deltas = [numpy_sgd(params0, d, indices[0], np.ones(indices[0].shape), 0.5, steps)
-              for d in datas]
+    deltas = [
+        numpy_sgd(params0, d, indices[0], np.ones(indices[0].shape), 0.5, steps) for d in datas
+    ]
     state = rounds.init_server_state(params0, config, num_padded, mesh)
     return fn, state, client_data, inputs_for, deltas
 
@@ -151,8 +169,9 @@ def test_round_applies_the_robust_aggregate_and_compiles_once(name):
     state, _ = fn(state, client_data, inputs_for(weights), jax.random.key(0))
     # Server optimiser FedAvg with rate 1: params0 + the robust aggregate of the deltas.
     for k, p0 in init_params().items():
-        expected = np.asarray(p0) + _reference(name, np.stack([d[k] for d in deltas]), weights,
-                                               0.25)
+        expected = np.asarray(p0) + _reference(
+            name, np.stack([d[k] for d in deltas]), weights, 0.25
+        )
         np.testing.assert_allclose(state.params[k], expected, atol=1e-6)
     for r, weights in enumerate([[1, 1, 1, 1, 1], [0, 0, 2, 0, 0]], start=1):
         state, _ = fn(state, client_data, inputs_for(weights), jax.random.key(r))
@@ -161,7 +180,8 @@ def test_round_applies_the_robust_aggregate_and_compiles_once(name):
 
 def test_robust_round_on_one_and_eight_devices_gives_the_same_model():
     # 5 hospitals: unpadded on 1 device, padded with 3 inert hospitals and sharded on 8.
-    out = run_python('''
+    out = run_python(
+        """
         import jax
         import numpy as np
         from fedjax_med import parallel
@@ -178,7 +198,9 @@ def test_robust_round_on_one_and_eight_devices_gives_the_same_model():
                             strict=True):
                 np.testing.assert_allclose(a, b, atol=1e-6)
         print('SAME_MODEL')
-    ''', devices=8)
+    """,
+        devices=8,
+    )
     assert 'SAME_MODEL' in out
 
 
@@ -220,15 +242,15 @@ def test_robust_aggregator_with_secagg_is_a_clear_error(name):
 
 
 def test_robust_aggregator_with_client_dp_is_a_clear_error():
-    msg = _problem(_config({'server.aggregator': 'median', 'dp.mode': 'client',
-                            'dp.noise_multiplier': 1.0}))
+    msg = _problem(
+        _config({'server.aggregator': 'median', 'dp.mode': 'client', 'dp.noise_multiplier': 1.0})
+    )
     assert "config.server.aggregator='median' cannot run under config.dp.mode='client'" in msg
 
 
 @pytest.mark.parametrize('fraction', [-0.1, 0.5, 0.7])
 def test_trim_fraction_out_of_range_is_an_error(fraction):
-    msg = _problem(_config({'server.aggregator': 'trimmed_mean',
-                            'server.trim_fraction': fraction}))
+    msg = _problem(_config({'server.aggregator': 'trimmed_mean', 'server.trim_fraction': fraction}))
     assert f'config.server.trim_fraction={fraction!r} must be in [0, 0.5)' in msg
     with pytest.raises(ValueError, match='trim_fraction'):
         fedavg.aggregator('trimmed_mean', trim_fraction=fraction)
@@ -240,8 +262,16 @@ def test_unknown_aggregator_lists_every_allowed_name():
 
 
 def test_robust_aggregator_with_sample_dp_is_fine_and_without_a_federation_is_unchecked():
-    validate(_config({'server.aggregator': 'trimmed_mean', 'dp.mode': 'sample',
-                      'local.sampling': 'poisson', 'dp.noise_multiplier': 1.0}))
+    validate(
+        _config(
+            {
+                'server.aggregator': 'trimmed_mean',
+                'dp.mode': 'sample',
+                'local.sampling': 'poisson',
+                'dp.noise_multiplier': 1.0,
+            }
+        )
+    )
     for mode in ('centralized', 'local'):
         c = _config({'server.aggregator': 'median', 'secagg.enabled': True})
         c.mode = mode

@@ -19,12 +19,18 @@ K, STEPS, BATCH = 5, 2, 4
 def round_parts(config, expected_clients=1.0, noise_multiplier=0.0):
     """(round fn, initial state, client data, inputs for (weights, round index))."""
     mesh = parallel.make_mesh(1)
-    fn = rounds.build_round_fn(apply_fn=linear_apply, task=TASKS['chestxray14'], config=config,
-                               mesh=mesh, client_noise_multiplier=noise_multiplier,
-                               expected_clients=expected_clients)
+    fn = rounds.build_round_fn(
+        apply_fn=linear_apply,
+        task=TASKS['chestxray14'],
+        config=config,
+        mesh=mesh,
+        client_noise_multiplier=noise_multiplier,
+        expected_clients=expected_clients,
+    )
     datas = [make_data(20 + k, STEPS * BATCH) for k in range(K)]
     client_data = parallel.put_clients(
-        {key: np.stack([d[key] for d in datas]) for key in ('image', 'label')}, mesh)
+        {key: np.stack([d[key] for d in datas]) for key in ('image', 'label')}, mesh
+    )
     indices = np.tile(np.arange(STEPS * BATCH, dtype=np.int32).reshape(STEPS, BATCH), (K, 1, 1))
 
     def inputs_for(weights, r):
@@ -33,12 +39,16 @@ def round_parts(config, expected_clients=1.0, noise_multiplier=0.0):
         if config.secagg.enabled:
             secagg, _, _ = secagg_host.secagg_round(config, r, w > 0, K)
         return RoundInputs(
-            indices=indices, mask=np.ones(indices.shape, np.float32),
-            step_active=np.repeat(w[:, None] > 0, STEPS, axis=1), weights=w,
+            indices=indices,
+            mask=np.ones(indices.shape, np.float32),
+            step_active=np.repeat(w[:, None] > 0, STEPS, axis=1),
+            weights=w,
             expected_batch=np.full(K, BATCH, np.float32),
             noise_multiplier=np.zeros(K, np.float32),
-            client_ids=np.arange(K, dtype=np.int32), learning_rate=np.float32(0.5),
-            secagg=secagg)
+            client_ids=np.arange(K, dtype=np.int32),
+            learning_rate=np.float32(0.5),
+            secagg=secagg,
+        )
 
     state = rounds.init_server_state(init_params(), config, K, mesh)
     return fn, state, client_data, inputs_for
@@ -60,11 +70,13 @@ def aggregates(config, rounds_to_run, weights, **kw):
     start = jax.tree.map(np.asarray, state.params)
     out = []
     for r in range(rounds_to_run):
-        s = rounds.init_server_state(jax.tree.map(jnp.asarray, start), config, K,
-                                     parallel.make_mesh(1))
+        s = rounds.init_server_state(
+            jax.tree.map(jnp.asarray, start), config, K, parallel.make_mesh(1)
+        )
         new, _ = fn(s, client_data, inputs_for(weights, r), rounds.round_key(0, r))
-        out.append(np.concatenate([np.ravel(np.asarray(new.params[k]) - start[k])
-                                   for k in sorted(start)]))
+        out.append(
+            np.concatenate([np.ravel(np.asarray(new.params[k]) - start[k]) for k in sorted(start)])
+        )
     return np.stack(out)
 
 
@@ -109,13 +121,16 @@ def test_client_dp_noise_keys_are_all_distinct():
     # The update noise splits its key over leaves (central noise) or folds in hospital ids and
     # then splits over leaves (noise shares under SecAgg).
     for n in range(1, 9):
-        drawn.update(tuple(np.asarray(jax.random.key_data(k)).ravel())
-                     for k in jax.random.split(update_key, n))
+        drawn.update(
+            tuple(np.asarray(jax.random.key_data(k)).ravel())
+            for k in jax.random.split(update_key, n)
+        )
     for i in range(64):
         hospital = jax.random.fold_in(update_key, i)
         drawn.add(tuple(np.asarray(jax.random.key_data(hospital)).ravel()))
-        drawn.update(tuple(np.asarray(jax.random.key_data(k)).ravel())
-                     for k in jax.random.split(hospital, 4))
+        drawn.update(
+            tuple(np.asarray(jax.random.key_data(k)).ravel()) for k in jax.random.split(hospital, 4)
+        )
     assert tuple(np.asarray(jax.random.key_data(count_key)).ravel()) not in drawn
     assert tuple(np.asarray(jax.random.key_data(update_key)).ravel()) not in drawn
 
@@ -131,7 +146,6 @@ def test_non_finite_updates_are_counted_before_secagg_could_hide_them():
     client_data = dict(client_data, image=jnp.asarray(image))
     start = jax.tree.map(np.asarray, state.params)
     for weights, bad in (([1.0, 1.0, 1.0, 1.0, 1.0], 1), ([1.0, 1.0, 0.0, 1.0, 1.0], 0)):
-        s = rounds.init_server_state(jax.tree.map(jnp.asarray, start), c, K,
-                                     parallel.make_mesh(1))
+        s = rounds.init_server_state(jax.tree.map(jnp.asarray, start), c, K, parallel.make_mesh(1))
         _, m = fn(s, client_data, inputs_for(weights, 0), rounds.round_key(0, 0))
         assert int(m['train/nonfinite_updates']) == bad

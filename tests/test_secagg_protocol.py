@@ -60,15 +60,18 @@ def test_neighbour_graph_is_symmetric_and_regular(num_clients, k):
 
 
 def test_neighbour_graph_complete_and_errors():
-    np.testing.assert_array_equal(sp.neighbour_graph(4, None, np.random.default_rng(0)),
-                                  ~np.eye(4, dtype=bool))
+    np.testing.assert_array_equal(
+        sp.neighbour_graph(4, None, np.random.default_rng(0)), ~np.eye(4, dtype=bool)
+    )
     with pytest.raises(ValueError, match='odd'):
         sp.neighbour_graph(7, 3, np.random.default_rng(0))
     with pytest.raises(ValueError, match='neighbours_k'):
         sp.neighbour_graph(5, 5, np.random.default_rng(0))
     # Relabelled at random: two seeds give different graphs.
-    assert not np.array_equal(sp.neighbour_graph(12, 4, np.random.default_rng(0)),
-                              sp.neighbour_graph(12, 4, np.random.default_rng(1)))
+    assert not np.array_equal(
+        sp.neighbour_graph(12, 4, np.random.default_rng(0)),
+        sp.neighbour_graph(12, 4, np.random.default_rng(1)),
+    )
 
 
 def _bools(*values):
@@ -79,10 +82,13 @@ def _bools(*values):
 def _unmask_device(inputs: secure.SecAggInputs, encoded: dict) -> dict:
     masked = secure.mask_updates(encoded, inputs.pair_keys, inputs.pair_signs, inputs.self_keys)
     total = secure.masked_sum(masked, inputs.survivor)
-    return secure.unmask(total, survivor=inputs.survivor,
-                         recovered_self_keys=inputs.recovered_self_keys,
-                         recovered_pair_keys=inputs.recovered_pair_keys,
-                         pair_signs=inputs.pair_signs)
+    return secure.unmask(
+        total,
+        survivor=inputs.survivor,
+        recovered_self_keys=inputs.recovered_self_keys,
+        recovered_pair_keys=inputs.recovered_pair_keys,
+        pair_signs=inputs.pair_signs,
+    )
 
 
 def _unmasked_sum(setup: sp.RoundSetup, encoded: dict) -> dict:
@@ -91,14 +97,20 @@ def _unmasked_sum(setup: sp.RoundSetup, encoded: dict) -> dict:
 
 def _plain_sum(encoded: dict, sent: np.ndarray) -> dict:
     return jax.tree.map(
-        lambda x: jnp.sum(x * jnp.asarray(sent, jnp.uint32).reshape((-1,) + (1,) * (x.ndim - 1)),
-                          axis=0, dtype=jnp.uint32), encoded)
+        lambda x: jnp.sum(
+            x * jnp.asarray(sent, jnp.uint32).reshape((-1,) + (1,) * (x.ndim - 1)),
+            axis=0,
+            dtype=jnp.uint32,
+        ),
+        encoded,
+    )
 
 
 def _encoded(num_clients: int, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     draw = lambda shape: jnp.asarray(
-        rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32))
+        rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
+    )
     return {'w': draw((num_clients, 3, 2)), 'b': draw((num_clients, 5))}
 
 
@@ -109,14 +121,21 @@ def test_unmasked_sum_is_exact_with_up_to_n_minus_t_dropouts(num_dropped):
     participating = _bools(1, 1, 1, 0, 1, 1, 1)
     dropout = np.zeros(num_clients, bool)
     dropout[[0, 5][:num_dropped]] = True
-    setup = sp.run_protocol(round_index=2, seed=11, participating=participating, dropout=dropout,
-                            threshold=None, neighbours_k=None)
+    setup = sp.run_protocol(
+        round_index=2,
+        seed=11,
+        participating=participating,
+        dropout=dropout,
+        threshold=None,
+        neighbours_k=None,
+    )
     assert setup.threshold == 3
     sent = participating & ~dropout
     np.testing.assert_array_equal(setup.survivor, sent)
     encoded = _encoded(num_clients, seed=num_dropped)
-    jax.tree.map(np.testing.assert_array_equal, _unmasked_sum(setup, encoded),
-                 _plain_sum(encoded, sent))
+    jax.tree.map(
+        np.testing.assert_array_equal, _unmasked_sum(setup, encoded), _plain_sum(encoded, sent)
+    )
     # The server rebuilt exactly one kind of secret per client: b_u of senders, keys of droppers.
     np.testing.assert_array_equal(setup.reconstructed_self, sent)
     np.testing.assert_array_equal(setup.reconstructed_mask_key, dropout)
@@ -133,38 +152,76 @@ def test_secagg_plus_sparse_graph_with_dropout_and_late_dropout():
     dropout[4] = True
     late = np.zeros(num_clients, bool)
     late[7] = True
-    setup = sp.run_protocol(round_index=0, seed=5, participating=participating, dropout=dropout,
-                            threshold=2, neighbours_k=4, late_dropout=late)
+    setup = sp.run_protocol(
+        round_index=0,
+        seed=5,
+        participating=participating,
+        dropout=dropout,
+        threshold=2,
+        neighbours_k=4,
+        late_dropout=late,
+    )
     np.testing.assert_array_equal(setup.neighbours.sum(1), 4)
     np.testing.assert_array_equal(setup.pair_signs != 0, setup.neighbours)
     np.testing.assert_array_equal(setup.pair_keys, setup.pair_keys.transpose(1, 0, 2))
     sent = ~dropout  # the late dropout's input is in the sum
     encoded = _encoded(num_clients, seed=9)
-    jax.tree.map(np.testing.assert_array_equal, _unmasked_sum(setup, encoded),
-                 _plain_sum(encoded, sent))
+    jax.tree.map(
+        np.testing.assert_array_equal, _unmasked_sum(setup, encoded), _plain_sum(encoded, sent)
+    )
     assert setup.reconstructed_self[7] and not setup.reconstructed_mask_key[7]
 
 
 def test_more_than_n_minus_t_dropouts_fail_the_round():
     participating = np.ones(6, bool)  # n = 5 neighbours, t = 3: 3 dropouts leave 2 holders
     with pytest.raises(sp.RoundFailedError, match='threshold'):
-        sp.run_protocol(round_index=0, seed=0, participating=participating,
-                        dropout=_bools(1, 1, 1, 0, 0, 0), threshold=None, neighbours_k=None)
+        sp.run_protocol(
+            round_index=0,
+            seed=0,
+            participating=participating,
+            dropout=_bools(1, 1, 1, 0, 0, 0),
+            threshold=None,
+            neighbours_k=None,
+        )
     with pytest.raises(sp.RoundFailedError, match='threshold'):
-        sp.run_protocol(round_index=0, seed=0, participating=participating,
-                        dropout=_bools(1, 1, 1, 1, 0, 0), threshold=None, neighbours_k=None)
+        sp.run_protocol(
+            round_index=0,
+            seed=0,
+            participating=participating,
+            dropout=_bools(1, 1, 1, 1, 0, 0),
+            threshold=None,
+            neighbours_k=None,
+        )
     with pytest.raises(sp.RoundFailedError, match='at least 2'):
-        sp.run_protocol(round_index=0, seed=0, participating=_bools(0, 1, 0),
-                        dropout=_bools(0, 0, 0), threshold=None, neighbours_k=None)
+        sp.run_protocol(
+            round_index=0,
+            seed=0,
+            participating=_bools(0, 1, 0),
+            dropout=_bools(0, 0, 0),
+            threshold=None,
+            neighbours_k=None,
+        )
 
 
 def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match='threshold'):
-        sp.run_protocol(round_index=0, seed=0, participating=np.ones(4, bool),
-                        dropout=np.zeros(4, bool), threshold=4, neighbours_k=None)
+        sp.run_protocol(
+            round_index=0,
+            seed=0,
+            participating=np.ones(4, bool),
+            dropout=np.zeros(4, bool),
+            threshold=4,
+            neighbours_k=None,
+        )
     with pytest.raises(ValueError, match='subset'):
-        sp.run_protocol(round_index=0, seed=0, participating=_bools(1, 1, 0),
-                        dropout=_bools(0, 0, 1), threshold=None, neighbours_k=None)
+        sp.run_protocol(
+            round_index=0,
+            seed=0,
+            participating=_bools(1, 1, 0),
+            dropout=_bools(0, 0, 1),
+            threshold=None,
+            neighbours_k=None,
+        )
 
 
 def test_a_client_never_reveals_both_share_kinds():
@@ -181,23 +238,46 @@ def test_a_client_never_reveals_both_share_kinds():
 
 def test_byte_counts_complete_graph():
     # 5 participants (degree 4, t = 3), client 1 drops, client 5 not sampled.
-    setup = sp.run_protocol(round_index=3, seed=0, participating=_bools(1, 1, 1, 1, 1, 0),
-                            dropout=_bools(0, 1, 0, 0, 0, 0), threshold=None, neighbours_k=None)
+    setup = sp.run_protocol(
+        round_index=3,
+        seed=0,
+        participating=_bools(1, 1, 1, 1, 1, 0),
+        dropout=_bools(0, 1, 0, 0, 0, 0),
+        threshold=None,
+        neighbours_k=None,
+    )
     ciphertext = 12 + (4 + 4 + 16 + 3 * 16) + 16  # nonce + (u, v, b-share, 3 key shares) + tag
     advertise_up, advertise_down = 2 * 32, 4 * (4 + 2 * 32)
     share_keys = 4 * (4 + ciphertext)
     unmask_up = 3 * (4 + 16) + 1 * (4 + 3 * 16)  # 3 surviving, 1 dropped neighbour
     np.testing.assert_array_equal(
-        setup.bytes_up, [advertise_up + share_keys + unmask_up, advertise_up + share_keys,
-                         *[advertise_up + share_keys + unmask_up] * 3, 0])
+        setup.bytes_up,
+        [
+            advertise_up + share_keys + unmask_up,
+            advertise_up + share_keys,
+            *[advertise_up + share_keys + unmask_up] * 3,
+            0,
+        ],
+    )
     np.testing.assert_array_equal(
-        setup.bytes_down, [advertise_down + share_keys + 4 * 4, advertise_down + share_keys,
-                           *[advertise_down + share_keys + 4 * 4] * 3, 0])
+        setup.bytes_down,
+        [
+            advertise_down + share_keys + 4 * 4,
+            advertise_down + share_keys,
+            *[advertise_down + share_keys + 4 * 4] * 3,
+            0,
+        ],
+    )
 
 
 def test_reproducible_and_round_specific():
-    kwargs = dict(seed=3, participating=np.ones(4, bool), dropout=np.zeros(4, bool),
-                  threshold=None, neighbours_k=None)
+    kwargs = dict(
+        seed=3,
+        participating=np.ones(4, bool),
+        dropout=np.zeros(4, bool),
+        threshold=None,
+        neighbours_k=None,
+    )
     a = sp.run_protocol(round_index=1, **kwargs)
     b = sp.run_protocol(round_index=1, **kwargs)
     c = sp.run_protocol(round_index=2, **kwargs)
@@ -207,12 +287,24 @@ def test_reproducible_and_round_specific():
 
 
 def test_non_participants_take_no_part():
-    setup = sp.run_protocol(round_index=0, seed=1, participating=_bools(1, 0, 1, 1),
-                            dropout=_bools(0, 0, 0, 0), threshold=2, neighbours_k=None)
+    setup = sp.run_protocol(
+        round_index=0,
+        seed=1,
+        participating=_bools(1, 0, 1, 1),
+        dropout=_bools(0, 0, 0, 0),
+        threshold=2,
+        neighbours_k=None,
+    )
     assert not setup.pair_signs[1].any() and not setup.pair_signs[:, 1].any()
     assert not setup.self_keys[1].any() and setup.bytes_up[1] == 0 == setup.bytes_down[1]
-    empty = sp.run_protocol(round_index=0, seed=1, participating=np.zeros(3, bool),
-                            dropout=np.zeros(3, bool), threshold=None, neighbours_k=None)
+    empty = sp.run_protocol(
+        round_index=0,
+        seed=1,
+        participating=np.zeros(3, bool),
+        dropout=np.zeros(3, bool),
+        threshold=None,
+        neighbours_k=None,
+    )
     assert not empty.pair_signs.any() and not empty.survivor.any()
 
 
@@ -220,13 +312,19 @@ def test_secure_sum_jitted_on_protocol_inputs():
     num_clients, clip = 8, 1.0
     scale = secure.scale_for(clip, num_clients)
     participating = _bools(1, 1, 1, 1, 1, 1, 0, 1)
-    setup = sp.run_protocol(round_index=4, seed=2, participating=participating,
-                            dropout=_bools(0, 0, 1, 0, 0, 0, 0, 0), threshold=None,
-                            neighbours_k=4)
+    setup = sp.run_protocol(
+        round_index=4,
+        seed=2,
+        participating=participating,
+        dropout=_bools(0, 0, 1, 0, 0, 0, 0, 0),
+        threshold=None,
+        neighbours_k=4,
+    )
     updates = {'w': jax.random.uniform(jax.random.key(0), (num_clients, 3, 3), minval=-1.0)}
     inputs = jax.tree.map(jnp.asarray, setup.device_inputs())
-    fn = jax.jit(lambda u, p, k, i: secure.secure_sum(u, p, i.survivor, k, i, clip=clip,
-                                                       scale=scale))
+    fn = jax.jit(
+        lambda u, p, k, i: secure.secure_sum(u, p, i.survivor, k, i, clip=clip, scale=scale)
+    )
     out = fn(updates, jnp.asarray(participating, jnp.float32), jax.random.key(1), inputs)
     true = np.tensordot(setup.survivor, np.asarray(updates['w'], np.float64), axes=1)
     assert np.max(np.abs(np.asarray(out['w']) - true)) <= num_clients / scale

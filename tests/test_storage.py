@@ -20,8 +20,7 @@ def test_cxr_round_trip_is_within_half_a_level():
     x = np.random.default_rng(0).uniform(-0.1, 1.1, (64, 8, 8, 1)).astype(np.float32)
     stored = storage.encode_images('chestxray14', x)
     assert stored.dtype == np.uint8
-    np.testing.assert_allclose(storage.decode_images(stored), np.clip(x, 0, 1),
-                               atol=CXR_TOLERANCE)
+    np.testing.assert_allclose(storage.decode_images(stored), np.clip(x, 0, 1), atol=CXR_TOLERANCE)
     assert storage.decode_images(stored).dtype == np.float32
     # Already stored arrays pass through: a real dataset's PNG pixels are not rounded again.
     assert storage.encode_images('chestxray14', stored) is stored
@@ -40,8 +39,11 @@ def test_mri_and_labels_round_trip():
 
 
 def test_decode_under_jit_matches_numpy():
-    batch = {'image': np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1),
-             'label': np.eye(4, 14, dtype=np.uint8), 'mask': np.ones(4, np.float32)}
+    batch = {
+        'image': np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1),
+        'label': np.eye(4, 14, dtype=np.uint8),
+        'mask': np.ones(4, np.float32),
+    }
     on_device = jax.jit(storage.decode)(jax.device_put(batch))
     on_host = storage.decode(batch)
     for key in batch:
@@ -54,8 +56,17 @@ def test_decode_under_jit_matches_numpy():
 
 def _data_config(name, **kw):
     """test_data_sources' config, smaller: two IID hospitals."""
-    return _config(name, **{'num_train': 120, 'num_test': 40, 'num_clients': 2,
-                            'partition': 'iid', 'slices_per_case': 4, **kw})
+    return _config(
+        name,
+        **{
+            'num_train': 120,
+            'num_test': 40,
+            'num_clients': 2,
+            'partition': 'iid',
+            'slices_per_case': 4,
+            **kw,
+        },
+    )
 
 
 def _float_pipeline(monkeypatch, cfg):
@@ -70,11 +81,16 @@ def test_cxr_is_rounded_once_after_the_acquisition_shift(monkeypatch):
     compact = sources.load_federated(cfg, seed=0)
     exact = _float_pipeline(monkeypatch, cfg)
     unshifted = _float_pipeline(monkeypatch, _data_config('synthetic_cxr', feature_skew=False))
-    for c, f, u in zip(compact.clients_train + [compact.test], exact.clients_train + [exact.test],
-                       unshifted.clients_train + [unshifted.test], strict=True):
+    for c, f, u in zip(
+        compact.clients_train + [compact.test],
+        exact.clients_train + [exact.test],
+        unshifted.clients_train + [unshifted.test],
+        strict=True,
+    ):
         assert c['image'].dtype == np.uint8 and f['image'].dtype == np.float32
-        np.testing.assert_allclose(storage.decode_images(c['image']), f['image'],
-                                   atol=CXR_TOLERANCE)
+        np.testing.assert_allclose(
+            storage.decode_images(c['image']), f['image'], atol=CXR_TOLERANCE
+        )
         # The stored pixels are exactly the shifted float image rounded, i.e. the shift ran in
         # float on unrounded values and the rounding came last.
         np.testing.assert_array_equal(c['image'], np.rint(f['image'] * 255).astype(np.uint8))
@@ -86,11 +102,13 @@ def test_brats_decodes_to_the_float_pipeline_within_float16_rounding(monkeypatch
     cfg = _data_config('synthetic_brats')
     compact = sources.load_federated(cfg, seed=0)
     exact = _float_pipeline(monkeypatch, cfg)
-    for c, f in zip(compact.clients_train + [compact.test], exact.clients_train + [exact.test],
-                    strict=True):
+    for c, f in zip(
+        compact.clients_train + [compact.test], exact.clients_train + [exact.test], strict=True
+    ):
         assert c['image'].dtype == np.float16 and c['label'].dtype == np.uint8
-        np.testing.assert_allclose(storage.decode_images(c['image']), f['image'],
-                                   rtol=2.0**-11, atol=1e-7)
+        np.testing.assert_allclose(
+            storage.decode_images(c['image']), f['image'], rtol=2.0**-11, atol=1e-7
+        )
         np.testing.assert_array_equal(c['label'], f['label'])
 
 
@@ -99,12 +117,14 @@ def test_acquisition_shift_decodes_stored_xrays_first():
     stored = np.random.default_rng(3).integers(0, 256, (3, 16, 16, 1), dtype=np.uint8)
     np.testing.assert_array_equal(
         partition.apply_acquisition_shift(stored, 1, 'chestxray14', seed=0),
-        partition.apply_acquisition_shift(stored / np.float32(255), 1, 'chestxray14', seed=0))
+        partition.apply_acquisition_shift(stored / np.float32(255), 1, 'chestxray14', seed=0),
+    )
 
 
 @pytest.mark.parametrize('module,image_dtype', [(chestxray14, np.uint8), (brats, np.float16)])
-def test_a_run_keeps_compact_arrays_on_the_device_and_learns(monkeypatch, tmp_path, module,
-                                                             image_dtype):
+def test_a_run_keeps_compact_arrays_on_the_device_and_learns(
+    monkeypatch, tmp_path, module, image_dtype
+):
     seen = {'train': [], 'test': []}  # (image dtype, label dtype) of the data each jit receives
     real_build_round_fn, real_build_eval_fn = rounds.build_round_fn, evaluation.build_eval_fn
 

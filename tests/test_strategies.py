@@ -27,18 +27,25 @@ from tests.test_robust import build_round
 
 K = 4
 # Four hospitals' updates with exact float32 arithmetic (multiples of 1/4).
-DELTAS = {'w': np.array([[1.0, 2.0], [3.0, 4.0], [-2.0, 0.5], [0.25, -1.0]], np.float32),
-          'b': np.array([[4.0], [0.0], [2.0], [-8.0]], np.float32)}
+DELTAS = {
+    'w': np.array([[1.0, 2.0], [3.0, 4.0], [-2.0, 0.5], [0.25, -1.0]], np.float32),
+    'b': np.array([[4.0], [0.0], [2.0], [-8.0]], np.float32),
+}
 
 
 def inputs(weights, secagg=()):
     w = np.asarray(weights, np.float32)
-    return RoundInputs(indices=np.zeros((K, 1, 1), np.int32), mask=np.ones((K, 1, 1), np.float32),
-                       step_active=np.ones((K, 1), bool), weights=w,
-                       expected_batch=np.ones(K, np.float32),
-                       noise_multiplier=np.zeros(K, np.float32),
-                       client_ids=np.arange(K, dtype=np.int32), learning_rate=np.float32(0.1),
-                       secagg=secagg)
+    return RoundInputs(
+        indices=np.zeros((K, 1, 1), np.int32),
+        mask=np.ones((K, 1, 1), np.float32),
+        step_active=np.ones((K, 1), bool),
+        weights=w,
+        expected_batch=np.ones(K, np.float32),
+        noise_multiplier=np.zeros(K, np.float32),
+        client_ids=np.arange(K, dtype=np.int32),
+        learning_rate=np.float32(0.1),
+        secagg=secagg,
+    )
 
 
 def config(**fields):
@@ -58,8 +65,12 @@ def args(z=0.0, m=float(K)):
 
 
 def combine(strategy, weights, clip_norm=1.0, secagg=(), key=0):
-    out = strategy.combine(jax.tree.map(jnp.asarray, DELTAS), inputs(weights, secagg),
-                           jax.random.key(key), jnp.float32(clip_norm))
+    out = strategy.combine(
+        jax.tree.map(jnp.asarray, DELTAS),
+        inputs(weights, secagg),
+        jax.random.key(key),
+        jnp.float32(clip_norm),
+    )
     assert isinstance(out, Combined)
     return out
 
@@ -71,8 +82,7 @@ def weighted_mean(weights, deltas=DELTAS):
 
 def clipped(clip_norm):
     """Each update clipped to L2 norm `clip_norm` (over the whole pytree), and the norms."""
-    norms = np.sqrt(sum((v.astype(np.float64) ** 2).reshape(K, -1).sum(1)
-                        for v in DELTAS.values()))
+    norms = np.sqrt(sum((v.astype(np.float64) ** 2).reshape(K, -1).sum(1) for v in DELTAS.values()))
     scale = np.minimum(1.0, clip_norm / norms)
     return {k: v * scale.reshape(-1, *[1] * (v.ndim - 1)) for k, v in DELTAS.items()}, norms
 
@@ -84,6 +94,7 @@ def secagg_inputs(c, participating, r=0):
 
 
 # --- (a) each strategy on hand-made updates ------------------------------------------------------
+
 
 def test_plain_weighted_mean_is_exact():
     s = registry.strategy_for(config(server__aggregator='weighted'), **args())
@@ -100,8 +111,9 @@ def test_plain_robust_aggregators_are_the_coordinate_statistics():
     out = combine(median, [1.0, 1.0, 0.0, 1.0])  # hospitals 0, 1, 3
     np.testing.assert_array_equal(out.mean_delta['w'], [1.0, 2.0])
     np.testing.assert_array_equal(out.mean_delta['b'], [0.0])
-    trimmed = registry.strategy_for(config(server__aggregator='trimmed_mean',
-                                           server__trim_fraction=0.25), **args())
+    trimmed = registry.strategy_for(
+        config(server__aggregator='trimmed_mean', server__trim_fraction=0.25), **args()
+    )
     out = combine(trimmed, [1.0, 1.0, 1.0, 1.0])  # drops one value from each end
     np.testing.assert_array_equal(out.mean_delta['w'], [(1.0 + 0.25) / 2, (0.5 + 2.0) / 2])
     np.testing.assert_array_equal(out.mean_delta['b'], [(0.0 + 2.0) / 2])
@@ -126,8 +138,13 @@ def test_secure_mean_is_the_survivors_weighted_mean(dropout):
 
 @pytest.mark.parametrize('adaptive', [False, True])
 def test_client_dp_without_noise_is_the_clipped_mean(adaptive):
-    c = config(dp__mode='client', dp__adaptive_clip=adaptive, dp__count_noise_std=0.0,
-               dp__target_quantile=0.5, dp__clip_learning_rate=0.2)
+    c = config(
+        dp__mode='client',
+        dp__adaptive_clip=adaptive,
+        dp__count_noise_std=0.0,
+        dp__target_quantile=0.5,
+        dp__clip_learning_rate=0.2,
+    )
     s = registry.strategy_for(c, **args(z=0.0, m=3.0))
     assert type(s) is client_dp_mean.ClientDPMean
     weights = [5.0, 1.0, 2.0, 0.0]  # any positive weight counts as 1; only hospital 2 is unclipped
@@ -155,8 +172,9 @@ def test_client_dp_under_secagg_without_noise_is_the_clipped_mean_of_survivors()
     # Shares are encoded in units of S over [-1, 1] (z = 0): resolution S / Q per hospital.
     atol = 3.0 * 2 * K / secure.scale_for(1.0, K)
     for k in DELTAS:
-        np.testing.assert_allclose(np.asarray(out.mean_delta[k]), want[k][survivor].sum(0) / K,
-                                   atol=atol)
+        np.testing.assert_allclose(
+            np.asarray(out.mean_delta[k]), want[k][survivor].sum(0) / K, atol=atol
+        )
 
 
 def test_strategy_for_reads_privacy_first():
@@ -164,8 +182,10 @@ def test_strategy_for_reads_privacy_first():
         (): plain.Plain,
         (('secagg__enabled', True),): secure_mean.SecureMean,
         (('dp__mode', 'client'),): client_dp_mean.ClientDPMean,
-        (('dp__mode', 'client'), ('secagg__enabled', True)):
-            client_dp_secure_mean.ClientDPSecureMean,
+        (
+            ('dp__mode', 'client'),
+            ('secagg__enabled', True),
+        ): client_dp_secure_mean.ClientDPSecureMean,
     }
     for fields, cls in picks.items():
         c = config(server__aggregator='uniform', **dict(fields))
@@ -176,8 +196,13 @@ def test_strategy_for_reads_privacy_first():
 
 def test_random_stream_purposes_are_distinct_and_unchanged():
     # The values are part of every run's results (streams.py): a change shifts every draw.
-    device = (streams.KEY_TRAIN, streams.KEY_SECAGG, streams.KEY_CLIENT_DP, streams.KEY_COMPRESS,
-              streams.KEY_CLIENT_DP_COUNT)
+    device = (
+        streams.KEY_TRAIN,
+        streams.KEY_SECAGG,
+        streams.KEY_CLIENT_DP,
+        streams.KEY_COMPRESS,
+        streams.KEY_CLIENT_DP_COUNT,
+    )
     assert device == (0, 1, 2, 3, 4)
     host = (streams.HOST_PARTICIPANTS, streams.HOST_BATCHES, streams.HOST_SECAGG)
     assert host == (1, 2, 3)
@@ -189,6 +214,7 @@ def test_random_stream_purposes_are_distinct_and_unchanged():
 
 
 # --- (b) a toy aggregator, added through the registry only ---------------------------------------
+
 
 @dataclasses.dataclass(frozen=True)
 class FirstHospital:

@@ -21,12 +21,26 @@ from tests.test_config_errors import smoke
 NAN, INF = float('nan'), float('inf')
 # Rows as train.run writes them: numbers, None, NaN and infinities, lists, strings.
 ROWS = [
-    {'round': 1, 'train/loss': 0.75, 'eval/mean_auroc': 0.5, 'comm/bytes_up': 1234,
-     'comm/compression_ratio': None, 'privacy/epsilon_per_hospital': [0.5, 1.25],
-     'hospital/hospital_0/mean_auroc': NAN, 'hospital/view=PA/mean_auroc': 0.625},
-    {'round': 2, 'train/loss': 0.5, 'eval/auroc/Hernia': NAN, 'eval/mean_dice': -INF,
-     'privacy/epsilon_per_hospital': [INF, 2.0], 'summary/stopped': 'privacy budget reached',
-     'dp/flag': True, 'time/round_s': 0.25},
+    {
+        'round': 1,
+        'train/loss': 0.75,
+        'eval/mean_auroc': 0.5,
+        'comm/bytes_up': 1234,
+        'comm/compression_ratio': None,
+        'privacy/epsilon_per_hospital': [0.5, 1.25],
+        'hospital/hospital_0/mean_auroc': NAN,
+        'hospital/view=PA/mean_auroc': 0.625,
+    },
+    {
+        'round': 2,
+        'train/loss': 0.5,
+        'eval/auroc/Hernia': NAN,
+        'eval/mean_dice': -INF,
+        'privacy/epsilon_per_hospital': [INF, 2.0],
+        'summary/stopped': 'privacy budget reached',
+        'dp/flag': True,
+        'time/round_s': 0.25,
+    },
     {'round': 3, 'train/loss': 0.25},
 ]
 
@@ -39,22 +53,37 @@ def read_jsonl(workdir):
 def expected_jsonl(rows):
     """metrics.jsonl as the contract has it: json.dumps of each row with NaN / +-inf as null."""
     fix = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-    return ''.join(json.dumps({k: [fix(x) for x in v] if isinstance(v, list) else fix(v)
-                               for k, v in r.items()}) + '\n' for r in rows)
-
+    return ''.join(
+        json.dumps(
+            {k: [fix(x) for x in v] if isinstance(v, list) else fix(v) for k, v in r.items()}
+        )
+        + '\n'
+        for r in rows
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # metrics.jsonl
 # ---------------------------------------------------------------------------------------------
 
+
 def test_json_safe_turns_non_finite_floats_into_none_also_in_lists():
     assert writers.json_safe(ROWS[0]) == {
-        'round': 1, 'train/loss': 0.75, 'eval/mean_auroc': 0.5, 'comm/bytes_up': 1234,
-        'comm/compression_ratio': None, 'privacy/epsilon_per_hospital': [0.5, 1.25],
-        'hospital/hospital_0/mean_auroc': None, 'hospital/view=PA/mean_auroc': 0.625}
+        'round': 1,
+        'train/loss': 0.75,
+        'eval/mean_auroc': 0.5,
+        'comm/bytes_up': 1234,
+        'comm/compression_ratio': None,
+        'privacy/epsilon_per_hospital': [0.5, 1.25],
+        'hospital/hospital_0/mean_auroc': None,
+        'hospital/view=PA/mean_auroc': 0.625,
+    }
     assert writers.json_safe({'a': [NAN, 1, 'x'], 'b': -INF, 'c': 's', 'd': 3}) == {
-        'a': [None, 1, 'x'], 'b': None, 'c': 's', 'd': 3}
+        'a': [None, 1, 'x'],
+        'b': None,
+        'c': 's',
+        'd': 3,
+    }
 
 
 def test_jsonl_is_one_object_per_row_with_nan_and_infinities_as_null(tmp_path):
@@ -97,6 +126,7 @@ def test_a_jsonl_writer_that_does_not_write_keeps_the_history_only(tmp_path):
 # TensorBoard event files
 # ---------------------------------------------------------------------------------------------
 
+
 def _crc32c(data: bytes) -> int:
     crc = 0xFFFFFFFF
     for byte in data:
@@ -117,11 +147,11 @@ def read_records(path):
         data = f.read()
     records, pos = [], 0
     while pos < len(data):
-        header = data[pos:pos + 8]
+        header = data[pos : pos + 8]
         (length,) = struct.unpack('<Q', header)
-        (header_crc,) = struct.unpack('<I', data[pos + 8:pos + 12])
-        body = data[pos + 12:pos + 12 + length]
-        (body_crc,) = struct.unpack('<I', data[pos + 12 + length:pos + 16 + length])
+        (header_crc,) = struct.unpack('<I', data[pos + 8 : pos + 12])
+        body = data[pos + 12 : pos + 12 + length]
+        (body_crc,) = struct.unpack('<I', data[pos + 12 + length : pos + 16 + length])
         assert header_crc == _masked(_crc32c(header)) and body_crc == _masked(_crc32c(body))
         records.append(body)
         pos += 16 + length
@@ -147,9 +177,18 @@ def test_tensorboard_holds_every_numeric_scalar_of_each_row_at_its_round(tmp_pat
     with writers.TensorBoardWriter(logdir) as writer:
         writer.write_row(ROWS[0])
         writer.write_row(ROWS[1])
-        writer.write_scalars(3, {'train/loss': 0.25, 'dp/grad_norm_mean': np.float32(1.5),
-                                 'clients/steps': np.int64(7), 'x': np.float32('nan'),
-                                 'y': np.bool_(True), 'z': np.zeros(2), 'w': 0.1})
+        writer.write_scalars(
+            3,
+            {
+                'train/loss': 0.25,
+                'dp/grad_norm_mean': np.float32(1.5),
+                'clients/steps': np.int64(7),
+                'x': np.float32('nan'),
+                'y': np.bool_(True),
+                'z': np.zeros(2),
+                'w': 0.1,
+            },
+        )
     scalars, num_files = read_scalars(logdir)
     assert num_files == 1
     assert scalars == {
@@ -191,12 +230,15 @@ def test_tensorboard_without_tensorflow():
 # The writers of a run
 # ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('tensorboard', [True, False])
-def test_the_default_writer_writes_jsonl_and_tensorboard_and_keeps_the_history(tmp_path,
-                                                                               tensorboard):
+def test_the_default_writer_writes_jsonl_and_tensorboard_and_keeps_the_history(
+    tmp_path, tensorboard
+):
     history = [writers.json_safe(ROWS[0])]
-    writer = writers.create_default_writer(str(tmp_path), history, primary=True,
-                                           tensorboard=tensorboard)
+    writer = writers.create_default_writer(
+        str(tmp_path), history, primary=True, tensorboard=tensorboard
+    )
     writer.write_row(ROWS[1])
     writer.close()
     assert writer.history == [writers.json_safe(r) for r in ROWS[:2]]
@@ -210,8 +252,9 @@ def test_the_default_writer_writes_jsonl_and_tensorboard_and_keeps_the_history(t
 
 
 def test_only_the_primary_process_writes_files(tmp_path):
-    writer = writers.create_default_writer(str(tmp_path), [{'round': 1}], primary=False,
-                                           tensorboard=True)
+    writer = writers.create_default_writer(
+        str(tmp_path), [{'round': 1}], primary=False, tensorboard=True
+    )
     writer.write_scalars(2, {'train/loss': NAN})
     writer.flush()
     writer.close()

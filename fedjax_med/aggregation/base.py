@@ -39,17 +39,17 @@ PyTree = Any
 class Combined(NamedTuple):
     """What `Strategy.combine` returns."""
 
-    mean_delta: PyTree               # the aggregated update (no client axis), for the server step
-    clip_norm: jax.Array             # the client-level DP clip norm for the next round
-    metrics: dict[str, jax.Array]    # extra round metrics (e.g. 'dp/unclipped_fraction'), or {}
+    mean_delta: PyTree  # the aggregated update (no client axis), for the server step
+    clip_norm: jax.Array  # the client-level DP clip norm for the next round
+    metrics: dict[str, jax.Array]  # extra round metrics (e.g. 'dp/unclipped_fraction'), or {}
 
 
 class Strategy(Protocol):
     """How the server combines one round's hospital updates (see the module docstring)."""
 
-    def combine(self, deltas: PyTree, inputs: RoundInputs, key: jax.Array,
-                clip_norm: jax.Array) -> Combined:
-        ...
+    def combine(
+        self, deltas: PyTree, inputs: RoundInputs, key: jax.Array, clip_norm: jax.Array
+    ) -> Combined: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +57,6 @@ class StrategyArgs:
     """Everything a strategy may be built from (static for the run)."""
 
     config: ml_collections.ConfigDict
-    client_noise_multiplier: float   # z of client-level DP (0 without)
-    expected_clients: float          # client-level DP's fixed denominator m
-    single_device: bool              # the client axis lives on one device (SecAgg's mask layout)
+    client_noise_multiplier: float  # z of client-level DP (0 without)
+    expected_clients: float  # client-level DP's fixed denominator m
+    single_device: bool  # the client axis lives on one device (SecAgg's mask layout)

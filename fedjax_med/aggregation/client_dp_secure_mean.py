@@ -30,25 +30,40 @@ _NOISE_RANGE_SIGMAS = 12.0
 
 @dataclasses.dataclass(frozen=True)
 class ClientDPSecureMean(client_dp_mean.ClientDPMean):
-    single_device: bool = True   # one device expands each pairwise mask once for both hospitals
+    single_device: bool = True  # one device expands each pairwise mask once for both hospitals
 
-    def noised_mean(self, clipped: PyTree, participating: jax.Array, inputs: RoundInputs,
-                    key: jax.Array, clip_norm: jax.Array) -> PyTree:
+    def noised_mean(
+        self,
+        clipped: PyTree,
+        participating: jax.Array,
+        inputs: RoundInputs,
+        key: jax.Array,
+        clip_norm: jax.Array,
+    ) -> PyTree:
         """Each hospital's noised share of delta / S, securely summed, times S / m."""
-        share_std = client_dp.distributed_noise_std(self.noise_multiplier, 1.0,
-                                                    self.expected_clients)
+        share_std = client_dp.distributed_noise_std(
+            self.noise_multiplier, 1.0, self.expected_clients
+        )
         enc_range = 1.0 + _NOISE_RANGE_SIGMAS * share_std
         nkey = client_dp_mean.client_dp_keys(key)[0]
         # Updates are float32 (flax's parameter dtype), for which add_gaussian_noise's draw in
         # float32 is the draw in the leaf's dtype.
-        noised = jax.vmap(lambda d, i: add_gaussian_noise(
-            jax.tree.map(lambda x: x / clip_norm, d), jax.random.fold_in(nkey, i),
-            share_std))(clipped, inputs.client_ids)
+        noised = jax.vmap(
+            lambda d, i: add_gaussian_noise(
+                jax.tree.map(lambda x: x / clip_norm, d), jax.random.fold_in(nkey, i), share_std
+            )
+        )(clipped, inputs.client_ids)
         summed = secure.secure_sum(
-            noised, participating, inputs.secagg.survivor, jax.random.fold_in(key, KEY_SECAGG),
-            inputs.secagg, clip=enc_range,
+            noised,
+            participating,
+            inputs.secagg.survivor,
+            jax.random.fold_in(key, KEY_SECAGG),
+            inputs.secagg,
+            clip=enc_range,
             scale=secure.scale_for(enc_range, participating.shape[0]),
-            single_device=self.single_device, client_ids=inputs.client_ids)
+            single_device=self.single_device,
+            client_ids=inputs.client_ids,
+        )
         return jax.tree.map(lambda s: s * clip_norm / self.expected_clients, summed)
 
 

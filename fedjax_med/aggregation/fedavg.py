@@ -57,6 +57,9 @@ def aggregator(name: str, trim_fraction: float = 0.1) -> Aggregator:
         return Aggregator(name, participation_weights, robust.coordinate_median)
     if name == 'trimmed_mean':
         robust.check_trim_fraction(trim_fraction)
-        return Aggregator(name, participation_weights,
-                          functools.partial(robust.trimmed_mean, trim_fraction=trim_fraction))
+        return Aggregator(
+            name,
+            participation_weights,
+            functools.partial(robust.trimmed_mean, trim_fraction=trim_fraction),
+        )
     raise ValueError(f'config.server.aggregator={name!r}: use one of {", ".join(AGGREGATORS)}.')

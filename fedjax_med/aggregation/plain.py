@@ -20,8 +20,9 @@ class Plain:
 
     combine_fn: Callable[[PyTree, jax.Array], PyTree]
 
-    def combine(self, deltas: PyTree, inputs: RoundInputs, key: jax.Array,
-                clip_norm: jax.Array) -> Combined:
+    def combine(
+        self, deltas: PyTree, inputs: RoundInputs, key: jax.Array, clip_norm: jax.Array
+    ) -> Combined:
         del key  # deterministic
         return Combined(self.combine_fn(deltas, inputs.weights), clip_norm, {})
 

@@ -47,29 +47,36 @@ class AggregatorSpec(NamedTuple):
 
 AGGREGATORS: dict[str, AggregatorSpec] = {
     'weighted': AggregatorSpec(plain.build, fedavg.example_weights, needs_clear_updates=False),
-    'uniform': AggregatorSpec(plain.build, fedavg.participation_weights,
-                              needs_clear_updates=False),
+    'uniform': AggregatorSpec(plain.build, fedavg.participation_weights, needs_clear_updates=False),
     'median': AggregatorSpec(plain.build),
     'trimmed_mean': AggregatorSpec(plain.build),
 }
 
 
-def register(name: str, build: Callable[[StrategyArgs], Strategy], *,
-             weights: WeightsFn = fedavg.participation_weights,
-             needs_clear_updates: bool = True) -> None:
+def register(
+    name: str,
+    build: Callable[[StrategyArgs], Strategy],
+    *,
+    weights: WeightsFn = fedavg.participation_weights,
+    needs_clear_updates: bool = True,
+) -> None:
     """Makes `name` a valid `config.server.aggregator` (validate reads `AGGREGATORS`)."""
     AGGREGATORS[name] = AggregatorSpec(build, weights, needs_clear_updates)
 
 
 def spec(name: str) -> AggregatorSpec:
     if name not in AGGREGATORS:
-        raise ValueError(f'config.server.aggregator={name!r}: use one of '
-                         f'{", ".join(AGGREGATORS)}.')
+        raise ValueError(f'config.server.aggregator={name!r}: use one of {", ".join(AGGREGATORS)}.')
     return AGGREGATORS[name]
 
 
-def strategy_for(config: ml_collections.ConfigDict, *, client_noise_multiplier: float,
-                 expected_clients: float, single_device: bool) -> Strategy:
+def strategy_for(
+    config: ml_collections.ConfigDict,
+    *,
+    client_noise_multiplier: float,
+    expected_clients: float,
+    single_device: bool,
+) -> Strategy:
     """The run's strategy (see the module docstring). `client_noise_multiplier` and
     `expected_clients` are client-level DP's z and m; `single_device`: the client axis is on one
     device."""

@@ -44,8 +44,10 @@ def _sorted_with_absent_last(x: jax.Array, taking_part: jax.Array) -> jax.Array:
 
 def check_trim_fraction(trim_fraction: float) -> None:
     if not 0.0 <= trim_fraction < 0.5:
-        raise ValueError(f'config.server.trim_fraction={trim_fraction!r} must lie in [0, 0.5): it '
-                         'is the fraction of values dropped from EACH end of every coordinate.')
+        raise ValueError(
+            f'config.server.trim_fraction={trim_fraction!r} must lie in [0, 0.5): it '
+            'is the fraction of values dropped from EACH end of every coordinate.'
+        )
 
 
 def coordinate_median(stacked: PyTree, weights: jax.Array) -> PyTree:
@@ -56,8 +58,10 @@ def coordinate_median(stacked: PyTree, weights: jax.Array) -> PyTree:
 
     def median(x: jax.Array) -> jax.Array:
         ordered = _sorted_with_absent_last(x, taking_part)
-        middle = (jax.lax.dynamic_index_in_dim(ordered, lower, keepdims=False)
-                  + jax.lax.dynamic_index_in_dim(ordered, upper, keepdims=False)) / 2
+        middle = (
+            jax.lax.dynamic_index_in_dim(ordered, lower, keepdims=False)
+            + jax.lax.dynamic_index_in_dim(ordered, upper, keepdims=False)
+        ) / 2
         return jnp.where(m > 0, middle, 0).astype(x.dtype)
 
     return jax.tree.map(median, stacked)

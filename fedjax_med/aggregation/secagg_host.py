@@ -13,8 +13,9 @@ import numpy as np
 from fedjax_med.streams import HOST_SECAGG  # the dropout generator's purpose
 
 
-def secagg_round(config: ml_collections.ConfigDict, round_index: int, participating: np.ndarray,
-                 num_clients: int):
+def secagg_round(
+    config: ml_collections.ConfigDict, round_index: int, participating: np.ndarray, num_clients: int
+):
     """Runs the host half of SecAgg(+) for this round.
 
     Returns (device inputs, mean protocol bytes up, mean protocol bytes down) per participating
@@ -32,8 +33,13 @@ def secagg_round(config: ml_collections.ConfigDict, round_index: int, participat
     n_drop = math.floor(sa.dropout_fraction * len(members))
     dropout[rng.choice(members, n_drop, replace=False)] = True
     setup = secagg_protocol.run_protocol(
-        round_index=round_index, seed=config.seed, participating=participating,
-        dropout=dropout, threshold=sa.threshold or None, neighbours_k=sa.neighbours or None)
+        round_index=round_index,
+        seed=config.seed,
+        participating=participating,
+        dropout=dropout,
+        threshold=sa.threshold or None,
+        neighbours_k=sa.neighbours or None,
+    )
     sent = participating.astype(bool)
     up = float(np.mean(setup.bytes_up[sent])) if sent.any() else 0.0
     down = float(np.mean(setup.bytes_down[sent])) if sent.any() else 0.0

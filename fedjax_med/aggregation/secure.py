@@ -208,8 +208,10 @@ def expand_mask(seed_key: jax.Array, like_tree: PyTree) -> PyTree:
     """PRG(seed): uniform uint32 leaves shaped like `like_tree` from a uint32[2] seed (stream i
     for leaf i)."""
     leaves, treedef = jax.tree.flatten(like_tree)
-    masks = [prg_bits(seed_key, math.prod(jnp.shape(x)), stream=i).reshape(jnp.shape(x))
-             for i, x in enumerate(leaves)]
+    masks = [
+        prg_bits(seed_key, math.prod(jnp.shape(x)), stream=i).reshape(jnp.shape(x))
+        for i, x in enumerate(leaves)
+    ]
     return jax.tree.unflatten(treedef, masks)
 
 
@@ -247,8 +249,9 @@ def _add_weighted_prgs(start: PyTree, keys: jax.Array, signs: jax.Array) -> PyTr
 
     def body(j: int, acc: PyTree) -> PyTree:
         i = order[j]
-        return jax.tree.map(lambda x, m: x + _pick(weights, i) * m, acc,
-                            expand_mask(_pick(keys, i), acc))
+        return jax.tree.map(
+            lambda x, m: x + _pick(weights, i) * m, acc, expand_mask(_pick(keys, i), acc)
+        )
 
     return jax.lax.fori_loop(0, count, body, start)
 
@@ -262,8 +265,11 @@ def client_masks(
 ) -> PyTree:
     """Mask of client u: sum_v pair_signs[u, v] * PRG(pair_keys[u, v]) + PRG(self_keys[u])."""
     self_mask = expand_mask(jnp.asarray(self_keys, jnp.uint32)[client_index], like_tree)
-    return _add_weighted_prgs(self_mask, jnp.asarray(pair_keys, jnp.uint32)[client_index],
-                              jnp.asarray(pair_signs, jnp.int32)[client_index])
+    return _add_weighted_prgs(
+        self_mask,
+        jnp.asarray(pair_keys, jnp.uint32)[client_index],
+        jnp.asarray(pair_signs, jnp.int32)[client_index],
+    )
 
 
 def add_pairwise_masks(stacked: PyTree, pair_keys: jax.Array, pair_signs: jax.Array) -> PyTree:
@@ -315,7 +321,8 @@ def mask_updates(
         self_masks = jax.vmap(lambda k: expand_mask(k, like))(self_keys)
         return add_pairwise_masks(_add_u32(encoded_stacked, self_masks), pair_keys, pair_signs)
     masks = jax.vmap(lambda u: client_masks(u, pair_keys, pair_signs, self_keys, like))(
-        jnp.arange(self_keys.shape[0]))
+        jnp.arange(self_keys.shape[0])
+    )
     return _add_u32(encoded_stacked, masks)
 
 
@@ -398,7 +405,10 @@ def secure_sum(
     client_keys = jax.vmap(lambda u: jax.random.fold_in(key, u))(ids)
     encoded = jax.vmap(lambda t, k: encode(t, k, clip=clip, scale=scale))(flat, client_keys)
     masked = mask_updates(
-        encoded, secagg_inputs.pair_keys, secagg_inputs.pair_signs, secagg_inputs.self_keys,
+        encoded,
+        secagg_inputs.pair_keys,
+        secagg_inputs.pair_signs,
+        secagg_inputs.self_keys,
         single_device=single_device,
     )
     sent = jnp.asarray(participating, jnp.float32) * jnp.asarray(survivor, jnp.float32)
@@ -411,5 +421,10 @@ def secure_sum(
     )
     summed = decode(total, scale=scale)
     offsets = np.cumsum([0] + [math.prod(x.shape[1:]) for x in leaves])
-    return jax.tree.unflatten(treedef, [summed[lo:hi].reshape(x.shape[1:]) for x, lo, hi
-                                        in zip(leaves, offsets[:-1], offsets[1:], strict=True)])
+    return jax.tree.unflatten(
+        treedef,
+        [
+            summed[lo:hi].reshape(x.shape[1:])
+            for x, lo, hi in zip(leaves, offsets[:-1], offsets[1:], strict=True)
+        ],
+    )

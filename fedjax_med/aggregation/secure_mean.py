@@ -22,21 +22,29 @@ from fedjax_med.state import RoundInputs
 
 @dataclasses.dataclass(frozen=True)
 class SecureMean:
-    clip: float           # secagg.clip: the encoding's per-coordinate clip
-    single_device: bool   # one device expands each pairwise mask once for both its hospitals
+    clip: float  # secagg.clip: the encoding's per-coordinate clip
+    single_device: bool  # one device expands each pairwise mask once for both its hospitals
 
-    def combine(self, deltas: PyTree, inputs: RoundInputs, key: jax.Array,
-                clip_norm: jax.Array) -> Combined:
+    def combine(
+        self, deltas: PyTree, inputs: RoundInputs, key: jax.Array, clip_norm: jax.Array
+    ) -> Combined:
         participating = (inputs.weights > 0).astype(jnp.float32)
         share = inputs.weights / jnp.maximum(inputs.weights.sum(), 1e-12)
-        scaled = {'delta': jax.tree.map(
-            lambda d: d * share.reshape((-1,) + (1,) * (d.ndim - 1)), deltas),
-            'weight': share * self.clip}
+        scaled = {
+            'delta': jax.tree.map(lambda d: d * share.reshape((-1,) + (1,) * (d.ndim - 1)), deltas),
+            'weight': share * self.clip,
+        }
         summed = secure.secure_sum(
-            scaled, participating, inputs.secagg.survivor, jax.random.fold_in(key, KEY_SECAGG),
-            inputs.secagg, clip=self.clip,
+            scaled,
+            participating,
+            inputs.secagg.survivor,
+            jax.random.fold_in(key, KEY_SECAGG),
+            inputs.secagg,
+            clip=self.clip,
             scale=secure.scale_for(self.clip, participating.shape[0]),
-            single_device=self.single_device, client_ids=inputs.client_ids)
+            single_device=self.single_device,
+            client_ids=inputs.client_ids,
+        )
         weight = summed['weight'] / self.clip
         mean_delta = jax.tree.map(lambda s: s / jnp.maximum(weight, 1e-12), summed['delta'])
         return Combined(mean_delta, clip_norm, {})

@@ -30,8 +30,9 @@ def server_optimizer(sc: ml_collections.ConfigDict) -> optax.GradientTransformat
         return optax.yogi(sc.learning_rate, b1=sc.beta1, b2=sc.beta2, eps=sc.epsilon)
     if sc.optimizer == 'fedadagrad':
         return optax.adagrad(sc.learning_rate, initial_accumulator_value=0.0, eps=sc.epsilon)
-    raise ValueError(f'config.server.optimizer={sc.optimizer!r}: use one of '
-                     f'{", ".join(SERVER_OPTIMIZERS)}.')
+    raise ValueError(
+        f'config.server.optimizer={sc.optimizer!r}: use one of {", ".join(SERVER_OPTIMIZERS)}.'
+    )
 
 
 def server_step(optimizer: optax.GradientTransformation, params, opt_state, mean_delta):

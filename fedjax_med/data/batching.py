@@ -40,10 +40,10 @@ from scipy import special, stats
 
 @dataclasses.dataclass(frozen=True)
 class ClientBatches:
-    indices: np.ndarray      # int32 [K, S, B]
-    mask: np.ndarray         # float32 [K, S, B]
+    indices: np.ndarray  # int32 [K, S, B]
+    mask: np.ndarray  # float32 [K, S, B]
     step_active: np.ndarray  # bool [K, S]
-    overflow: int = 0        # Poisson draws larger than max_batch (examples dropped)
+    overflow: int = 0  # Poisson draws larger than max_batch (examples dropped)
 
 
 def steps_per_round(num_examples: int, batch_size: int, epochs: float) -> int:
@@ -103,15 +103,21 @@ def poisson_max_batch(batch_size: int, sizes=None, tail: float = POISSON_TAIL) -
     return slots
 
 
-def run_overflow_probability(batch_size: int, sizes, max_batch: int, steps,
-                             num_rounds: int) -> np.ndarray:
+def run_overflow_probability(
+    batch_size: int, sizes, max_batch: int, steps, num_rounds: int
+) -> np.ndarray:
     """Per hospital, a bound on P(any overflow in the run): steps_k * rounds * P(step overflow)."""
-    return np.array([int(s) * num_rounds * overflow_probability(batch_size, int(n), max_batch)
-                     for n, s in zip(sizes, steps, strict=True)])
+    return np.array(
+        [
+            int(s) * num_rounds * overflow_probability(batch_size, int(n), max_batch)
+            for n, s in zip(sizes, steps, strict=True)
+        ]
+    )
 
 
-def run_overflow_tail(steps, num_rounds: int, deltas, epsilon: float | None = None,
-                      fraction: float = 1e-3) -> float:
+def run_overflow_tail(
+    steps, num_rounds: int, deltas, epsilon: float | None = None, fraction: float = 1e-3
+) -> float:
     """Per-step tail that keeps every hospital's whole-run overflow negligible next to its delta.
 
     Hospital k overflows at all with probability at most tail * steps_k * num_rounds, which adds
@@ -129,8 +135,9 @@ def run_overflow_tail(steps, num_rounds: int, deltas, epsilon: float | None = No
     return tail
 
 
-def shuffle_batches(sizes, batch_size: int, epochs: float, num_steps: int,
-                    rng_for_client) -> ClientBatches:
+def shuffle_batches(
+    sizes, batch_size: int, epochs: float, num_steps: int, rng_for_client
+) -> ClientBatches:
     """Epochs without replacement. `rng_for_client(k)` returns hospital k's Generator."""
     k_total = len(sizes)
     idx = np.zeros((k_total, num_steps, batch_size), np.int32)
@@ -153,8 +160,9 @@ def shuffle_batches(sizes, batch_size: int, epochs: float, num_steps: int,
     return ClientBatches(idx, mask, active)
 
 
-def poisson_batches(sizes, batch_size: int, epochs: float, num_steps: int, max_batch: int,
-                    rng_for_client) -> ClientBatches:
+def poisson_batches(
+    sizes, batch_size: int, epochs: float, num_steps: int, max_batch: int, rng_for_client
+) -> ClientBatches:
     """Poisson sampling with q_k = batch_size / n_k for ceil(epochs / q_k) steps per hospital."""
     k_total = len(sizes)
     idx = np.zeros((k_total, num_steps, max_batch), np.int32)

@@ -84,14 +84,23 @@ class BratsConfig(tfds.core.BuilderConfig):
     relative to the rest; 2-D only, 3-D patches oversample tumour when they are cut).
     """
 
-    def __init__(self, *, version: str = 'brats2020', resolution: int = 128,
-                 brain_slices_only: bool = True, empty_slice_stride: int = 1,
-                 volumes: bool = False, **kwargs):
+    def __init__(
+        self,
+        *,
+        version: str = 'brats2020',
+        resolution: int = 128,
+        brain_slices_only: bool = True,
+        empty_slice_stride: int = 1,
+        volumes: bool = False,
+        **kwargs,
+    ):
         if version not in BRATS_VERSIONS:
             raise ValueError(f'Unknown BraTS version {version!r}; use one of {BRATS_VERSIONS}.')
         if volumes and empty_slice_stride != 1:
-            raise ValueError(f'empty_slice_stride={empty_slice_stride} thins 2-D slices; 3-D '
-                             'volumes keep every slice. Set it to 1 with volumes=True.')
+            raise ValueError(
+                f'empty_slice_stride={empty_slice_stride} thins 2-D slices; 3-D '
+                'volumes keep every slice. Set it to 1 with volumes=True.'
+            )
         name = f'{version}_r{resolution}'
         if not brain_slices_only:
             name += '_all'
@@ -111,6 +120,7 @@ class BratsConfig(tfds.core.BuilderConfig):
 # ---------------------------------------------------------------------------------------------
 # Finding cases
 # ---------------------------------------------------------------------------------------------
+
 
 def _nifti(folder: pathlib.Path, stem: str) -> pathlib.Path | None:
     for ext in ('.nii.gz', '.nii'):
@@ -132,8 +142,10 @@ def find_brats_cases(manual_dir: pathlib.Path) -> list[dict]:
             paths['seg'] = other[0] if other else None
         cases.append({'case_id': case, 'folder': folder, **paths})
     if not cases:
-        raise FileNotFoundError(f'No BraTS case folders (<case>/<case>_flair.nii[.gz]) under '
-                                f'{manual_dir}.\n' + MANUAL_DOWNLOAD_INSTRUCTIONS)
+        raise FileNotFoundError(
+            f'No BraTS case folders (<case>/<case>_flair.nii[.gz]) under '
+            f'{manual_dir}.\n' + MANUAL_DOWNLOAD_INSTRUCTIONS
+        )
     return cases
 
 
@@ -144,8 +156,9 @@ def msd_channel_order(dataset_json: dict) -> list[int]:
     for aliases in _MSD_CHANNELS:
         match = [k for k, v in names.items() if v in aliases]
         if len(match) != 1:
-            raise ValueError(f'dataset.json modality {dataset_json["modality"]} lacks one of '
-                             f'{aliases}.')
+            raise ValueError(
+                f'dataset.json modality {dataset_json["modality"]} lacks one of {aliases}.'
+            )
         order.append(match[0])
     return order
 
@@ -153,17 +166,23 @@ def msd_channel_order(dataset_json: dict) -> list[int]:
 def find_msd_cases(manual_dir: pathlib.Path) -> tuple[list[dict], list[int]]:
     found = sorted(manual_dir.rglob('dataset.json'))
     if not found:
-        raise FileNotFoundError(f'No dataset.json under {manual_dir}.\n'
-                                + MANUAL_DOWNLOAD_INSTRUCTIONS)
+        raise FileNotFoundError(
+            f'No dataset.json under {manual_dir}.\n' + MANUAL_DOWNLOAD_INSTRUCTIONS
+        )
     root = found[0].parent
     meta = json.loads(found[0].read_text())
     cases = []
     for item in meta['training']:
         image, label = root / item['image'], root / item['label']
         case = image.name.split('.')[0]
-        cases.append({'case_id': case, 'image': image if image.exists() else None,
-                      'seg': label if label.exists() else None,
-                      'listed': {'image': image, 'segmentation': label}})
+        cases.append(
+            {
+                'case_id': case,
+                'image': image if image.exists() else None,
+                'seg': label if label.exists() else None,
+                'listed': {'image': image, 'segmentation': label},
+            }
+        )
     if not cases:
         raise FileNotFoundError(f'{found[0]} lists no training cases.')
     return cases, msd_channel_order(meta)
@@ -173,7 +192,7 @@ def case_number(case_id: str) -> int:
     """Integer patient id from a case id ('BraTS20_Training_001' -> 1, 'BRATS_484' -> 484)."""
     digits = re.findall(r'\d+', case_id)
     # No digits: a stable hash (Python's hash() of a str changes from process to process).
-    return int(digits[-1]) if digits else zlib.crc32(case_id.encode()) % (2 ** 31)
+    return int(digits[-1]) if digits else zlib.crc32(case_id.encode()) % (2**31)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,23 +233,29 @@ def read_nifti(path: pathlib.Path, what: str, ndim: int = 3) -> tuple[np.ndarray
     holds a NaN or infinite voxel (values beyond float32's range count as infinite).
     """
     import nibabel as nib
+
     try:
         image = nib.load(os.fspath(path))
         dtype = image.get_data_dtype()
         if dtype.kind not in 'biuf':
-            raise CaseError(BAD_DTYPE, f'{what} {path} has voxels of dtype {dtype}; expected '
-                                       'integer or floating-point intensities')
+            raise CaseError(
+                BAD_DTYPE,
+                f'{what} {path} has voxels of dtype {dtype}; expected '
+                'integer or floating-point intensities',
+            )
         data, affine = mri.canonical_array(image)
     except CaseError:
         raise
     except Exception as e:  # EOFError, zlib.error, nibabel's ImageFileError, OSError, ...
-        raise CaseError(UNREADABLE, f'{what} {path} cannot be read ({type(e).__name__}: '
-                                    f'{e})') from e
+        raise CaseError(
+            UNREADABLE, f'{what} {path} cannot be read ({type(e).__name__}: {e})'
+        ) from e
     while data.ndim > ndim and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != ndim or 0 in data.shape:
-        raise CaseError(BAD_SHAPE, f'{what} {path} has shape {data.shape}; expected a '
-                                   f'{ndim}-D volume')
+        raise CaseError(
+            BAD_SHAPE, f'{what} {path} has shape {data.shape}; expected a {ndim}-D volume'
+        )
     bad = _nonfinite_text(data)
     if bad:
         raise CaseError(NON_FINITE, f'{what} {path} has {bad}')
@@ -255,49 +280,64 @@ def load_case(case: dict, version: str, msd_order: list[int] | None = None):
     case_id = case.get('case_id')
     if version == 'msd_brain':
         listed = case.get('listed', {})
-        missing = [f'{what} {listed.get(what, "")}'.strip() for what, key in
-                   (('image', 'image'), ('segmentation', 'seg')) if case.get(key) is None]
+        missing = [
+            f'{what} {listed.get(what, "")}'.strip()
+            for what, key in (('image', 'image'), ('segmentation', 'seg'))
+            if case.get(key) is None
+        ]
         if missing:
             raise CaseError(MISSING, f'no {" and no ".join(missing)} (listed in dataset.json)')
         data, _ = read_nifti(case['image'], 'image', ndim=4)
         if data.shape[-1] < 4:
-            raise CaseError(BAD_SHAPE, f'image {case["image"]} has shape {data.shape}; expected '
-                                       'a 4-D image with 4 channels')
+            raise CaseError(
+                BAD_SHAPE,
+                f'image {case["image"]} has shape {data.shape}; expected '
+                'a 4-D image with 4 channels',
+            )
         volume = data[..., msd_order]
-        sources = {m: f'{m} (channel {c}) of {case["image"]}'
-                   for m, c in zip(mri.MODALITIES, msd_order, strict=True)}
+        sources = {
+            m: f'{m} (channel {c}) of {case["image"]}'
+            for m, c in zip(mri.MODALITIES, msd_order, strict=True)
+        }
     else:
         missing = [m for m in (*mri.MODALITIES, 'seg') if case.get(m) is None]
         if missing:
             where = case.get('folder', '')
             names = ', '.join(f'{case_id}_{m}.nii[.gz]' for m in missing)
-            raise CaseError(MISSING, f'no {", ".join(missing)} file in {where} (expected '
-                                     f'{names})')
+            raise CaseError(MISSING, f'no {", ".join(missing)} file in {where} (expected {names})')
         channels = [read_nifti(case[m], m)[0] for m in mri.MODALITIES]
         shapes = {c.shape for c in channels}
         if len(shapes) != 1:
-            shown = ', '.join(f'{m} {c.shape}' for m, c in zip(mri.MODALITIES, channels,
-                                                                strict=True))
-            raise CaseError(BAD_SHAPE, f'modality shapes differ in {case.get("folder", "")}: '
-                                       f'{shown}')
+            shown = ', '.join(
+                f'{m} {c.shape}' for m, c in zip(mri.MODALITIES, channels, strict=True)
+            )
+            raise CaseError(
+                BAD_SHAPE, f'modality shapes differ in {case.get("folder", "")}: {shown}'
+            )
         volume = np.stack(channels, axis=-1)
         sources = {m: f'{m} {case[m]}' for m in mri.MODALITIES}
     seg, affine = read_nifti(case['seg'], 'segmentation')
     seg = np.rint(seg).astype(np.int64)
     if seg.shape != volume.shape[:3]:
-        raise CaseError(BAD_SHAPE, f'segmentation {case["seg"]} has shape {seg.shape}, the '
-                                   f'images {volume.shape[:3]}')
-    mri.check_labels(seg, 'msd' if version == 'msd_brain' else 'brats',
-                     f'case {case_id} ({case["seg"]})')
+        raise CaseError(
+            BAD_SHAPE,
+            f'segmentation {case["seg"]} has shape {seg.shape}, the images {volume.shape[:3]}',
+        )
+    mri.check_labels(
+        seg, 'msd' if version == 'msd_brain' else 'brats', f'case {case_id} ({case["seg"]})'
+    )
     brain = np.any(volume != 0, axis=-1)
     if not brain.any():
-        raise CaseError(ALL_ZERO, f'every modality in {_case_place(case)} is 0 in every voxel '
-                                  '(no brain)')
+        raise CaseError(
+            ALL_ZERO, f'every modality in {_case_place(case)} is 0 in every voxel (no brain)'
+        )
     for c, m in enumerate(mri.MODALITIES):
         inside = volume[..., c][brain]
         if inside.min() == inside.max():
-            raise CaseError(CONSTANT, f'{sources[m]} is {inside.min():g} in all {inside.size} '
-                                      'brain voxels (no contrast)')
+            raise CaseError(
+                CONSTANT,
+                f'{sources[m]} is {inside.min():g} in all {inside.size} brain voxels (no contrast)',
+            )
     volume = mri.zscore_in_mask(volume[None], brain[None])[0]
     bad = _nonfinite_text(volume)
     if bad:  # intensities so large that float32 sums overflow
@@ -307,10 +347,12 @@ def load_case(case: dict, version: str, msd_order: list[int] | None = None):
 
 
 def _resize(plane: np.ndarray, resolution: int, nearest: bool) -> np.ndarray:
-    im = Image.fromarray(plane.astype(np.uint8 if nearest else np.float32),
-                         mode='L' if nearest else 'F')
-    im = im.resize((resolution, resolution),
-                   Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
+    im = Image.fromarray(
+        plane.astype(np.uint8 if nearest else np.float32), mode='L' if nearest else 'F'
+    )
+    im = im.resize(
+        (resolution, resolution), Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    )
     return np.asarray(im)
 
 
@@ -319,8 +361,16 @@ def to_display(plane: np.ndarray) -> np.ndarray:
     return np.swapaxes(plane, 0, 1)[::-1]
 
 
-def case_slices(volume, seg, brain, *, version: str, resolution: int, brain_slices_only: bool,
-                empty_slice_stride: int):
+def case_slices(
+    volume,
+    seg,
+    brain,
+    *,
+    version: str,
+    resolution: int,
+    brain_slices_only: bool,
+    empty_slice_stride: int,
+):
     """Yields (slice_index, image float16 [R, R, 4], seg uint8 [R, R], regions uint8 [R, R, 3])."""
     convention = 'msd' if version == 'msd_brain' else 'brats'
     empty_seen = 0
@@ -342,15 +392,18 @@ def _resize_axial(stack: np.ndarray, depth: int, nearest: bool) -> np.ndarray:
     """Resamples axis 0 of [Z, ...] to `depth` with PIL's filter (as `_resize` in-plane): one
     image [Z, everything else], so the other axes are left exactly as they are."""
     flat = stack.reshape(stack.shape[0], -1)
-    im = Image.fromarray(flat.astype(np.uint8 if nearest else np.float32),
-                         mode='L' if nearest else 'F')
-    im = im.resize((flat.shape[1], depth),
-                   Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR)
+    im = Image.fromarray(
+        flat.astype(np.uint8 if nearest else np.float32), mode='L' if nearest else 'F'
+    )
+    im = im.resize(
+        (flat.shape[1], depth), Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+    )
     return np.asarray(im).reshape(depth, *stack.shape[1:])
 
 
-def case_volume(volume, seg, brain, spacing, *, version: str, resolution: int,
-                brain_slices_only: bool) -> dict[str, np.ndarray | int]:
+def case_volume(
+    volume, seg, brain, spacing, *, version: str, resolution: int, brain_slices_only: bool
+) -> dict[str, np.ndarray | int]:
     """One case as a 3-D volume of axial planes (see the module docstring).
 
     Returns the volume features: 'image' float16 [Z', R, R, 4], 'seg' uint8 [Z', R, R] (the
@@ -360,11 +413,16 @@ def case_volume(volume, seg, brain, spacing, *, version: str, resolution: int,
     with_brain = np.flatnonzero(brain.any(axis=(0, 1)))
     if not len(with_brain):
         raise CaseError(ALL_ZERO, 'no brain voxels (all modalities are zero)')
-    first, last = (with_brain[0], with_brain[-1]) if brain_slices_only else (
-        0, volume.shape[2] - 1)
+    first, last = (with_brain[0], with_brain[-1]) if brain_slices_only else (0, volume.shape[2] - 1)
     zs = range(first, last + 1)
-    planes = np.stack([np.stack([_resize(to_display(volume[:, :, z, c]), resolution, False)
-                                 for c in range(4)], -1) for z in zs])
+    planes = np.stack(
+        [
+            np.stack(
+                [_resize(to_display(volume[:, :, z, c]), resolution, False) for c in range(4)], -1
+            )
+            for z in zs
+        ]
+    )
     labels = np.stack([_resize(to_display(seg[:, :, z]), resolution, True) for z in zs])
     # Displayed rows run along Y, columns along X.
     row_mm = volume.shape[1] * spacing[1] / resolution
@@ -374,9 +432,13 @@ def case_volume(volume, seg, brain, spacing, *, version: str, resolution: int,
     labels = _resize_axial(labels, depth, nearest=True)
     convention = 'msd' if version == 'msd_brain' else 'brats'
     regions = mri.seg_to_regions(labels, convention).astype(np.uint8)
-    return {'image': planes.astype(np.float16), 'seg': labels.astype(np.uint8),
-            'label': regions, 'first_slice': int(first),
-            'spacing': np.array([len(zs) * spacing[2] / depth, row_mm, col_mm], np.float32)}
+    return {
+        'image': planes.astype(np.float16),
+        'seg': labels.astype(np.uint8),
+        'label': regions,
+        'first_slice': int(first),
+        'spacing': np.array([len(zs) * spacing[2] / depth, row_mm, col_mm], np.float32),
+    }
 
 
 class Brats(tfds.core.GeneratorBasedBuilder):
@@ -385,10 +447,9 @@ class Brats(tfds.core.GeneratorBasedBuilder):
     name = 'brats'
     VERSION = tfds.core.Version('1.0.0')
     RELEASE_NOTES = {'1.0.0': 'Initial release.'}
-    BUILDER_CONFIGS = ([BratsConfig(version=v, resolution=r) for v in BRATS_VERSIONS
-                        for r in (128, 64)]
-                       + [BratsConfig(version=v, resolution=128, volumes=True)
-                          for v in BRATS_VERSIONS])
+    BUILDER_CONFIGS = [
+        BratsConfig(version=v, resolution=r) for v in BRATS_VERSIONS for r in (128, 64)
+    ] + [BratsConfig(version=v, resolution=128, volumes=True) for v in BRATS_VERSIONS]
     MANUAL_DOWNLOAD_INSTRUCTIONS = MANUAL_DOWNLOAD_INSTRUCTIONS
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -397,34 +458,42 @@ class Brats(tfds.core.GeneratorBasedBuilder):
             return tfds.core.DatasetInfo(
                 builder=self,
                 description='Multi-modal brain-tumour MRI as 3-D volumes (one per case).',
-                features=tfds.features.FeaturesDict({
-                    'image': tfds.features.Tensor(shape=(None, r, r, 4), dtype=np.float16,
-                                                  encoding='zlib'),
-                    'seg': tfds.features.Tensor(shape=(None, r, r), dtype=np.uint8,
-                                                encoding='zlib'),
-                    'label': tfds.features.Tensor(shape=(None, r, r, 3), dtype=np.uint8,
-                                                  encoding='zlib'),
-                    'case_id': tfds.features.Text(),
-                    'patient_id': np.int64,
-                    'first_slice': np.int32,
-                    'spacing': tfds.features.Tensor(shape=(3,), dtype=np.float32),
-                }),
+                features=tfds.features.FeaturesDict(
+                    {
+                        'image': tfds.features.Tensor(
+                            shape=(None, r, r, 4), dtype=np.float16, encoding='zlib'
+                        ),
+                        'seg': tfds.features.Tensor(
+                            shape=(None, r, r), dtype=np.uint8, encoding='zlib'
+                        ),
+                        'label': tfds.features.Tensor(
+                            shape=(None, r, r, 3), dtype=np.uint8, encoding='zlib'
+                        ),
+                        'case_id': tfds.features.Text(),
+                        'patient_id': np.int64,
+                        'first_slice': np.int32,
+                        'spacing': tfds.features.Tensor(shape=(3,), dtype=np.float32),
+                    }
+                ),
                 homepage='https://www.synapse.org/brats',
                 metadata=tfds.core.MetadataDict(),
             )
         return tfds.core.DatasetInfo(
             builder=self,
             description='Multi-modal brain-tumour MRI as 2-D axial slices.',
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Tensor(shape=(r, r, 4), dtype=np.float16,
-                                              encoding='zlib'),
-                'seg': tfds.features.Tensor(shape=(r, r), dtype=np.uint8, encoding='zlib'),
-                'label': tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8, encoding='zlib'),
-                'case_id': tfds.features.Text(),
-                'patient_id': np.int64,
-                'slice_index': np.int32,
-                'has_tumor': np.int32,
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    'image': tfds.features.Tensor(
+                        shape=(r, r, 4), dtype=np.float16, encoding='zlib'
+                    ),
+                    'seg': tfds.features.Tensor(shape=(r, r), dtype=np.uint8, encoding='zlib'),
+                    'label': tfds.features.Tensor(shape=(r, r, 3), dtype=np.uint8, encoding='zlib'),
+                    'case_id': tfds.features.Text(),
+                    'patient_id': np.int64,
+                    'slice_index': np.int32,
+                    'has_tumor': np.int32,
+                }
+            ),
             homepage='https://www.synapse.org/brats',
             metadata=tfds.core.MetadataDict(),
         )
@@ -449,23 +518,46 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         volume, seg, brain, spacing = load_case(case, cfg.release, msd_order)
         pid = case_number(case_id)
         if cfg.volumes:
-            features = case_volume(volume, seg, brain, spacing, version=cfg.release,
-                                   resolution=cfg.resolution,
-                                   brain_slices_only=cfg.brain_slices_only)
+            features = case_volume(
+                volume,
+                seg,
+                brain,
+                spacing,
+                version=cfg.release,
+                resolution=cfg.resolution,
+                brain_slices_only=cfg.brain_slices_only,
+            )
             examples = [(case_id, {**features, 'case_id': case_id, 'patient_id': pid})]
         else:
-            examples = [(f'{case_id}_{z:03d}', {
-                'image': image, 'seg': label, 'label': regions, 'case_id': case_id,
-                'patient_id': pid, 'slice_index': z, 'has_tumor': int(regions[..., 0].any()),
-            }) for z, image, label, regions in case_slices(
-                volume, seg, brain, version=cfg.release, resolution=cfg.resolution,
-                brain_slices_only=cfg.brain_slices_only,
-                empty_slice_stride=cfg.empty_slice_stride)]
+            examples = [
+                (
+                    f'{case_id}_{z:03d}',
+                    {
+                        'image': image,
+                        'seg': label,
+                        'label': regions,
+                        'case_id': case_id,
+                        'patient_id': pid,
+                        'slice_index': z,
+                        'has_tumor': int(regions[..., 0].any()),
+                    },
+                )
+                for z, image, label, regions in case_slices(
+                    volume,
+                    seg,
+                    brain,
+                    version=cfg.release,
+                    resolution=cfg.resolution,
+                    brain_slices_only=cfg.brain_slices_only,
+                    empty_slice_stride=cfg.empty_slice_stride,
+                )
+            ]
         for _, example in examples:  # what is stored (float16) must be finite too
             bad = _nonfinite_text(example['image'])
             if bad:
-                raise CaseError(NON_FINITE, f'the stored float16 image of {_case_place(case)} '
-                                            f'has {bad}')
+                raise CaseError(
+                    NON_FINITE, f'the stored float16 image of {_case_place(case)} has {bad}'
+                )
         return examples
 
     def _generate_examples(self, cases, msd_order, manual_dir=None):
@@ -494,10 +586,13 @@ class Brats(tfds.core.GeneratorBasedBuilder):
         if len(skipped) == len(cases):
             raise errors.DataError(
                 f'{tag}: none of the {len(cases)} cases under {manual_dir} can be used '
-                f'({errors.reasons_text(counts)}); the first: {skipped[0]}')
+                f'({errors.reasons_text(counts)}); the first: {skipped[0]}'
+            )
         if skipped:
             shown = '; '.join(skipped[:10]) + (' ...' if len(skipped) > 10 else '')
-            message = (f'{tag}: skipped {len(skipped)} of {len(cases)} cases '
-                       f'({errors.reasons_text(counts)}): {shown}')
+            message = (
+                f'{tag}: skipped {len(skipped)} of {len(cases)} cases '
+                f'({errors.reasons_text(counts)}): {shown}'
+            )
             logging.warning(message)
             print(message)

@@ -20,21 +20,26 @@ from absl import app, flags
 from fedjax_med.data import errors, tfds_io
 from fedjax_med.data.registry import BRATS_VERSIONS, REAL, SYNTHETIC
 
-_DATASET = flags.DEFINE_enum('dataset', None, list(REAL + SYNTHETIC),
-                             'Dataset to build (a data.name).')
+_DATASET = flags.DEFINE_enum(
+    'dataset', None, list(REAL + SYNTHETIC), 'Dataset to build (a data.name).'
+)
 _MANUAL_DIR = flags.DEFINE_string('manual_dir', None, 'Raw files of a real dataset.')
 _DATA_DIR = flags.DEFINE_string('data_dir', None, 'TFDS data dir (default ~/tensorflow_datasets).')
-_RESOLUTION = flags.DEFINE_integer('resolution', None,
-                                   'Stored image side (default 224 NIH, 128 BraTS, 64 synthetic).')
-_NUM_EXAMPLES = flags.DEFINE_integer('num_examples', 2500,
-                                     'Synthetic: images (CXR) or cases (BraTS).')
+_RESOLUTION = flags.DEFINE_integer(
+    'resolution', None, 'Stored image side (default 224 NIH, 128 BraTS, 64 synthetic).'
+)
+_NUM_EXAMPLES = flags.DEFINE_integer(
+    'num_examples', 2500, 'Synthetic: images (CXR) or cases (BraTS).'
+)
 _SEED = flags.DEFINE_integer('seed', 0, 'Synthetic: generator seed.')
 _SLICES = flags.DEFINE_integer('slices_per_case', 16, 'Synthetic BraTS: slices per case.')
 _BRAIN_ONLY = flags.DEFINE_bool('brain_slices_only', True, 'BraTS: drop slices without brain.')
-_EMPTY_STRIDE = flags.DEFINE_integer('empty_slice_stride', 1,
-                                     'BraTS: keep every k-th slice without tumour.')
-_VOLUMES = flags.DEFINE_bool('volumes', False,
-                             'BraTS: store one 3-D volume per case (for data.patch_size > 0).')
+_EMPTY_STRIDE = flags.DEFINE_integer(
+    'empty_slice_stride', 1, 'BraTS: keep every k-th slice without tumour.'
+)
+_VOLUMES = flags.DEFINE_bool(
+    'volumes', False, 'BraTS: store one 3-D volume per case (for data.patch_size > 0).'
+)
 
 _DEFAULT_RESOLUTION = {'nih_chestxray14': 224, **{version: 128 for version in BRATS_VERSIONS}}
 
@@ -44,11 +49,16 @@ def main(argv: list[str]) -> None:
     name = _DATASET.value
     try:
         builder = tfds_io.make_builder(
-            name, data_dir=_DATA_DIR.value,
+            name,
+            data_dir=_DATA_DIR.value,
             resolution=_RESOLUTION.value or _DEFAULT_RESOLUTION.get(name, 64),
-            num_examples=_NUM_EXAMPLES.value, seed=_SEED.value, slices_per_case=_SLICES.value,
-            brain_slices_only=_BRAIN_ONLY.value, empty_slice_stride=_EMPTY_STRIDE.value,
-            volumes=_VOLUMES.value)
+            num_examples=_NUM_EXAMPLES.value,
+            seed=_SEED.value,
+            slices_per_case=_SLICES.value,
+            brain_slices_only=_BRAIN_ONLY.value,
+            empty_slice_stride=_EMPTY_STRIDE.value,
+            volumes=_VOLUMES.value,
+        )
     except ValueError as e:  # settings that do not fit the dataset, e.g. --volumes for NIH
         sys.exit(f'error: {e}')
     try:

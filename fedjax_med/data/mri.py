@@ -26,9 +26,9 @@ _REGION_LABELS = {
 LABELS = {'brats': (0, 1, 2, 4), 'msd': (0, 1, 2, 3)}
 _CONVENTION_TEXT = {
     'brats': "the 'brats' convention of BraTS 2020/2021 (0 background, 1 necrotic / non-enhancing "
-             'core, 2 oedema, 4 enhancing tumour)',
+    'core, 2 oedema, 4 enhancing tumour)',
     'msd': "the 'msd' convention of MSD Task01 (0 background, 1 oedema, 2 non-enhancing tumour, "
-           '3 enhancing tumour)',
+    '3 enhancing tumour)',
 }
 
 
@@ -55,12 +55,17 @@ def check_labels(seg: np.ndarray, version: str, source: str) -> None:
     unexpected = [v.item() for v in values if v not in LABELS[version]]
     if not unexpected:
         return
-    hint = (' BraTS 2021 marks enhancing tumour with 4; data in the BraTS 2023 convention '
-            '(enhancing tumour = 3) must be remapped (3 -> 4) before it is built.'
-            if version == 'brats' else '')
-    raise LabelError(f'{source}: segmentation holds label(s) {unexpected} (all values: '
-                     f'{[v.item() for v in values]}), outside {_CONVENTION_TEXT[version]}; they '
-                     f'would be read as background.{hint}')
+    hint = (
+        ' BraTS 2021 marks enhancing tumour with 4; data in the BraTS 2023 convention '
+        '(enhancing tumour = 3) must be remapped (3 -> 4) before it is built.'
+        if version == 'brats'
+        else ''
+    )
+    raise LabelError(
+        f'{source}: segmentation holds label(s) {unexpected} (all values: '
+        f'{[v.item() for v in values]}), outside {_CONVENTION_TEXT[version]}; they '
+        f'would be read as background.{hint}'
+    )
 
 
 def seg_to_regions(seg: np.ndarray, version: str) -> np.ndarray:
@@ -68,8 +73,9 @@ def seg_to_regions(seg: np.ndarray, version: str) -> np.ndarray:
     the convention count as background: loaders check each case first (`check_labels`)."""
     if version not in _REGION_LABELS:
         raise ValueError(f'Unknown label convention {version!r}; use {list(_REGION_LABELS)}.')
-    return np.stack([np.isin(seg, labels) for labels in _REGION_LABELS[version]],
-                    axis=-1).astype(np.float32)
+    return np.stack([np.isin(seg, labels) for labels in _REGION_LABELS[version]], axis=-1).astype(
+        np.float32
+    )
 
 
 def zscore_in_mask(img: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -95,6 +101,7 @@ def load_canonical(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     'axial slice k' mean the same anatomy whatever the scanner or converter wrote.
     """
     import nibabel as nib
+
     return canonical_array(nib.load(os.fspath(path)))
 
 
@@ -102,6 +109,7 @@ def canonical_array(image) -> tuple[np.ndarray, np.ndarray]:
     """A loaded nibabel image reoriented to RAS+ (`load_canonical`): (data float32, affine).
     Values beyond float32's range become infinite (the caller checks that they are finite)."""
     import nibabel as nib
+
     image = nib.as_closest_canonical(image)
     with np.errstate(over='ignore', invalid='ignore'):
         data = np.asarray(image.dataobj, dtype=np.float32)

@@ -46,8 +46,12 @@ from PIL import Image
 
 from fedjax_med.data import errors, nih_metadata
 
-_CSV_NAMES = ('Data_Entry_2017_v2020.csv', 'Data_Entry_2017.csv', 'Data_Entry_2017_v2020.csv.gz',
-              'Data_Entry_2017.csv.gz')
+_CSV_NAMES = (
+    'Data_Entry_2017_v2020.csv',
+    'Data_Entry_2017.csv',
+    'Data_Entry_2017_v2020.csv.gz',
+    'Data_Entry_2017.csv.gz',
+)
 _FALLBACK_TEST_FRACTION = 0.2
 _FALLBACK_SEED = 0
 _WARNINGS_PER_REASON = 50
@@ -60,8 +64,9 @@ NON_FINITE = 'non-finite pixels'
 CONSTANT = 'constant image'
 SKIP_REASONS = (MISSING, UNREADABLE, BAD_MODE, BAD_SHAPE, NON_FINITE, CONSTANT)
 # PIL modes of 8 bits per channel: converted to grayscale ('L') by PIL.
-_EIGHT_BIT_MODES = frozenset({'1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX',
-                              'CMYK', 'YCbCr', 'LAB', 'HSV'})
+_EIGHT_BIT_MODES = frozenset(
+    {'1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK', 'YCbCr', 'LAB', 'HSV'}
+)
 
 MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download the NIH ChestX-ray14 release from https://nihcc.app.box.com/v/ChestXray-NIHCC (free,
@@ -78,8 +83,9 @@ class NihChestXray14Config(tfds.core.BuilderConfig):
     """Stored image side in pixels (images are resized, grayscale, PNG-encoded)."""
 
     def __init__(self, *, resolution: int = 224, **kwargs):
-        super().__init__(name=f'r{resolution}',
-                         description=f'{resolution}x{resolution} grayscale PNG', **kwargs)
+        super().__init__(
+            name=f'r{resolution}', description=f'{resolution}x{resolution} grayscale PNG', **kwargs
+        )
         self.resolution = resolution
 
 
@@ -89,7 +95,8 @@ def find_csv(manual_dir: pathlib.Path) -> pathlib.Path:
             return manual_dir / name
     raise FileNotFoundError(
         f'No metadata CSV in {manual_dir}: expected one of {_CSV_NAMES}.\n'
-        + MANUAL_DOWNLOAD_INSTRUCTIONS)
+        + MANUAL_DOWNLOAD_INSTRUCTIONS
+    )
 
 
 def find_images(manual_dir: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -101,7 +108,8 @@ def find_images(manual_dir: pathlib.Path) -> dict[str, pathlib.Path]:
     if not found:
         raise FileNotFoundError(
             f'No PNG images under {manual_dir} (looked in images/ and images_*/images/).\n'
-            + MANUAL_DOWNLOAD_INSTRUCTIONS)
+            + MANUAL_DOWNLOAD_INSTRUCTIONS
+        )
     return found
 
 
@@ -117,13 +125,15 @@ def split_of(entries: dict[str, np.ndarray], manual_dir: pathlib.Path) -> tuple[
         if train_list.exists():
             unknown = set(entries['image_index']) - test - _read_list(train_list)
             if unknown:
-                logging.warning('%d images are in neither split list; they go to train.',
-                                len(unknown))
+                logging.warning(
+                    '%d images are in neither split list; they go to train.', len(unknown)
+                )
         return np.isin(entries['image_index'], list(test)), True
     patients = np.unique(entries['patient_id'])
     rng = np.random.default_rng(_FALLBACK_SEED)
-    test_patients = rng.choice(patients, int(round(_FALLBACK_TEST_FRACTION * len(patients))),
-                               replace=False)
+    test_patients = rng.choice(
+        patients, int(round(_FALLBACK_TEST_FRACTION * len(patients))), replace=False
+    )
     return np.isin(entries['patient_id'], test_patients), False
 
 
@@ -145,18 +155,24 @@ def to_grayscale8(im: Image.Image, path: pathlib.Path | str) -> Image.Image:
         values = np.asarray(im, dtype=np.float64)
         finite = np.isfinite(values)
         if not finite.all():
-            raise ImageError(NON_FINITE, f'{path} ({mode} pixels) has '
-                                         f'{int(np.isnan(values).sum())} NaN and '
-                                         f'{int(np.isinf(values).sum())} infinite of '
-                                         f'{values.size} pixels')
+            raise ImageError(
+                NON_FINITE,
+                f'{path} ({mode} pixels) has '
+                f'{int(np.isnan(values).sum())} NaN and '
+                f'{int(np.isinf(values).sum())} infinite of '
+                f'{values.size} pixels',
+            )
         lo, hi = float(values.min()), float(values.max())
         if lo == hi:
             raise ImageError(CONSTANT, f'{path} ({mode} pixels) is {lo:g} in every pixel')
         pixels = np.rint(255.0 * (values - lo) / (hi - lo)).astype(np.uint8)
         gray = Image.fromarray(pixels, mode='L')
     else:
-        raise ImageError(BAD_MODE, f'{path} has PIL pixel format {mode!r}; expected 8-bit '
-                                   '(L, RGB, ...) or 16/32-bit integer or float grayscale')
+        raise ImageError(
+            BAD_MODE,
+            f'{path} has PIL pixel format {mode!r}; expected 8-bit '
+            '(L, RGB, ...) or 16/32-bit integer or float grayscale',
+        )
     if pixels.min() == pixels.max():
         raise ImageError(CONSTANT, f'{path} is {int(pixels.min())} in every pixel')
     return gray
@@ -172,8 +188,7 @@ def encode_png(path: pathlib.Path, resolution: int) -> bytes:
     except ImageError:
         raise
     except Exception as e:  # UnidentifiedImageError, truncated data (OSError), SyntaxError, ...
-        raise ImageError(UNREADABLE, f'{path} cannot be decoded ({type(e).__name__}: '
-                                     f'{e})') from e
+        raise ImageError(UNREADABLE, f'{path} cannot be decoded ({type(e).__name__}: {e})') from e
     # BOX resampling averages source pixels: no aliasing when shrinking 1024 -> 224.
     gray = gray.resize((resolution, resolution), Image.Resampling.BOX)
     buf = io.BytesIO()
@@ -181,28 +196,37 @@ def encode_png(path: pathlib.Path, resolution: int) -> bytes:
     return buf.getvalue()
 
 
-def check_splits(entries: dict[str, np.ndarray], is_test: np.ndarray, official: bool,
-                 images: dict[str, pathlib.Path], csv_path: pathlib.Path,
-                 manual_dir: pathlib.Path) -> None:
+def check_splits(
+    entries: dict[str, np.ndarray],
+    is_test: np.ndarray,
+    official: bool,
+    images: dict[str, pathlib.Path],
+    csv_path: pathlib.Path,
+    manual_dir: pathlib.Path,
+) -> None:
     """DataError unless some CSV row names an image that is there and both splits have rows."""
     names = entries['image_index']
     if not np.isin(names, list(images)).any():
         raise errors.DataError(
             f'{csv_path}: none of its {len(names)} rows names an image found under {manual_dir} '
             f'({len(images)} PNG files there, e.g. {sorted(images)[0]}; the CSV names e.g. '
-            f'{names[0]}).')
+            f'{names[0]}).'
+        )
     for split, rows in (('train', ~is_test), ('test', is_test)):
         if rows.any():
             continue
         if official:
             where = manual_dir / 'test_list.txt'
-            problem = ('names none of' if split == 'test' else 'names every one of')
-            raise errors.DataError(f'{where}: {problem} the {len(names)} images of {csv_path}, '
-                                   f'so the {split} split would be empty.')
+            problem = 'names none of' if split == 'test' else 'names every one of'
+            raise errors.DataError(
+                f'{where}: {problem} the {len(names)} images of {csv_path}, '
+                f'so the {split} split would be empty.'
+            )
         raise errors.DataError(
             f'{csv_path}: {len(np.unique(entries["patient_id"]))} patient(s) are too few for the '
             f'seeded {_FALLBACK_TEST_FRACTION:.0%} test split (the {split} split would be '
-            'empty); add test_list.txt and train_val_list.txt.')
+            'empty); add test_list.txt and train_val_list.txt.'
+        )
 
 
 class NihChestXray14(tfds.core.GeneratorBasedBuilder):
@@ -219,20 +243,23 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
         return tfds.core.DatasetInfo(
             builder=self,
             description='NIH Clinical Center ChestX-ray14 (Wang et al., CVPR 2017).',
-            features=tfds.features.FeaturesDict({
-                'image': tfds.features.Image(shape=(r, r, 1), encoding_format='png'),
-                'label': tfds.features.Tensor(shape=(len(nih_metadata.CXR_LABELS),),
-                                              dtype=np.uint8),
-                'image_index': tfds.features.Text(),
-                'patient_id': np.int64,
-                'follow_up': np.int32,
-                'age': np.int32,
-                'sex': tfds.features.ClassLabel(names=list(nih_metadata.SEXES)),
-                'view': tfds.features.ClassLabel(names=list(nih_metadata.VIEWS)),
-            }),
+            features=tfds.features.FeaturesDict(
+                {
+                    'image': tfds.features.Image(shape=(r, r, 1), encoding_format='png'),
+                    'label': tfds.features.Tensor(
+                        shape=(len(nih_metadata.CXR_LABELS),), dtype=np.uint8
+                    ),
+                    'image_index': tfds.features.Text(),
+                    'patient_id': np.int64,
+                    'follow_up': np.int32,
+                    'age': np.int32,
+                    'sex': tfds.features.ClassLabel(names=list(nih_metadata.SEXES)),
+                    'view': tfds.features.ClassLabel(names=list(nih_metadata.VIEWS)),
+                }
+            ),
             homepage='https://nihcc.app.box.com/v/ChestXray-NIHCC',
             citation='Wang et al., ChestX-ray8: Hospital-scale Chest X-ray Database and '
-                     'Benchmarks, CVPR 2017.',
+            'Benchmarks, CVPR 2017.',
             metadata=tfds.core.MetadataDict(),
         )
 
@@ -262,8 +289,11 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
             path = images.get(name)
             try:
                 if path is None:
-                    raise ImageError(MISSING, f'{name} is not under {self._manual_dir} (images/, '
-                                              'images_*/images/, images_*/)')
+                    raise ImageError(
+                        MISSING,
+                        f'{name} is not under {self._manual_dir} (images/, '
+                        'images_*/images/, images_*/)',
+                    )
                 png = encode_png(path, r)
             except ImageError as e:
                 reasons.append(e.reason)
@@ -272,30 +302,38 @@ class NihChestXray14(tfds.core.GeneratorBasedBuilder):
                 if n <= _WARNINGS_PER_REASON:
                     logging.warning('%s: skipping %s: %s: %s', tag, name, e.reason, e)
                 if n == _WARNINGS_PER_REASON:
-                    logging.warning('%s: further images skipped for %s are counted, not logged',
-                                    tag, e.reason)
+                    logging.warning(
+                        '%s: further images skipped for %s are counted, not logged', tag, e.reason
+                    )
                 continue
-            yield name, {
-                'image': png,
-                'label': entries['labels'][i],
-                'image_index': name,
-                'patient_id': int(entries['patient_id'][i]),
-                'follow_up': int(entries['follow_up'][i]),
-                'age': int(entries['age'][i]),
-                'sex': str(entries['sex'][i]),
-                'view': str(entries['view'][i]),
-            }
+            yield (
+                name,
+                {
+                    'image': png,
+                    'label': entries['labels'][i],
+                    'image_index': name,
+                    'patient_id': int(entries['patient_id'][i]),
+                    'follow_up': int(entries['follow_up'][i]),
+                    'age': int(entries['age'][i]),
+                    'sex': str(entries['sex'][i]),
+                    'view': str(entries['view'][i]),
+                },
+            )
         # Runs once the split's examples are exhausted: the end-of-split report.
         counts = errors.count_reasons(reasons)
         self.info.metadata[f'skipped_{split}'] = len(skipped)
         self.info.metadata[f'skipped_{split}_by_reason'] = counts
         total = int(keep.sum())
         if skipped and len(skipped) == total:
-            raise errors.DataError(f'{tag}: none of the {total} images of the split can be used '
-                                   f'({errors.reasons_text(counts)}); the first: {skipped[0]}')
+            raise errors.DataError(
+                f'{tag}: none of the {total} images of the split can be used '
+                f'({errors.reasons_text(counts)}); the first: {skipped[0]}'
+            )
         if skipped:
             shown = ', '.join(skipped[:10]) + (' ...' if len(skipped) > 10 else '')
-            message = (f'{tag}: skipped {len(skipped)} of {total} images '
-                       f'({errors.reasons_text(counts)}): {shown}')
+            message = (
+                f'{tag}: skipped {len(skipped)} of {total} images '
+                f'({errors.reasons_text(counts)}): {shown}'
+            )
             logging.warning(message)
             print(message)

@@ -31,8 +31,19 @@ import numpy as np
 from fedjax_med.data.errors import DataError
 
 CXR_LABELS: tuple[str, ...] = (
-    'Atelectasis', 'Cardiomegaly', 'Effusion', 'Infiltration', 'Mass', 'Nodule', 'Pneumonia',
-    'Pneumothorax', 'Consolidation', 'Edema', 'Emphysema', 'Fibrosis', 'Pleural_Thickening',
+    'Atelectasis',
+    'Cardiomegaly',
+    'Effusion',
+    'Infiltration',
+    'Mass',
+    'Nodule',
+    'Pneumonia',
+    'Pneumothorax',
+    'Consolidation',
+    'Edema',
+    'Emphysema',
+    'Fibrosis',
+    'Pleural_Thickening',
     'Hernia',
 )
 NO_FINDING = 'No Finding'
@@ -84,15 +95,23 @@ def labels_to_multihot(finding_labels: str) -> np.ndarray:
         if not name or name == NO_FINDING:
             continue
         if name not in CXR_LABELS:
-            raise ValueError(f'unknown finding label {name!r} (expected {NO_FINDING!r} or '
-                             f'{", ".join(CXR_LABELS)}, joined by |)')
+            raise ValueError(
+                f'unknown finding label {name!r} (expected {NO_FINDING!r} or '
+                f'{", ".join(CXR_LABELS)}, joined by |)'
+            )
         out[CXR_LABELS.index(name)] = 1
     return out
 
 
-_COLUMNS = {'image': ('Image Index',), 'labels': ('Finding Labels',), 'follow_up': ('Follow-up #',),
-            'patient_id': ('Patient ID',), 'age': ('Patient Age',),
-            'sex': ('Patient Gender', 'Patient Sex'), 'view': ('View Position',)}
+_COLUMNS = {
+    'image': ('Image Index',),
+    'labels': ('Finding Labels',),
+    'follow_up': ('Follow-up #',),
+    'patient_id': ('Patient ID',),
+    'age': ('Patient Age',),
+    'sex': ('Patient Gender', 'Patient Sex'),
+    'view': ('View Position',),
+}
 _MAX_SHOWN = 5
 
 
@@ -119,12 +138,15 @@ def _parse_row(row: list[str], at: dict[str, int], needed: int) -> tuple:
     age = _integer(row[at['age']], 'Patient Age', 'YyMmDd') if row[at['age']].strip() else -1
     sex = row[at['sex']].strip().upper()
     if sex not in SEXES:
-        raise ValueError(f'unknown sex {row[at["sex"]].strip()!r} (expected one of '
-                         f'{", ".join(SEXES)})')
+        raise ValueError(
+            f'unknown sex {row[at["sex"]].strip()!r} (expected one of {", ".join(SEXES)})'
+        )
     view = row[at['view']].strip().upper()
     if view not in VIEWS:
-        raise ValueError(f'unknown View Position {row[at["view"]].strip()!r} (expected one of '
-                         f'{", ".join(VIEWS)})')
+        raise ValueError(
+            f'unknown View Position {row[at["view"]].strip()!r} (expected one of '
+            f'{", ".join(VIEWS)})'
+        )
     return image, labels, follow_up, patient, age, sex, view
 
 
@@ -145,8 +167,10 @@ def read_data_entry_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None or not any(h.strip() for h in header):
-                raise DataError(f'{path}: the file is empty; expected the header line of '
-                                'Data_Entry_2017(_v2020).csv (Image Index, Finding Labels, ...).')
+                raise DataError(
+                    f'{path}: the file is empty; expected the header line of '
+                    'Data_Entry_2017(_v2020).csv (Image Index, Finding Labels, ...).'
+                )
             columns = _column_fields(header)
             at, absent = {}, []
             for key, names in _COLUMNS.items():
@@ -155,9 +179,11 @@ def read_data_entry_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 except KeyError as e:
                     absent.append(e.args[0])
             if absent:
-                raise DataError(f'{path}: line 1 (header): no column {", ".join(absent)}; the '
-                                f'columns are {sorted(columns)}. Is this '
-                                'Data_Entry_2017(_v2020).csv?')
+                raise DataError(
+                    f'{path}: line 1 (header): no column {", ".join(absent)}; the '
+                    f'columns are {sorted(columns)}. Is this '
+                    'Data_Entry_2017(_v2020).csv?'
+                )
             needed = max(at.values())
             for row in reader:
                 line_no = reader.line_num
@@ -169,16 +195,19 @@ def read_data_entry_csv(path: str | os.PathLike) -> dict[str, np.ndarray]:
                     problems.append(f'line {line_no}: {e}')
                     continue
                 if parsed[0] in first_line:
-                    problems.append(f'line {line_no}: Image Index {parsed[0]!r} repeats line '
-                                    f'{first_line[parsed[0]]}')
+                    problems.append(
+                        f'line {line_no}: Image Index {parsed[0]!r} repeats line '
+                        f'{first_line[parsed[0]]}'
+                    )
                     continue
                 first_line[parsed[0]] = line_no
                 rows.append(parsed)
     except DataError:
         raise
     except (OSError, EOFError, UnicodeDecodeError, csv.Error) as e:  # truncated .gz, binary
-        raise DataError(f'{path}: cannot be read as a CSV after line {line_no} '
-                        f'({type(e).__name__}: {e}).') from e
+        raise DataError(
+            f'{path}: cannot be read as a CSV after line {line_no} ({type(e).__name__}: {e}).'
+        ) from e
     if problems:
         shown = '; '.join(problems[:_MAX_SHOWN]) + ('; ...' if len(problems) > _MAX_SHOWN else '')
         raise DataError(f'{path}: {len(problems)} bad row(s): {shown}')
@@ -246,6 +275,7 @@ def load_metadata_table() -> dict[str, np.ndarray]:
 
 def _main(argv: list[str]) -> None:
     import argparse
+
     parser = argparse.ArgumentParser(description='Regenerate resources/nih_metadata.npz.')
     parser.add_argument('--csv', required=True, help='Data_Entry_2017_v2020.csv(.gz)')
     default_out = os.path.join(os.path.dirname(__file__), 'resources', _TABLE_RESOURCE)

@@ -42,6 +42,7 @@ STRATEGIES = ('iid', 'dirichlet', 'pathological', 'quantity', 'natural')
 # Units and classes
 # ---------------------------------------------------------------------------------------------
 
+
 def group_units(unit_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Example unit ids [n] -> (unique unit ids [U], index of each example's unit [n])."""
     uniq, inverse = np.unique(np.asarray(unit_ids), return_inverse=True)
@@ -83,6 +84,7 @@ def unit_majority(values: np.ndarray, example_unit: np.ndarray, num_units: int) 
 # Partitions of units
 # ---------------------------------------------------------------------------------------------
 
+
 def _split_by_sizes(units: np.ndarray, sizes: np.ndarray) -> list[np.ndarray]:
     return [np.sort(p) for p in np.split(units, np.cumsum(sizes)[:-1])]
 
@@ -91,8 +93,10 @@ def _check(num_units: int, num_clients: int) -> None:
     if num_clients < 1:
         raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
     if num_units < num_clients:
-        raise ValueError(f'Cannot split {num_units} patients/cases into {num_clients} hospitals; '
-                         'lower data.num_clients or use more data (data.num_train).')
+        raise ValueError(
+            f'Cannot split {num_units} patients/cases into {num_clients} hospitals; '
+            'lower data.num_clients or use more data (data.num_train).'
+        )
 
 
 def iid_partition(num_units: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -103,8 +107,9 @@ def iid_partition(num_units: int, num_clients: int, rng: np.random.Generator) ->
     return _split_by_sizes(rng.permutation(num_units), sizes)
 
 
-def quantity_partition(num_units: int, num_clients: int, sigma: float,
-                       rng: np.random.Generator) -> list[np.ndarray]:
+def quantity_partition(
+    num_units: int, num_clients: int, sigma: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     """IID units with hospital sizes proportional to LogNormal(0, sigma) draws (each >= 1)."""
     _check(num_units, num_clients)
     weights = rng.lognormal(0.0, sigma, num_clients)
@@ -120,9 +125,14 @@ def _largest_remainder(quotas: np.ndarray) -> np.ndarray:
     return floor
 
 
-def dirichlet_partition(unit_classes: np.ndarray, num_clients: int, alpha: float,
-                        rng: np.random.Generator, min_units: int = 2,
-                        max_tries: int = 100) -> list[np.ndarray]:
+def dirichlet_partition(
+    unit_classes: np.ndarray,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_units: int = 2,
+    max_tries: int = 100,
+) -> list[np.ndarray]:
     """Label-skewed partition: each class is split over hospitals by a Dir(alpha) draw.
 
     Redraws until every hospital has at least `min_units` units; if that keeps failing (tiny data,
@@ -138,8 +148,9 @@ def dirichlet_partition(unit_classes: np.ndarray, num_clients: int, alpha: float
         for c in np.unique(unit_classes):
             members = rng.permutation(np.flatnonzero(unit_classes == c))
             shares = rng.dirichlet(np.full(num_clients, alpha))
-            owner[members] = np.repeat(np.arange(num_clients),
-                                       _largest_remainder(shares * len(members)))
+            owner[members] = np.repeat(
+                np.arange(num_clients), _largest_remainder(shares * len(members))
+            )
         if np.bincount(owner, minlength=num_clients).min() >= min_units:
             break
     counts = np.bincount(owner, minlength=num_clients)
@@ -150,9 +161,14 @@ def dirichlet_partition(unit_classes: np.ndarray, num_clients: int, alpha: float
     return [np.flatnonzero(owner == k) for k in range(num_clients)]
 
 
-def pathological_partition(unit_classes: np.ndarray, num_clients: int, classes_per_client: int,
-                           num_classes: int, rng: np.random.Generator,
-                           shared_class: int | None = None) -> list[np.ndarray]:
+def pathological_partition(
+    unit_classes: np.ndarray,
+    num_clients: int,
+    classes_per_client: int,
+    num_classes: int,
+    rng: np.random.Generator,
+    shared_class: int | None = None,
+) -> list[np.ndarray]:
     """Each hospital holds `classes_per_client` of the `num_classes` classes (see module doc)."""
     unit_classes = np.asarray(unit_classes)
     _check(len(unit_classes), num_clients)
@@ -168,14 +184,17 @@ def pathological_partition(unit_classes: np.ndarray, num_clients: int, classes_p
             owner[members] = np.asarray(holders)[rng.integers(0, len(holders), len(members))]
     parts = [np.flatnonzero(owner == i) for i in range(num_clients)]
     if min(len(p) for p in parts) == 0:
-        raise ValueError(f'Pathological partition left a hospital empty (num_clients='
-                         f'{num_clients}, findings_per_client={classes_per_client}); use more '
-                         'data or more findings per hospital.')
+        raise ValueError(
+            f'Pathological partition left a hospital empty (num_clients='
+            f'{num_clients}, findings_per_client={classes_per_client}); use more '
+            'data or more findings per hospital.'
+        )
     return parts
 
 
-def natural_partition(unit_values: np.ndarray, num_clients: int,
-                      rng: np.random.Generator) -> list[np.ndarray]:
+def natural_partition(
+    unit_values: np.ndarray, num_clients: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     """Hospitals defined by a metadata value per unit (see module doc)."""
     unit_values = np.asarray(unit_values)
     _check(len(unit_values), num_clients)
@@ -208,12 +227,22 @@ def natural_partition(unit_values: np.ndarray, num_clients: int,
 # Examples
 # ---------------------------------------------------------------------------------------------
 
-def partition_examples(strategy: str, *, unit_ids: np.ndarray, num_clients: int, seed: int,
-                       labels: np.ndarray | None = None, unit_classes: np.ndarray | None = None,
-                       num_classes: int | None = None, shared_class: int | None = None,
-                       dirichlet_alpha: float = 0.5, classes_per_client: int = 2,
-                       quantity_sigma: float = 1.0,
-                       column: np.ndarray | None = None) -> list[np.ndarray]:
+
+def partition_examples(
+    strategy: str,
+    *,
+    unit_ids: np.ndarray,
+    num_clients: int,
+    seed: int,
+    labels: np.ndarray | None = None,
+    unit_classes: np.ndarray | None = None,
+    num_classes: int | None = None,
+    shared_class: int | None = None,
+    dirichlet_alpha: float = 0.5,
+    classes_per_client: int = 2,
+    quantity_sigma: float = 1.0,
+    column: np.ndarray | None = None,
+) -> list[np.ndarray]:
     """Example indices of each hospital, patient-wise.
 
     Args:
@@ -247,8 +276,9 @@ def partition_examples(strategy: str, *, unit_ids: np.ndarray, num_clients: int,
         parts = dirichlet_partition(unit_classes, num_clients, dirichlet_alpha, rng)
     elif strategy == 'pathological':
         num_classes = int(np.max(unit_classes)) + 1 if num_classes is None else num_classes
-        parts = pathological_partition(unit_classes, num_clients, classes_per_client,
-                                       num_classes, rng, shared_class)
+        parts = pathological_partition(
+            unit_classes, num_clients, classes_per_client, num_classes, rng, shared_class
+        )
     elif strategy == 'quantity':
         parts = quantity_partition(num_units, num_clients, quantity_sigma, rng)
     elif strategy == 'natural':
@@ -264,8 +294,9 @@ def partition_examples(strategy: str, *, unit_ids: np.ndarray, num_clients: int,
     return [np.flatnonzero(example_owner == k) for k in range(num_clients)]
 
 
-def split_train_test(indices: np.ndarray, unit_ids: np.ndarray, test_fraction: float,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def split_train_test(
+    indices: np.ndarray, unit_ids: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Splits one hospital's examples patient-wise: whole patients go to test until about
     `test_fraction` of the examples are there; at least one patient stays in train."""
     indices = np.asarray(indices)
@@ -281,7 +312,8 @@ def split_train_test(indices: np.ndarray, unit_ids: np.ndarray, test_fraction: f
     num_test_units = int(np.clip(np.searchsorted(cum, target) + 1, 1, len(uniq) - 1))
     # Take one fewer patient if that lands closer to the target.
     if num_test_units > 1 and abs(cum[num_test_units - 2] - target) <= abs(
-            cum[num_test_units - 1] - target):
+        cum[num_test_units - 1] - target
+    ):
         num_test_units -= 1
     is_test = np.zeros(len(uniq), bool)
     is_test[order[:num_test_units]] = True
@@ -295,14 +327,17 @@ def label_skew(parts: list[np.ndarray], classes: np.ndarray) -> float:
     classes = np.asarray(classes)
     num_classes = int(classes.max()) + 1
     pooled = np.bincount(classes, minlength=num_classes) / len(classes)
-    tv = [0.5 * np.abs(np.bincount(classes[p], minlength=num_classes) / max(len(p), 1)
-                       - pooled).sum() for p in parts]
+    tv = [
+        0.5 * np.abs(np.bincount(classes[p], minlength=num_classes) / max(len(p), 1) - pooled).sum()
+        for p in parts
+    ]
     return float(np.mean(tv))
 
 
 # ---------------------------------------------------------------------------------------------
 # Feature skew
 # ---------------------------------------------------------------------------------------------
+
 
 def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
     """Separable Gaussian blur over axes 1, 2 of [n, H, W, C] with reflect padding."""
@@ -317,8 +352,9 @@ def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
         pad[axis] = (radius, radius)
         padded = np.pad(out, pad, mode='reflect')
         size = out.shape[axis]
-        out = sum(w * np.take(padded, np.arange(i, i + size), axis=axis)
-                  for i, w in enumerate(taps))
+        out = sum(
+            w * np.take(padded, np.arange(i, i + size), axis=axis) for i, w in enumerate(taps)
+        )
     return out.astype(np.float32)
 
 
@@ -343,9 +379,15 @@ def acquisition_params(hospital_index: int, task: str, seed: int) -> dict[str, n
     raise ValueError(f"Unknown task {task!r}; use 'chestxray14' or 'brats'.")
 
 
-def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str, seed: int, *,
-                            origins: np.ndarray | None = None,
-                            volume_shapes: np.ndarray | None = None) -> np.ndarray:
+def apply_acquisition_shift(
+    images: np.ndarray,
+    hospital_index: int,
+    task: str,
+    seed: int,
+    *,
+    origins: np.ndarray | None = None,
+    volume_shapes: np.ndarray | None = None,
+) -> np.ndarray:
     """Applies hospital `hospital_index`'s fixed acquisition "look" to images [n, H, W, C].
 
     Works in float32 and returns float32: images in a storage dtype (uint8 X-rays read from a
@@ -382,8 +424,9 @@ def apply_acquisition_shift(images: np.ndarray, hospital_index: int, task: str, 
     return np.where(head, out, 0.0).astype(np.float32)
 
 
-def _in_plane_coordinates(shape: tuple[int, ...], origins: np.ndarray | None,
-                          volume_shapes: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _in_plane_coordinates(
+    shape: tuple[int, ...], origins: np.ndarray | None, volume_shapes: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
     """(y, x) in [-1, 1] over the rows and columns of each image's slice or volume, broadcastable
     against images [n, H, W, C] ([H, W]) or patches [n, D, H, W, C] ([n, 1, H, W])."""
     if len(shape) == 4:

@@ -58,8 +58,15 @@ def _pick(rng: np.random.Generator, mask: np.ndarray, count: int) -> np.ndarray:
     return np.stack(np.unravel_index(chosen, mask.shape), axis=-1)
 
 
-def sample_patches(image: np.ndarray, regions: np.ndarray, *, patch_size: int, num_patches: int,
-                   tumour_fraction: float, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def sample_patches(
+    image: np.ndarray,
+    regions: np.ndarray,
+    *,
+    patch_size: int,
+    num_patches: int,
+    tumour_fraction: float,
+    rng: np.random.Generator,
+) -> dict[str, np.ndarray]:
     """Cuts `num_patches` patches of patch_size^3 voxels from one case (see module docstring).
 
     Args:
@@ -76,8 +83,9 @@ def sample_patches(image: np.ndarray, regions: np.ndarray, *, patch_size: int, n
       drawn around) and 'tumour_centred' int64 [n] (1 for the oversampled patches).
     """
     if image.shape[:3] != regions.shape[:3]:
-        raise ValueError(f'image {image.shape} and regions {regions.shape} differ in their '
-                         'spatial shape.')
+        raise ValueError(
+            f'image {image.shape} and regions {regions.shape} differ in their spatial shape.'
+        )
     if not 0.0 <= tumour_fraction <= 1.0:
         raise ValueError(f'tumour_fraction={tumour_fraction} must be in [0, 1].')
     shape = np.asarray(image.shape[:3])
@@ -96,7 +104,9 @@ def sample_patches(image: np.ndarray, regions: np.ndarray, *, patch_size: int, n
     padded_shape = np.maximum(shape, patch_size)
     origins = np.clip(centres - patch_size // 2, 0, padded_shape - patch_size)
     image, regions = _pad_to(image, patch_size), _pad_to(regions, patch_size)
-    cut = lambda a, o: a[o[0]:o[0] + patch_size, o[1]:o[1] + patch_size, o[2]:o[2] + patch_size]
+    cut = lambda a, o: a[
+        o[0] : o[0] + patch_size, o[1] : o[1] + patch_size, o[2] : o[2] + patch_size
+    ]
     return {
         'image': np.stack([cut(image, o) for o in origins]),
         'label': np.stack([cut(regions, o) for o in origins]),
@@ -106,8 +116,14 @@ def sample_patches(image: np.ndarray, regions: np.ndarray, *, patch_size: int, n
     }
 
 
-def patches_from_cases(cases: Iterable[dict], *, patch_size: int, patches_per_case: int,
-                       tumour_fraction: float, seed: int) -> dict[str, np.ndarray]:
+def patches_from_cases(
+    cases: Iterable[dict],
+    *,
+    patch_size: int,
+    patches_per_case: int,
+    tumour_fraction: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
     """Patches of every case in `cases`, stacked.
 
     Each case is a dict with 'image' [Z, H, W, C], 'label' [Z, H, W, 3] (regions), 'patient_id'
@@ -122,14 +138,21 @@ def patches_from_cases(cases: Iterable[dict], *, patch_size: int, patches_per_ca
     parts: dict[str, list[np.ndarray]] = {}
     for case in cases:
         volume = np.asarray(case['image'])
-        drawn = sample_patches(volume, np.asarray(case['label']), patch_size=patch_size,
-                               num_patches=patches_per_case, tumour_fraction=tumour_fraction,
-                               rng=case_rng(seed, case['patient_id']))
+        drawn = sample_patches(
+            volume,
+            np.asarray(case['label']),
+            patch_size=patch_size,
+            num_patches=patches_per_case,
+            tumour_fraction=tumour_fraction,
+            rng=case_rng(seed, case['patient_id']),
+        )
         drawn['patch_index'] = np.arange(patches_per_case, dtype=np.int64)
-        drawn['volume_shape'] = np.tile(np.asarray(volume.shape[:3], np.int64),
-                                        (patches_per_case, 1))
-        drawn['has_tumor'] = (drawn['label'][..., 0].reshape(patches_per_case, -1).max(1)
-                              > 0).astype(np.int64)
+        drawn['volume_shape'] = np.tile(
+            np.asarray(volume.shape[:3], np.int64), (patches_per_case, 1)
+        )
+        drawn['has_tumor'] = (
+            drawn['label'][..., 0].reshape(patches_per_case, -1).max(1) > 0
+        ).astype(np.int64)
         for key, value in case.items():
             if key not in ('image', 'label'):
                 drawn[key] = np.repeat(np.asarray(value)[None], patches_per_case, axis=0)

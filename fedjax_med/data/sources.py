@@ -109,15 +109,23 @@ def _concat(parts: list[Arrays]) -> Arrays:
 # Examples of each dataset
 # ---------------------------------------------------------------------------------------------
 
+
 def _synthetic_cxr(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
     total = int(cfg.num_train) + int(cfg.num_test)
     rows = synthetic.sample_cxr_metadata(
-        total, seed, max_images_per_patient=int(cfg.get('max_images_per_patient', 4)))
+        total, seed, max_images_per_patient=int(cfg.get('max_images_per_patient', 4))
+    )
     examples = synthetic.synthetic_cxr(
-        total, int(cfg.resolution), seed, rows,
-        signal=float(cfg.get('synthetic_signal', synthetic.DEFAULT_CXR_SIGNAL)))
-    return examples, {'provenance': 'synthetic twin; labels, patient ids, views, ages and sexes '
-                                    'drawn from the real NIH ChestX-ray14 metadata'}
+        total,
+        int(cfg.resolution),
+        seed,
+        rows,
+        signal=float(cfg.get('synthetic_signal', synthetic.DEFAULT_CXR_SIGNAL)),
+    )
+    return examples, {
+        'provenance': 'synthetic twin; labels, patient ids, views, ages and sexes '
+        'drawn from the real NIH ChestX-ray14 metadata'
+    }
 
 
 def _synthetic_brats(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
@@ -126,20 +134,29 @@ def _synthetic_brats(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays,
     if patch_size:
         per_case = int(cfg.get('patches_per_case', 8))
         examples = synthetic.synthetic_brats_patches(
-            math.ceil(total / per_case), int(cfg.resolution), patch_size, per_case,
-            float(cfg.get('tumour_patch_fraction', 0.5)), seed)
-        return examples, {'provenance': f'synthetic twin of BraTS (labels 0/1/2/4 -> WT/TC/ET), '
-                                        f'{patch_size}^3 patches of {int(cfg.resolution)}^3 '
-                                        'volumes'}
+            math.ceil(total / per_case),
+            int(cfg.resolution),
+            patch_size,
+            per_case,
+            float(cfg.get('tumour_patch_fraction', 0.5)),
+            seed,
+        )
+        return examples, {
+            'provenance': f'synthetic twin of BraTS (labels 0/1/2/4 -> WT/TC/ET), '
+            f'{patch_size}^3 patches of {int(cfg.resolution)}^3 '
+            'volumes'
+        }
     slices = int(cfg.get('slices_per_case', 16))
-    examples = synthetic.synthetic_brats(math.ceil(total / slices), int(cfg.resolution), slices,
-                                         seed)
+    examples = synthetic.synthetic_brats(
+        math.ceil(total / slices), int(cfg.resolution), slices, seed
+    )
     return examples, {'provenance': 'synthetic twin of BraTS (labels 0/1/2/4 -> WT/TC/ET)'}
 
 
 def _built(cfg: ml_collections.ConfigDict, seed: int) -> tuple[Arrays, dict]:
     # Imported here: TFDS is slow to import and the synthetic fast path does not need it.
     from fedjax_med.data import tfds_io
+
     return tfds_io.load_arrays(cfg, seed)
 
 
@@ -209,8 +226,13 @@ def _load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federa
             is_official_test = is_official_test[kept]
         if cfg.feature_skew:  # another site's scanner: index k is no hospital of the federation
             public['image'] = partition.apply_acquisition_shift(
-                public['image'], k, task, seed, origins=public.get('patch_origin'),
-                volume_shapes=public.get('volume_shape'))
+                public['image'],
+                k,
+                task,
+                seed,
+                origins=public.get('patch_origin'),
+                volume_shapes=public.get('volume_shape'),
+            )
         public = storage.encode(task, public)
         public['hospital'] = np.full(len(public['patient_id']), -1, np.int64)
 
@@ -220,17 +242,25 @@ def _load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federa
         col = cfg.natural_column
         if col not in examples or examples[col].ndim != 1:
             meta = sorted(c for c, v in examples.items() if v.ndim == 1)
-            raise ValueError(f'data.natural_column={col!r} is not a metadata column of {name}; '
-                             f'use one of {meta}.')
+            raise ValueError(
+                f'data.natural_column={col!r} is not a metadata column of {name}; '
+                f'use one of {meta}.'
+            )
         column = examples[col]
     unit_classes, num_classes = _unit_classes(task, examples)
     parts = partition.partition_examples(
-        strategy, unit_ids=examples['patient_id'], num_clients=k, seed=seed,
+        strategy,
+        unit_ids=examples['patient_id'],
+        num_clients=k,
+        seed=seed,
         labels=examples['label'] if task == 'chestxray14' else None,
-        unit_classes=unit_classes, num_classes=num_classes,
+        unit_classes=unit_classes,
+        num_classes=num_classes,
         dirichlet_alpha=float(cfg.dirichlet_alpha),
         classes_per_client=int(cfg.findings_per_client),
-        quantity_sigma=float(cfg.quantity_sigma), column=column)
+        quantity_sigma=float(cfg.quantity_sigma),
+        column=column,
+    )
 
     if name.startswith('synthetic'):
         test_fraction = int(cfg.num_test) / (int(cfg.num_train) + int(cfg.num_test))
@@ -254,8 +284,13 @@ def _load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federa
             if cfg.feature_skew:
                 # 3-D patches carry their place in the volume, for a bias field over the head.
                 split['image'] = partition.apply_acquisition_shift(
-                    split['image'], h, task, seed, origins=split.get('patch_origin'),
-                    volume_shapes=split.get('volume_shape'))
+                    split['image'],
+                    h,
+                    task,
+                    seed,
+                    origins=split.get('patch_origin'),
+                    volume_shapes=split.get('volume_shape'),
+                )
             # Rounded only now, after the shift in float: the hospital's scanner writes the
             # 8-bit images (a real dataset read as uint8 is decoded for the shift).
             split = storage.encode(task, split)
@@ -270,36 +305,54 @@ def _load_federated(data_config: ml_collections.ConfigDict, seed: int) -> Federa
     if public is not None:
         info['public_size'] = len(public['patient_id'])
         info['public_num_patients'] = len(np.unique(public['patient_id']))
-    return FederatedDataset(task=task, clients_train=clients_train, clients_test=clients_test,
-                            test=_concat(clients_test), client_names=client_names, info=info,
-                            public=public)
+    return FederatedDataset(
+        task=task,
+        clients_train=clients_train,
+        clients_test=clients_test,
+        test=_concat(clients_test),
+        client_names=client_names,
+        info=info,
+        public=public,
+    )
 
 
-def hold_out_patients(patient_ids: np.ndarray, fraction: float,
-                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+def hold_out_patients(
+    patient_ids: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(indices of a seeded `fraction` of the patients, indices of the rest): whole patients, so
     no patient of the held-out (public) part appears in any hospital."""
     uniq, example_unit = partition.group_units(np.asarray(patient_ids))
     rng = np.random.default_rng([seed, streams.DATA_PUBLIC])
     chosen = np.zeros(len(uniq), bool)
-    chosen[rng.permutation(len(uniq))[:max(1, round(fraction * len(uniq)))]] = True
+    chosen[rng.permutation(len(uniq))[: max(1, round(fraction * len(uniq)))]] = True
     held = chosen[example_unit]
     return np.flatnonzero(held), np.flatnonzero(~held)
 
 
-def _summary(task: str, cfg: ml_collections.ConfigDict, train: list[Arrays], test: list[Arrays],
-             test_fraction: float, seed: int) -> dict[str, Any]:
+def _summary(
+    task: str,
+    cfg: ml_collections.ConfigDict,
+    train: list[Arrays],
+    test: list[Arrays],
+    test_fraction: float,
+    seed: int,
+) -> dict[str, Any]:
     """Label names, sizes and per-hospital label counts, for logs and the inspect tool."""
     if task == 'chestxray14':
         label_names = list(nih_metadata.CXR_LABELS)
         count = lambda d: d['label'].sum(0).astype(np.int64)
     else:
         from fedjax_med.data import mri
+
         label_names = list(mri.REGIONS)
         # Slices (3-D: patches) containing each region: a compact, comparable per-hospital
         # histogram. max over the pixel axes (an empty split has no pixels to reshape over)
-        count = lambda d: d['label'].max(axis=tuple(range(1, d['label'].ndim - 1)),
-                                         initial=0).sum(0).astype(np.int64)
+        count = lambda d: (
+            d['label']
+            .max(axis=tuple(range(1, d['label'].ndim - 1)), initial=0)
+            .sum(0)
+            .astype(np.int64)
+        )
     info = {
         'task': task,
         'name': cfg.name,
@@ -319,6 +372,10 @@ def _summary(task: str, cfg: ml_collections.ConfigDict, train: list[Arrays], tes
     }
     if cfg.feature_skew:
         info['acquisition'] = [
-            {k: np.round(v, 3).tolist() for k, v in
-             partition.acquisition_params(h, task, seed).items()} for h in range(len(train))]
+            {
+                k: np.round(v, 3).tolist()
+                for k, v in partition.acquisition_params(h, task, seed).items()
+            }
+            for h in range(len(train))
+        ]
     return info

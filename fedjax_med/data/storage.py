@@ -42,8 +42,11 @@ def encode_images(task: str, images: np.ndarray) -> np.ndarray:
 
 def encode(task: str, split: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """A split's 'image' and 'label' in their storage dtypes; the other arrays unchanged."""
-    return {**split, 'image': encode_images(task, split['image']),
-            'label': np.asarray(split['label']).astype(LABEL_DTYPE)}
+    return {
+        **split,
+        'image': encode_images(task, split['image']),
+        'label': np.asarray(split['label']).astype(LABEL_DTYPE),
+    }
 
 
 def decode_images(images: Any) -> Any:
@@ -55,5 +58,8 @@ def decode_images(images: Any) -> Any:
 
 def decode(batch: dict) -> dict:
     """A batch's 'image' and 'label' as float32 (numpy or jax, traceable); other keys unchanged."""
-    return {**batch, 'image': decode_images(batch['image']),
-            'label': batch['label'].astype(np.float32)}
+    return {
+        **batch,
+        'image': decode_images(batch['image']),
+        'label': batch['label'].astype(np.float32),
+    }

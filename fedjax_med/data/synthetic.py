@@ -39,6 +39,7 @@ DEFAULT_CXR_SIGNAL = 2.5
 # Shared helpers
 # ---------------------------------------------------------------------------------------------
 
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
@@ -50,7 +51,7 @@ def _ellipse(x, y, cx, cy, rx, ry, soft=0.04):
 
 
 def _blob(x, y, cx, cy, radius):
-    return np.exp(-0.5 * ((x - cx) ** 2 + (y - cy) ** 2) / radius ** 2)
+    return np.exp(-0.5 * ((x - cx) ** 2 + (y - cy) ** 2) / radius**2)
 
 
 def _smooth_noise(rng: np.random.Generator, n: int, size: int, cells: int) -> np.ndarray:
@@ -72,8 +73,10 @@ def _col(v: np.ndarray) -> np.ndarray:
 # Chest X-ray
 # ---------------------------------------------------------------------------------------------
 
-def sample_cxr_metadata(num: int, seed: int, max_images_per_patient: int = 4,
-                        table: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+
+def sample_cxr_metadata(
+    num: int, seed: int, max_images_per_patient: int = 4, table: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """Draws `num` image rows of the real NIH table, whole patients at a time.
 
     Patients are taken in a seeded random order with at most `max_images_per_patient` of their
@@ -98,8 +101,10 @@ def sample_cxr_metadata(num: int, seed: int, max_images_per_patient: int = 4,
         if total >= num:
             break
     if total < num:
-        raise ValueError(f'Asked for {num} synthetic CXR rows but the table only yields {total} '
-                         f'with max_images_per_patient={max_images_per_patient}.')
+        raise ValueError(
+            f'Asked for {num} synthetic CXR rows but the table only yields {total} '
+            f'with max_images_per_patient={max_images_per_patient}.'
+        )
     idx = np.concatenate(rows)
     return {
         'label': table['labels'][idx].astype(np.float32),
@@ -114,8 +119,15 @@ def sample_cxr_metadata(num: int, seed: int, max_images_per_patient: int = 4,
 # Long on purpose: one radiograph is drawn layer by layer (anatomy, then each finding's
 # signature, then acquisition), every layer on the same arrays and random stream; splitting it
 # would change nothing but the reading order.
-def _cxr_chunk(rng: np.random.Generator, labels: np.ndarray, view: np.ndarray, age: np.ndarray,
-               sex: np.ndarray, res: int, gain: float) -> np.ndarray:
+def _cxr_chunk(
+    rng: np.random.Generator,
+    labels: np.ndarray,
+    view: np.ndarray,
+    age: np.ndarray,
+    sex: np.ndarray,
+    res: int,
+    gain: float,
+) -> np.ndarray:
     """Renders len(labels) radiographs [n, res, res] with values in [0, 1].
 
     `gain` scales every finding's signature (its opacity or lucency, and its size change for
@@ -145,8 +157,9 @@ def _cxr_chunk(rng: np.random.Generator, labels: np.ndarray, view: np.ndarray, a
     atel_side = side()
     loss = 1.0 - np.minimum(0.1 * gain, 0.3) * s[0].clip(0, 1)
     lung_r = _ellipse(x, y, -0.37, -0.04, lung_rx, lung_ry * np.where(atel_side < 0, loss, 1.0))
-    lung_l = _ellipse(x, y, 0.37, -0.04, lung_rx * 0.95,
-                      lung_ry * np.where(atel_side > 0, loss, 1.0))
+    lung_l = _ellipse(
+        x, y, 0.37, -0.04, lung_rx * 0.95, lung_ry * np.where(atel_side > 0, loss, 1.0)
+    )
     lungs = np.maximum(lung_r, lung_l)
 
     # Heart: AP magnifies it; cardiomegaly enlarges it (cardiothoracic ratio up).
@@ -162,8 +175,15 @@ def _cxr_chunk(rng: np.random.Generator, labels: np.ndarray, view: np.ndarray, a
     ptx_side = side()
     collapse = 1.0 - 0.2 * s[7]
     lung_ptx_side = np.where(ptx_side < 0, lung_r, lung_l)
-    shrunk = _ellipse(x, y, ptx_side * 0.37 * (1 - 0.1 * s[7]), 0.02 * s[7],
-                      lung_rx * collapse, lung_ry * collapse, soft=0.02)
+    shrunk = _ellipse(
+        x,
+        y,
+        ptx_side * 0.37 * (1 - 0.1 * s[7]),
+        0.02 * s[7],
+        lung_rx * collapse,
+        lung_ry * collapse,
+        soft=0.02,
+    )
     ptx_band = lung_ptx_side * (1 - shrunk) * (s[7] > 0) * _sigmoid((0.25 - y) / 0.1)
 
     # Vascular markings fade towards the periphery; emphysema and pneumothorax remove them.
@@ -173,10 +193,11 @@ def _cxr_chunk(rng: np.random.Generator, labels: np.ndarray, view: np.ndarray, a
     lucency = (0.25 + 0.03 * gain * s[10]) * lungs * (1 - heart)
     img = img - lucency + markings * lungs + 0.06 * heart - 0.05 * gain * ptx_band
     img = img + 0.09 * gain * s[7].clip(0, 1) * lung_ptx_side * np.exp(
-        -((1 - shrunk) * shrunk * 4 - 1) ** 2 / 0.02) * _sigmoid((0.25 - y) / 0.1)
+        -(((1 - shrunk) * shrunk * 4 - 1) ** 2) / 0.02
+    ) * _sigmoid((0.25 - y) / 0.1)
 
     # Posterior ribs: curved bands over the lungs; bone contrast falls with age.
-    rib_phase = 7.0 * (y + 0.35 * x ** 2) + u(0, 1)
+    rib_phase = 7.0 * (y + 0.35 * x**2) + u(0, 1)
     ribs = np.clip(np.sin(2 * np.pi * rib_phase), 0, 1) ** 2
     img = img + (0.07 - 0.03 * old) * ribs * lungs
     # AP: scapulae project over the upper lungs. Female: breast shadows over the bases.
@@ -200,28 +221,40 @@ def _cxr_chunk(rng: np.random.Generator, labels: np.ndarray, view: np.ndarray, a
     img = img + 0.06 * gain * s[3] * patches * lungs
     # Mass: large round opacity; Nodule: small round opacity.
     img = img + 0.15 * gain * s[4].clip(0, 1) * _ellipse(
-        x, y, *in_lung(side()), *(u(0.09, 0.14),) * 2, soft=0.08)
+        x, y, *in_lung(side()), *(u(0.09, 0.14),) * 2, soft=0.08
+    )
     img = img + 0.2 * gain * s[5].clip(0, 1) * _ellipse(
-        x, y, *in_lung(side()), *(u(0.045, 0.065),) * 2, soft=0.1)
+        x, y, *in_lung(side()), *(u(0.045, 0.065),) * 2, soft=0.1
+    )
     # Pneumonia: patchy, textured lobar opacity in the mid/lower zones.
     texture = np.clip(_smooth_noise(rng, n, res, 10) + 0.6, 0, 1)
-    img = img + 0.14 * gain * s[6] * texture * _blob(x, y, *in_lung(side(), 0.0, 0.35),
-                                                     u(0.13, 0.18))
+    img = img + 0.14 * gain * s[6] * texture * _blob(
+        x, y, *in_lung(side(), 0.0, 0.35), u(0.13, 0.18)
+    )
     # Consolidation: dense homogeneous opacity with sharp borders.
     r_cons = u(0.1, 0.15)
-    img = img + 0.14 * gain * s[8].clip(0, 1) * _ellipse(
-        x, y, *in_lung(side()), r_cons, r_cons * 0.8, soft=0.03) * lungs
+    img = (
+        img
+        + 0.14
+        * gain
+        * s[8].clip(0, 1)
+        * _ellipse(x, y, *in_lung(side()), r_cons, r_cons * 0.8, soft=0.03)
+        * lungs
+    )
     # Edema: bilateral perihilar (bat-wing) haze.
     img = img + 0.06 * gain * s[9] * lungs * (
-        _blob(x, y, -0.22, 0.05, 0.2) + _blob(x, y, 0.22, 0.05, 0.2))
+        _blob(x, y, -0.22, 0.05, 0.2) + _blob(x, y, 0.22, 0.05, 0.2)
+    )
     # Fibrosis: reticular lines in the lower, peripheral lungs.
     warp = 0.15 * _smooth_noise(rng, n, res, 6)
     net = (np.abs(np.sin(22 * (x + warp))) < 0.25) | (np.abs(np.sin(22 * (y - warp))) < 0.25)
     periph = _sigmoid((np.abs(x) - 0.3) / 0.08) * _sigmoid((y + 0.05) / 0.1)
     img = img + 0.07 * gain * s[11] * net * periph * lungs
     # Pleural thickening: a bright rim along the upper/lateral pleura.
-    rim = lungs - np.maximum(_ellipse(x, y, -0.37, -0.04, lung_rx * 0.9, lung_ry * 0.93),
-                             _ellipse(x, y, 0.37, -0.04, lung_rx * 0.86, lung_ry * 0.93))
+    rim = lungs - np.maximum(
+        _ellipse(x, y, -0.37, -0.04, lung_rx * 0.9, lung_ry * 0.93),
+        _ellipse(x, y, 0.37, -0.04, lung_rx * 0.86, lung_ry * 0.93),
+    )
     img = img + 0.16 * gain * s[12] * np.clip(rim, 0, 1) * _sigmoid((0.2 - y) / 0.15)
     # Hernia: a gas bubble with a bright wall behind the heart.
     bubble = _ellipse(x, y, 0.06, 0.42, 0.09, 0.075, soft=0.05)
@@ -234,9 +267,13 @@ def _cxr_chunk(rng: np.random.Generator, labels: np.ndarray, view: np.ndarray, a
     return np.clip(img, 0.0, 1.0)
 
 
-def synthetic_cxr(num: int, resolution: int, seed: int,
-                  metadata_rows: dict[str, np.ndarray] | None = None,
-                  signal: float = DEFAULT_CXR_SIGNAL) -> dict[str, np.ndarray]:
+def synthetic_cxr(
+    num: int,
+    resolution: int,
+    seed: int,
+    metadata_rows: dict[str, np.ndarray] | None = None,
+    signal: float = DEFAULT_CXR_SIGNAL,
+) -> dict[str, np.ndarray]:
     """Synthetic chest radiographs with real NIH label vectors and demographics.
 
     Args:
@@ -263,9 +300,14 @@ def synthetic_cxr(num: int, resolution: int, seed: int,
     for start in range(0, num, _CHUNK):
         sl = slice(start, min(start + _CHUNK, num))
         images[sl, ..., 0] = _cxr_chunk(
-            rng, np.asarray(rows['label'][sl], np.float32), np.asarray(rows['view'][sl]),
-            np.asarray(rows['age'][sl], np.float32), np.asarray(rows['sex'][sl]), resolution,
-            float(signal))
+            rng,
+            np.asarray(rows['label'][sl], np.float32),
+            np.asarray(rows['view'][sl]),
+            np.asarray(rows['age'][sl], np.float32),
+            np.asarray(rows['sex'][sl]),
+            resolution,
+            float(signal),
+        )
     out = {k: np.asarray(v) for k, v in rows.items()}
     out['label'] = out['label'].astype(np.float32)
     out['image'] = images
@@ -307,8 +349,9 @@ def _brats_chunk(rng: np.random.Generator, n: int, res: int, depth: int):
     head = r < 1.07
     brain = r < 1.0
     cortex = brain & (r > 0.84 + gyri)
-    vent = ((np.abs(np.abs(xb) - 0.1) / 0.07) ** 2 + ((yb + 0.05) / 0.28) ** 2
-            + (z / 0.35) ** 2) < 1.0
+    vent = (
+        (np.abs(np.abs(xb) - 0.1) / 0.07) ** 2 + ((yb + 0.05) / 0.28) ** 2 + (z / 0.35) ** 2
+    ) < 1.0
 
     # Tumour: oedema with an irregular border around a core; HGG-like cases (75%) have an
     # enhancing rim around necrosis, the others a non-enhancing core only.
@@ -348,30 +391,46 @@ def _brats_chunk(rng: np.random.Generator, n: int, res: int, depth: int):
     core_look = np.where(hgg_b[..., None], look('enhancing'), look('nonenhancing'))
     inner = np.where(hgg_b[..., None], look('necrosis'), look('nonenhancing'))
     patchy = (1.0 + 0.35 * _smooth_noise(rng, n, res, 8))[:, None, :, :, None]
-    tumour = (look('oedema') * (1 - w_core)
-              + w_core * (core_look * (1 - w_necro) + w_necro * inner))
+    tumour = look('oedema') * (1 - w_core) + w_core * (core_look * (1 - w_necro) + w_necro * inner)
     w = w_oedema * brain[..., None]
     img = normal + w * (tumour - normal) * np.clip(patchy, 0.3, 1.5)
     # Unlabelled mimics: white-matter hyperintensities (FLAIR/T2) and enhancing vessels (T1ce).
     for _ in range(3):
-        spot = np.exp(-(((x - u(-0.5, 0.5)) ** 2 + (y - u(-0.6, 0.6)) ** 2) / 0.004
-                        + (z - u(-0.6, 0.6)) ** 2 / 0.03))[..., None] * brain[..., None]
+        spot = (
+            np.exp(
+                -(
+                    ((x - u(-0.5, 0.5)) ** 2 + (y - u(-0.6, 0.6)) ** 2) / 0.004
+                    + (z - u(-0.6, 0.6)) ** 2 / 0.03
+                )
+            )[..., None]
+            * brain[..., None]
+        )
         img = img + spot * np.asarray([0.45, 0.0, 0.0, 0.35], np.float32) * u(0.0, 1.0)[..., None]
-        vessel = np.exp(-(((x - u(-0.5, 0.5)) ** 2) / 0.002 + ((y - u(-0.6, 0.6)) ** 2) / 0.02)
-                        )[..., None] * brain[..., None]
+        vessel = (
+            np.exp(-(((x - u(-0.5, 0.5)) ** 2) / 0.002 + ((y - u(-0.6, 0.6)) ** 2) / 0.02))[
+                ..., None
+            ]
+            * brain[..., None]
+        )
         img = img + vessel * np.asarray([0.0, 0.0, 0.5, 0.0], np.float32) * u(0.0, 1.0)[..., None]
 
     texture = 0.1 * _smooth_noise(rng, n, res, 20)[:, None, :, :, None]
-    bias = (1.0 + u(-0.15, 0.15) * x + u(-0.15, 0.15) * y + u(-0.1, 0.1) * z
-            + u(-0.1, 0.1) * (x * x - 0.3))[..., None]
+    bias = (
+        1.0
+        + u(-0.15, 0.15) * x
+        + u(-0.15, 0.15) * y
+        + u(-0.1, 0.1) * z
+        + u(-0.1, 0.1) * (x * x - 0.3)
+    )[..., None]
     img = (img + texture * head[..., None]) * bias
     img = img + 0.1 * rng.standard_normal(img.shape).astype(np.float32) * head[..., None]
     img = mri.zscore_in_mask(img, head)
     return img.astype(np.float32), seg, hgg
 
 
-def synthetic_brats(num_cases: int, resolution: int, slices_per_case: int,
-                    seed: int) -> dict[str, np.ndarray]:
+def synthetic_brats(
+    num_cases: int, resolution: int, slices_per_case: int, seed: int
+) -> dict[str, np.ndarray]:
     """Synthetic multi-modal brain-tumour MRI, as 2-D axial slices.
 
     Args:
@@ -399,7 +458,7 @@ def synthetic_brats(num_cases: int, resolution: int, slices_per_case: int,
         sl = slice(start * slices_per_case, (start + m) * slices_per_case)
         images[sl] = img.reshape(-1, resolution, resolution, 4)
         labels[sl] = mri.seg_to_regions(seg, 'brats').reshape(-1, resolution, resolution, 3)
-        grade[start:start + m] = hgg
+        grade[start : start + m] = hgg
     case = np.repeat(np.arange(num_cases, dtype=np.int64), slices_per_case)
     return {
         'image': images,
@@ -431,13 +490,23 @@ def synthetic_brats_volumes(num_cases: int, resolution: int, seed: int) -> Itera
         img, seg, hgg = _brats_chunk(rng, m, resolution, resolution)
         regions = mri.seg_to_regions(seg, 'brats')
         for i in range(m):
-            yield {'image': img[i], 'label': regions[i], 'patient_id': start + i,
-                   'case_id': start + i, 'grade': int(hgg[i])}
+            yield {
+                'image': img[i],
+                'label': regions[i],
+                'patient_id': start + i,
+                'case_id': start + i,
+                'grade': int(hgg[i]),
+            }
 
 
-def synthetic_brats_patches(num_cases: int, resolution: int, patch_size: int,
-                            patches_per_case: int, tumour_fraction: float,
-                            seed: int) -> dict[str, np.ndarray]:
+def synthetic_brats_patches(
+    num_cases: int,
+    resolution: int,
+    patch_size: int,
+    patches_per_case: int,
+    tumour_fraction: float,
+    seed: int,
+) -> dict[str, np.ndarray]:
     """Synthetic BraTS as 3-D patches: `patches_per_case` patches of each volume of
     `synthetic_brats_volumes`, sampled by `patches.patches_from_cases` (foreground oversampling).
 
@@ -447,5 +516,9 @@ def synthetic_brats_patches(num_cases: int, resolution: int, patch_size: int,
     n = num_cases * patches_per_case; everything is a function of `seed`.
     """
     return patches.patches_from_cases(
-        synthetic_brats_volumes(num_cases, resolution, seed), patch_size=patch_size,
-        patches_per_case=patches_per_case, tumour_fraction=tumour_fraction, seed=seed)
+        synthetic_brats_volumes(num_cases, resolution, seed),
+        patch_size=patch_size,
+        patches_per_case=patches_per_case,
+        tumour_fraction=tumour_fraction,
+        seed=seed,
+    )

@@ -10,18 +10,38 @@ NUM_OUTPUTS = {'chestxray14': 14, 'brats': 3}
 
 
 def _resnet18(mc, num_outputs, dtype):
-    return ResNet((2, 2, 2, 2), 64, num_outputs, mc.norm_groups, stem_stride=2, dtype=dtype,
-                  negative_slope=mc.negative_slope)
+    return ResNet(
+        (2, 2, 2, 2),
+        64,
+        num_outputs,
+        mc.norm_groups,
+        stem_stride=2,
+        dtype=dtype,
+        negative_slope=mc.negative_slope,
+    )
 
 
 def _resnet_small(mc, num_outputs, dtype):
-    return ResNet((1,) * mc.depth, mc.width, num_outputs, mc.norm_groups, stem_stride=1,
-                  dtype=dtype, negative_slope=mc.negative_slope)
+    return ResNet(
+        (1,) * mc.depth,
+        mc.width,
+        num_outputs,
+        mc.norm_groups,
+        stem_stride=1,
+        dtype=dtype,
+        negative_slope=mc.negative_slope,
+    )
 
 
 def _unet(mc, num_outputs, dtype):
-    return UNet(mc.width, mc.depth, num_outputs, mc.norm_groups, dtype=dtype,
-                negative_slope=mc.negative_slope)
+    return UNet(
+        mc.width,
+        mc.depth,
+        num_outputs,
+        mc.norm_groups,
+        dtype=dtype,
+        negative_slope=mc.negative_slope,
+    )
 
 
 MODELS = {'resnet18': _resnet18, 'resnet_small': _resnet_small, 'unet': _unet}

@@ -27,14 +27,21 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
 
 
 def _conv(x, k, strides, padding, lhs_dilation=None, rhs_dilation=None):
-    return jax.lax.conv_general_dilated(x, k, strides, padding, lhs_dilation=lhs_dilation,
-                                        rhs_dilation=rhs_dilation,
-                                        dimension_numbers=DIMS[x.ndim - 2])
+    return jax.lax.conv_general_dilated(
+        x,
+        k,
+        strides,
+        padding,
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=DIMS[x.ndim - 2],
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
-         padding: tuple[tuple[int, int], ...]) -> jax.Array:
+def conv(
+    x: jax.Array, kernel: jax.Array, strides: tuple[int, ...], padding: tuple[tuple[int, int], ...]
+) -> jax.Array:
     """Channels-last convolution ([N, *spatial, C] x [*window, C, O], 2 or 3 spatial dimensions)
     with explicit (low, high) padding per spatial dimension."""
     return _conv(x, kernel, strides, padding)
@@ -53,17 +60,22 @@ def _conv_bwd(strides, padding, residuals, g):
     # input and output channels are swapped.
     flipped = jnp.flip(kernel, tuple(range(nd))).swapaxes(nd, nd + 1)
     pads = []
-    for n, m, k, s, (lo, _) in zip(x.shape[1:-1], g.shape[1:-1], window, strides, padding,
-                                   strict=True):
+    for n, m, k, s, (lo, _) in zip(
+        x.shape[1:-1], g.shape[1:-1], window, strides, padding, strict=True
+    ):
         new_lo = k - 1 - lo
         pads.append((new_lo, n - ((m - 1) * s + 1) - new_lo + k - 1))
-    dx = _conv(g.astype(x.dtype), flipped.astype(x.dtype), (1,) * nd, pads,
-               lhs_dilation=strides)
+    dx = _conv(g.astype(x.dtype), flipped.astype(x.dtype), (1,) * nd, pads, lhs_dilation=strides)
     # Kernel gradient: input channels act as the batch, the batch as input channels, and the
     # output gradient (dilated by the stride) as the kernel.
     xp = jnp.pad(x, ((0, 0), *padding, (0, 0))).transpose(nd + 1, *spatial, 0)
-    dk = _conv(xp, g.astype(x.dtype).transpose(*spatial, 0, nd + 1), (1,) * nd, 'VALID',
-               rhs_dilation=strides)
+    dk = _conv(
+        xp,
+        g.astype(x.dtype).transpose(*spatial, 0, nd + 1),
+        (1,) * nd,
+        'VALID',
+        rhs_dilation=strides,
+    )
     dk = dk[(slice(None), *(slice(0, k) for k in window))].transpose(*spatial, 0, nd + 1)
     return dx, dk.astype(kernel.dtype)
 
@@ -71,28 +83,49 @@ def _conv_bwd(strides, padding, residuals, g):
 conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
-                         precision=None, preferred_element_type=None):
+def conv_general_dilated(
+    lhs,
+    rhs,
+    window_strides,
+    padding,
+    lhs_dilation=None,
+    rhs_dilation=None,
+    dimension_numbers=None,
+    feature_group_count=1,
+    precision=None,
+    preferred_element_type=None,
+):
     """`lax.conv_general_dilated` that takes `conv` for plain channels-last 2-D and 3-D
     convolutions on CPU."""
     nd = lhs.ndim - 2
-    plain = (jax.default_backend() == 'cpu' and nd in DIMS and feature_group_count == 1
-             and all(d == 1 for d in (lhs_dilation or ()))
-             and all(d == 1 for d in (rhs_dilation or ()))
-             and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape,
-                                                                      DIMS[nd])
-             and preferred_element_type is None)
+    plain = (
+        jax.default_backend() == 'cpu'
+        and nd in DIMS
+        and feature_group_count == 1
+        and all(d == 1 for d in (lhs_dilation or ()))
+        and all(d == 1 for d in (rhs_dilation or ()))
+        and dimension_numbers == jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, DIMS[nd])
+        and preferred_element_type is None
+    )
     if not plain:
         return jax.lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-            rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-            feature_group_count=feature_group_count, precision=precision,
-            preferred_element_type=preferred_element_type)
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation=lhs_dilation,
+            rhs_dilation=rhs_dilation,
+            dimension_numbers=dimension_numbers,
+            feature_group_count=feature_group_count,
+            precision=precision,
+            preferred_element_type=preferred_element_type,
+        )
     if isinstance(padding, str):
         if padding == 'SAME':
-            padding = [same_padding(n, k, s) for n, k, s in
-                       zip(lhs.shape[1:-1], rhs.shape[:nd], window_strides, strict=True)]
+            padding = [
+                same_padding(n, k, s)
+                for n, k, s in zip(lhs.shape[1:-1], rhs.shape[:nd], window_strides, strict=True)
+            ]
         else:  # 'VALID'
             padding = [(0, 0)] * nd
     padding = tuple((int(lo), int(hi)) for lo, hi in padding)

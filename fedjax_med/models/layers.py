@@ -84,8 +84,9 @@ class GroupNorm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         channels = x.shape[-1]
         if channels % self.num_groups:
-            raise ValueError(f'GroupNorm: {channels} channels are not divisible into '
-                             f'{self.num_groups} groups.')
+            raise ValueError(
+                f'GroupNorm: {channels} channels are not divisible into {self.num_groups} groups.'
+            )
         grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.num_groups, -1)
         axes = (*range(1, grouped.ndim - 2), grouped.ndim - 1)  # all but examples and groups
         centred = grouped - jnp.mean(grouped, axes, keepdims=True)
@@ -103,8 +104,9 @@ class GroupNorm(nn.Module):
         return self.perturb(OUT, y)
 
 
-def group_norm(channels: int, max_groups: int, dtype: Dtype = jnp.float32,
-               **kwargs: Any) -> GroupNorm:
+def group_norm(
+    channels: int, max_groups: int, dtype: Dtype = jnp.float32, **kwargs: Any
+) -> GroupNorm:
     """GroupNorm with the largest group count <= max_groups that divides `channels`."""
     return GroupNorm(num_groups=math.gcd(channels, max_groups), dtype=dtype, **kwargs)
 

@@ -24,10 +24,12 @@ class BasicBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         conv = lambda f, k, s, name: Conv(
-            f, (k, k), (s, s), padding='SAME', use_bias=False, dtype=self.dtype, name=name)
+            f, (k, k), (s, s), padding='SAME', use_bias=False, dtype=self.dtype, name=name
+        )
         # The norms' names (no GroupNorm_1) are those of earlier checkpoints and parameter trees.
-        norm = lambda name, **kw: group_norm(self.features, self.norm_groups, self.dtype,
-                                             name=name, **kw)
+        norm = lambda name, **kw: group_norm(
+            self.features, self.norm_groups, self.dtype, name=name, **kw
+        )
         y = conv(self.features, 3, self.strides, 'conv1')(x)
         y = activation(norm('GroupNorm_0')(y), self.negative_slope)
         y = conv(self.features, 3, 1, 'conv2')(y)
@@ -55,20 +57,31 @@ class ResNet(nn.Module):
         del train  # GroupNorm behaves the same in training and evaluation
         x = x.astype(self.dtype)
         if self.stem_stride > 1:
-            x = Conv(self.width, (7, 7), (2, 2), padding='SAME', use_bias=False,
-                        dtype=self.dtype, name='stem')(x)
-            x = activation(group_norm(self.width, self.norm_groups, self.dtype)(x),
-                           self.negative_slope)
+            x = Conv(
+                self.width,
+                (7, 7),
+                (2, 2),
+                padding='SAME',
+                use_bias=False,
+                dtype=self.dtype,
+                name='stem',
+            )(x)
+            x = activation(
+                group_norm(self.width, self.norm_groups, self.dtype)(x), self.negative_slope
+            )
             x = nn.max_pool(x, (3, 3), (2, 2), padding='SAME')
         else:
-            x = Conv(self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype,
-                        name='stem')(x)
-            x = activation(group_norm(self.width, self.norm_groups, self.dtype)(x),
-                           self.negative_slope)
+            x = Conv(
+                self.width, (3, 3), padding='SAME', use_bias=False, dtype=self.dtype, name='stem'
+            )(x)
+            x = activation(
+                group_norm(self.width, self.norm_groups, self.dtype)(x), self.negative_slope
+            )
         for i, blocks in enumerate(self.stage_sizes):
             for j in range(blocks):
                 strides = 2 if i > 0 and j == 0 else 1
-                x = BasicBlock(self.width * 2**i, strides, self.norm_groups, self.dtype,
-                               self.negative_slope)(x)
+                x = BasicBlock(
+                    self.width * 2**i, strides, self.norm_groups, self.dtype, self.negative_slope
+                )(x)
         x = jnp.mean(x, axis=(-3, -2))
         return Dense(self.num_outputs, dtype=jnp.float32, name='head')(x).astype(jnp.float32)

@@ -31,8 +31,9 @@ class ConvBlock(nn.Module):
         kernel = (3,) * (x.ndim - 2)
         for _ in range(2):
             x = Conv(self.features, kernel, padding='SAME', use_bias=False, dtype=self.dtype)(x)
-            x = activation(group_norm(self.features, self.norm_groups, self.dtype)(x),
-                           self.negative_slope)
+            x = activation(
+                group_norm(self.features, self.norm_groups, self.dtype)(x), self.negative_slope
+            )
         return x
 
 
@@ -58,22 +59,28 @@ class UNet(nn.Module):
         del train
         nd = x.ndim - 2
         if nd not in SPATIAL_DIMS:
-            raise ValueError(f'UNet takes [B, H, W, C] or [B, D, H, W, C] inputs, got shape '
-                             f'{x.shape}; add the batch axis (x[None]) for a single example.')
+            raise ValueError(
+                f'UNet takes [B, H, W, C] or [B, D, H, W, C] inputs, got shape '
+                f'{x.shape}; add the batch axis (x[None]) for a single example.'
+            )
         window = (2,) * nd
         x = x.astype(self.dtype)
         skips = []
         for level in range(self.depth - 1):
-            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype,
-                          self.negative_slope)(x)
+            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype, self.negative_slope)(
+                x
+            )
             skips.append(x)
             x = nn.max_pool(x, window, window)
-        x = ConvBlock(self.width * 2 ** (self.depth - 1), self.norm_groups, self.dtype,
-                      self.negative_slope)(x)
+        x = ConvBlock(
+            self.width * 2 ** (self.depth - 1), self.norm_groups, self.dtype, self.negative_slope
+        )(x)
         for level in reversed(range(self.depth - 1)):
             skip = skips[level]
             x = jax.image.resize(x, (*skip.shape[:-1], x.shape[-1]), 'nearest')
-            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype,
-                          self.negative_slope)(jnp.concatenate([x, skip], axis=-1))
+            x = ConvBlock(self.width * 2**level, self.norm_groups, self.dtype, self.negative_slope)(
+                jnp.concatenate([x, skip], axis=-1)
+            )
         return Conv(self.num_outputs, (1,) * nd, dtype=jnp.float32, name='head')(x).astype(
-            jnp.float32)
+            jnp.float32
+        )

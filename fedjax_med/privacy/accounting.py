@@ -32,7 +32,7 @@ import dp_accounting
 import numpy as np
 from dp_accounting import pld, rdp
 
-ACCOUNTANTS = ("rdp", "pld")
+ACCOUNTANTS = ('rdp', 'pld')
 # Absolute tolerance of the calibrated noise multiplier; the search returns the side of the root
 # that meets the target, so this only costs privacy-neutral precision.
 _CALIBRATION_TOL = 1e-5
@@ -47,12 +47,12 @@ class _DropUnconvergedOrders(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "failed to converge" not in str(record.msg)
+        return 'failed to converge' not in str(record.msg)
 
 
 @contextlib.contextmanager
 def _quiet_unconverged_orders() -> Iterator[None]:
-    logger, drop = logging.getLogger("absl"), _DropUnconvergedOrders()
+    logger, drop = logging.getLogger('absl'), _DropUnconvergedOrders()
     logger.addFilter(drop)
     try:
         yield
@@ -66,16 +66,16 @@ def _make_accountant(
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
     ),
 ) -> dp_accounting.PrivacyAccountant:
-    if accountant == "rdp":
+    if accountant == 'rdp':
         return rdp.RdpAccountant(neighboring_relation=neighboring_relation)
-    if accountant == "pld":
+    if accountant == 'pld':
         return pld.PLDAccountant(neighboring_relation=neighboring_relation)
-    raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}.")
+    raise ValueError(f'accountant must be one of {ACCOUNTANTS}, got {accountant!r}.')
 
 
 def _check_delta(delta: float) -> None:
     if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}.")
+        raise ValueError(f'delta must be in (0, 1), got {delta}.')
 
 
 def dp_sgd_event(
@@ -83,11 +83,11 @@ def dp_sgd_event(
 ) -> dp_accounting.DpEvent:
     """`steps` compositions of a Poisson-sampled Gaussian mechanism (one DP-SGD step each)."""
     if not 0 <= sampling_probability <= 1:
-        raise ValueError(f"sampling_probability must be in [0, 1], got {sampling_probability}.")
+        raise ValueError(f'sampling_probability must be in [0, 1], got {sampling_probability}.')
     if noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+        raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
     if steps < 0 or int(steps) != steps:
-        raise ValueError(f"steps must be a non-negative integer, got {steps}.")
+        raise ValueError(f'steps must be a non-negative integer, got {steps}.')
     return dp_accounting.SelfComposedDpEvent(
         dp_accounting.PoissonSampledDpEvent(
             float(sampling_probability), dp_accounting.GaussianDpEvent(float(noise_multiplier))
@@ -96,7 +96,7 @@ def dp_sgd_event(
     )
 
 
-def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
+def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = 'rdp') -> float:
     """Epsilon of `event` at `delta` under add/remove-one adjacency.
 
     'rdp': RdpAccountant with dp-accounting's default orders (an upper bound);
@@ -116,12 +116,12 @@ def dp_sgd_sampling_probability(*, dataset_size: int, batch_size: int) -> float:
     """q = batch_size / dataset_size, after checking that it is a probability."""
     if dataset_size < 1 or batch_size < 1:
         raise ValueError(
-            f"dataset_size ({dataset_size}) and batch_size ({batch_size}) must be positive."
+            f'dataset_size ({dataset_size}) and batch_size ({batch_size}) must be positive.'
         )
     if batch_size > dataset_size:
         raise ValueError(
-            f"batch_size ({batch_size}) exceeds dataset_size ({dataset_size}): the sampling "
-            "probability batch_size/dataset_size would be above 1."
+            f'batch_size ({batch_size}) exceeds dataset_size ({dataset_size}): the sampling '
+            'probability batch_size/dataset_size would be above 1.'
         )
     return batch_size / dataset_size
 
@@ -134,7 +134,7 @@ def compute_dp_sgd_epsilon(
     epochs: float | None = None,
     steps: int | None = None,
     delta: float,
-    accountant: str = "rdp",
+    accountant: str = 'rdp',
 ) -> float:
     """Epsilon of DP-SGD with Poisson sampling, q = batch_size / dataset_size.
 
@@ -143,7 +143,7 @@ def compute_dp_sgd_epsilon(
     """
     q = dp_sgd_sampling_probability(dataset_size=dataset_size, batch_size=batch_size)
     if (epochs is None) == (steps is None):
-        raise ValueError(f"Give exactly one of epochs ({epochs}) or steps ({steps}).")
+        raise ValueError(f'Give exactly one of epochs ({epochs}) or steps ({steps}).')
     if steps is None:
         steps = dp_sgd_steps(dataset_size=dataset_size, batch_size=batch_size, epochs=epochs)
     event = dp_sgd_event(q, noise_multiplier, steps)
@@ -156,7 +156,7 @@ def calibrate_noise_multiplier(
     sampling_probability: float,
     steps: int,
     delta: float,
-    accountant: str = "rdp",
+    accountant: str = 'rdp',
 ) -> float:
     """Smallest noise multiplier (to ~1e-5) whose DP-SGD epsilon is <= target_epsilon.
 
@@ -167,11 +167,11 @@ def calibrate_noise_multiplier(
     _check_delta(delta)
     _make_accountant(accountant)  # Validates the name before the search.
     if not target_epsilon > 0:
-        raise ValueError(f"target_epsilon must be > 0, got {target_epsilon}.")
+        raise ValueError(f'target_epsilon must be > 0, got {target_epsilon}.')
     if not 0 < sampling_probability <= 1:
-        raise ValueError(f"sampling_probability must be in (0, 1], got {sampling_probability}.")
+        raise ValueError(f'sampling_probability must be in (0, 1], got {sampling_probability}.')
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
+        raise ValueError(f'steps must be >= 1, got {steps}.')
 
     def make_event(noise_multiplier: float) -> dp_accounting.DpEvent:
         return dp_sgd_event(sampling_probability, noise_multiplier, steps)
@@ -207,7 +207,7 @@ def _bracket(
     almost always meets, is tried as the upper end; otherwise fall back to a blind search.
     """
     blind = dp_accounting.LowerEndpointAndGuess(0.0, 1.0)
-    if accountant != "pld":
+    if accountant != 'pld':
         return blind
     try:
         upper = calibrate_noise_multiplier(
@@ -215,11 +215,11 @@ def _bracket(
         )
     except ValueError:
         return blind
-    if epsilon(dp_sgd_event(q, upper, steps), delta, "pld") > target_epsilon:
+    if epsilon(dp_sgd_event(q, upper, steps), delta, 'pld') > target_epsilon:
         return blind
     # PLD's answer is typically 5-15% below RDP's; a narrow bracket saves slow evaluations.
     for lower in (0.8 * upper, 0.5 * upper):
-        if epsilon(dp_sgd_event(q, lower, steps), delta, "pld") > target_epsilon:
+        if epsilon(dp_sgd_event(q, lower, steps), delta, 'pld') > target_epsilon:
             return dp_accounting.ExplicitBracketInterval(lower, upper)
     return blind
 
@@ -228,9 +228,9 @@ def _unreachable_message(
     target_epsilon: float, q: float, steps: int, delta: float, accountant: str
 ) -> str:
     return (
-        f"Cannot calibrate a noise multiplier for target_epsilon={target_epsilon} with sampling "
-        f"probability q={q}, steps={steps}, delta={delta}, accountant={accountant!r}: no noise "
-        "level reaches the target. Raise target_epsilon, reduce steps (fewer epochs/rounds), "
+        f'Cannot calibrate a noise multiplier for target_epsilon={target_epsilon} with sampling '
+        f'probability q={q}, steps={steps}, delta={delta}, accountant={accountant!r}: no noise '
+        'level reaches the target. Raise target_epsilon, reduce steps (fewer epochs/rounds), '
         "reduce q (smaller expected batch), raise delta, or use accountant='pld' (tighter)."
     )
 
@@ -242,8 +242,8 @@ def _per_hospital(value: Sequence[float] | float, num_hospitals: int, name: str)
     values = [float(v) for v in value]
     if len(values) != num_hospitals:
         raise ValueError(
-            f"{name} has {len(values)} entries for {num_hospitals} hospitals; give one per "
-            "hospital or a single float."
+            f'{name} has {len(values)} entries for {num_hospitals} hospitals; give one per '
+            'hospital or a single float.'
         )
     return values
 
@@ -263,22 +263,22 @@ class HospitalAccountant:
         sampling_probabilities: Sequence[float],
         noise_multiplier: Sequence[float] | float,
         delta: Sequence[float] | float,
-        accountant: str = "rdp",
+        accountant: str = 'rdp',
     ):
         self.sampling_probabilities = [float(q) for q in sampling_probabilities]
         num_hospitals = len(self.sampling_probabilities)
         if num_hospitals == 0:
-            raise ValueError("sampling_probabilities must name at least one hospital.")
-        deltas = _per_hospital(delta, num_hospitals, "delta")
-        sigmas = _per_hospital(noise_multiplier, num_hospitals, "noise_multiplier")
+            raise ValueError('sampling_probabilities must name at least one hospital.')
+        deltas = _per_hospital(delta, num_hospitals, 'delta')
+        sigmas = _per_hospital(noise_multiplier, num_hospitals, 'noise_multiplier')
         for q in self.sampling_probabilities:
             if not 0 <= q <= 1:
-                raise ValueError(f"sampling probabilities must be in [0, 1], got {q}.")
+                raise ValueError(f'sampling probabilities must be in [0, 1], got {q}.')
         for d in deltas:
             _check_delta(d)
         _make_accountant(accountant)
         if min(sigmas) < 0:
-            raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}.")
+            raise ValueError(f'noise_multiplier must be >= 0, got {noise_multiplier}.')
         self.noise_multipliers = sigmas
         self.deltas = deltas
         self.accountant = accountant
@@ -293,14 +293,14 @@ class HospitalAccountant:
     def _as_steps(self, steps: np.ndarray | int, name: str) -> np.ndarray:
         steps = np.broadcast_to(np.asarray(steps), (self.num_hospitals,))
         if not np.issubdtype(steps.dtype, np.integer) and not np.all(np.mod(steps, 1) == 0):
-            raise ValueError(f"{name} must be integers, got {steps}.")
+            raise ValueError(f'{name} must be integers, got {steps}.')
         if np.any(steps < 0):
-            raise ValueError(f"{name} must be non-negative, got {steps}.")
+            raise ValueError(f'{name} must be non-negative, got {steps}.')
         return steps.astype(np.int64)
 
     def record(self, steps_taken: np.ndarray) -> None:
         """Adds one round: steps_taken[k] local DP-SGD steps of hospital k (0 if absent)."""
-        self.steps = self.steps + self._as_steps(steps_taken, "steps_taken")
+        self.steps = self.steps + self._as_steps(steps_taken, 'steps_taken')
 
     def _epsilon(self, hospital: int, total_steps: int) -> float:
         if total_steps == 0 or self.sampling_probabilities[hospital] == 0:
@@ -329,27 +329,27 @@ class HospitalAccountant:
     def epsilon_after(self, extra_steps: np.ndarray | int) -> np.ndarray:
         """Epsilons if each hospital ran `extra_steps` more (scalar or per hospital); records
         nothing. Call before a round to stop before a budget would be exceeded."""
-        return self._epsilons_for(self.steps + self._as_steps(extra_steps, "extra_steps"))
+        return self._epsilons_for(self.steps + self._as_steps(extra_steps, 'extra_steps'))
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to rebuild this accountant (plain Python types, JSON-friendly)."""
         return {
-            "sampling_probabilities": list(self.sampling_probabilities),
-            "noise_multiplier": list(self.noise_multipliers),
-            "delta": list(self.deltas),
-            "accountant": self.accountant,
-            "steps": [int(s) for s in self.steps],
+            'sampling_probabilities': list(self.sampling_probabilities),
+            'noise_multiplier': list(self.noise_multipliers),
+            'delta': list(self.deltas),
+            'accountant': self.accountant,
+            'steps': [int(s) for s in self.steps],
         }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> HospitalAccountant:
         accountant = cls(
-            state["sampling_probabilities"],
-            state["noise_multiplier"],
-            state["delta"],
-            state["accountant"],
+            state['sampling_probabilities'],
+            state['noise_multiplier'],
+            state['delta'],
+            state['accountant'],
         )
-        accountant.steps = accountant._as_steps(np.asarray(state["steps"]), "steps").copy()
+        accountant.steps = accountant._as_steps(np.asarray(state['steps']), 'steps').copy()
         return accountant
 
 
@@ -362,8 +362,8 @@ def client_level_epsilon(
     noise_multiplier: float,
     rounds: int,
     delta: float,
-    accountant: str = "rdp",
-    cohort_sampling: str = "poisson",
+    accountant: str = 'rdp',
+    cohort_sampling: str = 'poisson',
 ) -> float:
     """Epsilon of DP-FedAvg where a whole hospital is the protected unit.
 
@@ -386,25 +386,25 @@ def client_level_epsilon(
     _check_delta(delta)
     if not 1 <= clients_per_round <= num_clients:
         raise ValueError(
-            f"clients_per_round ({clients_per_round}) must be in [1, num_clients={num_clients}]."
+            f'clients_per_round ({clients_per_round}) must be in [1, num_clients={num_clients}].'
         )
     if rounds < 0 or noise_multiplier < 0:
         raise ValueError(
-            f"rounds ({rounds}) and noise_multiplier ({noise_multiplier}) must be non-negative."
+            f'rounds ({rounds}) and noise_multiplier ({noise_multiplier}) must be non-negative.'
         )
     z = float(noise_multiplier)
     if clients_per_round == num_clients:
         event = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), int(rounds))
         return epsilon(event, delta, accountant)
-    if cohort_sampling == "poisson":
+    if cohort_sampling == 'poisson':
         event = dp_sgd_event(clients_per_round / num_clients, z, rounds)
         return epsilon(event, delta, accountant)
-    if cohort_sampling == "fixed_size":
-        if accountant != "rdp":
+    if cohort_sampling == 'fixed_size':
+        if accountant != 'rdp':
             raise ValueError(
                 "cohort_sampling='fixed_size' is only supported by accountant='rdp' "
                 "(dp-accounting's PLD has no sampling-without-replacement event); "
-                f"got {accountant!r}."
+                f'got {accountant!r}.'
             )
         event = dp_accounting.SelfComposedDpEvent(
             dp_accounting.SampledWithoutReplacementDpEvent(
@@ -414,5 +414,5 @@ def client_level_epsilon(
         )
         relation = dp_accounting.NeighboringRelation.REPLACE_ONE
         with _quiet_unconverged_orders():
-            return float(_make_accountant("rdp", relation).compose(event).get_epsilon(delta))
+            return float(_make_accountant('rdp', relation).compose(event).get_epsilon(delta))
     raise ValueError(f"cohort_sampling must be 'poisson' or 'fixed_size', got {cohort_sampling!r}.")

@@ -140,16 +140,16 @@ def effective_noise_multiplier(noise_multiplier: float, count_noise_std: float) 
     z, sigma_b = float(noise_multiplier), float(count_noise_std)
     if z < 0 or sigma_b < 0:
         raise ValueError(
-            f"noise_multiplier ({z}) and count_noise_std ({sigma_b}) must be non-negative."
+            f'noise_multiplier ({z}) and count_noise_std ({sigma_b}) must be non-negative.'
         )
     if z == 0:
         return 0.0
     if 2 * sigma_b <= z:
         raise ValueError(
-            f"Adaptive clipping impossible: count_noise_std={sigma_b} must exceed "
-            f"noise_multiplier/2={z / 2} (z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 needs "
-            "2 sigma_b > z). Increase count_noise_std (e.g. to expected_clients / 20 as in "
-            "Andrew et al.), or raise noise_multiplier, or disable adaptive clipping."
+            f'Adaptive clipping impossible: count_noise_std={sigma_b} must exceed '
+            f'noise_multiplier/2={z / 2} (z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2 needs '
+            '2 sigma_b > z). Increase count_noise_std (e.g. to expected_clients / 20 as in '
+            'Andrew et al.), or raise noise_multiplier, or disable adaptive clipping.'
         )
     return (z**-2 - (2 * sigma_b) ** -2) ** -0.5
 
@@ -175,5 +175,5 @@ def distributed_noise_std(
         z * S / sqrt(n), a standard deviation (not a variance).
     """
     if isinstance(num_clients, int | float) and num_clients < 1:
-        raise ValueError(f"num_clients must be >= 1, got {num_clients}.")
+        raise ValueError(f'num_clients must be >= 1, got {num_clients}.')
     return noise_multiplier * clip_norm / num_clients**0.5

@@ -168,7 +168,7 @@ def dp_gradient(
         summed, stats = _clipped_sum(per_example_loss_fn, params, batch, mask, clip_norm)
     else:
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size}.")
+            raise ValueError(f'chunk_size must be a positive integer or None, got {chunk_size}.')
         batch, mask = _pad_to_multiple(batch, mask, chunk_size)
         # Only the chunks up to the last sampled example run: a Poisson batch is padded to a
         # size it rarely reaches (data/batching.py), and the chunks past its draw are all masked
@@ -179,8 +179,9 @@ def dp_gradient(
         def accumulate(i, carry):
             take = lambda x: jax.lax.dynamic_slice_in_dim(x, i * chunk_size, chunk_size)
             chunk_batch, chunk_mask = jax.tree.map(take, (batch, mask))
-            summed, stats = _clipped_sum(per_example_loss_fn, params, chunk_batch, chunk_mask,
-                                         clip_norm)
+            summed, stats = _clipped_sum(
+                per_example_loss_fn, params, chunk_batch, chunk_mask, clip_norm
+            )
             return jax.tree.map(jnp.add, carry, (summed, stats))
 
         zeros = (
@@ -196,9 +197,9 @@ def dp_gradient(
 
     denominator = jnp.maximum(stats.num_real, 1.0)
     aux = {
-        "clip_fraction": stats.num_clipped / denominator,
-        "grad_norm_mean": stats.norm_sum / denominator,
-        "loss": stats.loss_sum / denominator,
+        'clip_fraction': stats.num_clipped / denominator,
+        'grad_norm_mean': stats.norm_sum / denominator,
+        'loss': stats.loss_sum / denominator,
     }
     return grads, aux
 

@@ -70,6 +70,7 @@ def supports_fast_clipping(model: nn.Module) -> bool:
 
 # ---- per-layer squared norms ---------------------------------------------------------------------
 
+
 def _prefers_ghost(positions: int, inputs: int, outputs: int) -> bool:
     """Ghost norm iff its two [T, T] Gram matrices are smaller than one [K, O] gradient."""
     return 2 * positions**2 < inputs * outputs
@@ -99,14 +100,17 @@ def _as_tuple(value: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
     return (value,) * n if isinstance(value, int) else tuple(value)
 
 
-def _explicit_padding(conv: layers.Conv, spatial: Sequence[int], window: Sequence[int],
-                      strides: Sequence[int]) -> list[tuple[int, int]]:
+def _explicit_padding(
+    conv: layers.Conv, spatial: Sequence[int], window: Sequence[int], strides: Sequence[int]
+) -> list[tuple[int, int]]:
     """flax Conv's padding as (low, high) pairs per spatial axis."""
     padding = conv.padding
     if isinstance(padding, str):
         if padding.upper() not in ('SAME', 'VALID'):
-            raise NotImplementedError(f'fast clipping: Conv padding {padding!r} is not supported; '
-                                      "use 'SAME', 'VALID' or explicit pads.")
+            raise NotImplementedError(
+                f'fast clipping: Conv padding {padding!r} is not supported; '
+                "use 'SAME', 'VALID' or explicit pads."
+            )
         return list(jax.lax.padtype_to_pads(spatial, window, strides, padding.upper()))
     if isinstance(padding, int):
         return [(padding, padding)] * len(spatial)
@@ -122,26 +126,37 @@ def conv_patches(conv: layers.Conv, x: jax.Array) -> jax.Array:
     function is a convolution with a one-hot kernel, which GPUs may run in TF32 by default) and
     cost no multiplications.
     """
-    kernel = tuple(conv.kernel_size) if not isinstance(conv.kernel_size, int) else (
-        conv.kernel_size,) * (x.ndim - 2)
+    kernel = (
+        tuple(conv.kernel_size)
+        if not isinstance(conv.kernel_size, int)
+        else (conv.kernel_size,) * (x.ndim - 2)
+    )
     n = len(kernel)
-    if (_as_tuple(conv.input_dilation, n) != (1,) * n or conv.feature_group_count != 1
-            or conv.mask is not None):
-        raise NotImplementedError('fast clipping: Conv with input_dilation, feature groups or a '
-                                  'kernel mask is not supported.')
+    if (
+        _as_tuple(conv.input_dilation, n) != (1,) * n
+        or conv.feature_group_count != 1
+        or conv.mask is not None
+    ):
+        raise NotImplementedError(
+            'fast clipping: Conv with input_dilation, feature groups or a '
+            'kernel mask is not supported.'
+        )
     strides, dilation = _as_tuple(conv.strides, n), _as_tuple(conv.kernel_dilation, n)
     spatial = x.shape[1:-1]
     window = [(k - 1) * d + 1 for k, d in zip(kernel, dilation, strict=True)]
     pads = _explicit_padding(conv, spatial, window, strides)
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)])
-    out = [(size + lo + hi - w) // s + 1
-           for size, (lo, hi), w, s in zip(spatial, pads, window, strides, strict=True)]
+    out = [
+        (size + lo + hi - w) // s + 1
+        for size, (lo, hi), w, s in zip(spatial, pads, window, strides, strict=True)
+    ]
     slices = []
     for offset in itertools.product(*(range(k) for k in kernel)):
         start = [o * d for o, d in zip(offset, dilation, strict=True)]
         limit = [st + (m - 1) * s + 1 for st, m, s in zip(start, out, strides, strict=True)]
-        slices.append(jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]),
-                                    (1, *strides, 1)))
+        slices.append(
+            jax.lax.slice(x, (0, *start, 0), (x.shape[0], *limit, x.shape[-1]), (1, *strides, 1))
+        )
     return jnp.stack(slices, axis=-2).reshape(x.shape[0], *out, -1)
 
 
@@ -167,8 +182,9 @@ def _layer_sq_norms(module: nn.Module, act: jax.Array, out_grad: jax.Array) -> j
     act, g = act.astype(dtype), out_grad.astype(dtype)
     if isinstance(module, layers.Conv):
         act = conv_patches(module, act)
-    total = _matmul_sq_norms(act.reshape(batch, -1, act.shape[-1]),
-                             g.reshape(batch, -1, g.shape[-1]))
+    total = _matmul_sq_norms(
+        act.reshape(batch, -1, act.shape[-1]), g.reshape(batch, -1, g.shape[-1])
+    )
     if module.use_bias:
         total += _bias_sq_norms(g)
     return total
@@ -176,8 +192,10 @@ def _layer_sq_norms(module: nn.Module, act: jax.Array, out_grad: jax.Array) -> j
 
 # ---- the recorded forward pass -------------------------------------------------------------------
 
-def _find_layers(model: nn.Module, variables: PyTree,
-                 images: jax.Array) -> tuple[dict[Path, nn.Module], PyTree]:
+
+def _find_layers(
+    model: nn.Module, variables: PyTree, images: jax.Array
+) -> tuple[dict[Path, nn.Module], PyTree]:
     """Shape-only trace: the fast-clip layers by path, and the perturbations' shapes."""
     found: dict[Path, nn.Module] = {}
 
@@ -189,26 +207,31 @@ def _find_layers(model: nn.Module, variables: PyTree,
     with nn.intercept_methods(record):
         _, state = jax.eval_shape(
             lambda v, x: model.apply(v, x, mutable=[layers.DP_ACTS, layers.PERTURBATIONS]),
-            variables, images)
+            variables,
+            images,
+        )
     owners = {path[:-1] for path in traverse_util.flatten_dict(variables['params'])}
     if missing := sorted(owners - found.keys()):
-        raise ValueError(f'fast clipping: parameters of {["/".join(p) for p in missing]} are not '
-                         'in fedjax_med.models.layers Conv/Dense/GroupNorm layers; build the model '
-                         'from those layers or set config.dp.fast_clipping = False.')
+        raise ValueError(
+            f'fast clipping: parameters of {["/".join(p) for p in missing]} are not '
+            'in fedjax_med.models.layers Conv/Dense/GroupNorm layers; build the model '
+            'from those layers or set config.dp.fast_clipping = False.'
+        )
     return found, state[layers.PERTURBATIONS]
 
 
-def _forward_norms_and_vjp(model: nn.Module, variables: PyTree, images: jax.Array,
-                           labels: jax.Array, loss_fn: LossFn
-                           ) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], PyTree]]:
+def _forward_norms_and_vjp(
+    model: nn.Module, variables: PyTree, images: jax.Array, labels: jax.Array, loss_fn: LossFn
+) -> tuple[jax.Array, jax.Array, Callable[[jax.Array], PyTree]]:
     """One forward pass and the backward pass of step 1: (losses [B], squared norms f32 [B],
     vjp) where vjp(w [B]) returns the gradient of sum_i w_i * loss_i w.r.t. `variables`."""
     modules, perturbation_shapes = _find_layers(model, variables, images)
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), perturbation_shapes)
 
     def losses_and_acts(variables, perturbations):
-        logits, state = model.apply({**variables, layers.PERTURBATIONS: perturbations}, images,
-                                    mutable=[layers.DP_ACTS])
+        logits, state = model.apply(
+            {**variables, layers.PERTURBATIONS: perturbations}, images, mutable=[layers.DP_ACTS]
+        )
         return loss_fn(logits, labels), state[layers.DP_ACTS]
 
     losses, vjp, acts = jax.vjp(losses_and_acts, variables, zeros, has_aux=True)
@@ -223,8 +246,10 @@ def _forward_norms_and_vjp(model: nn.Module, variables: PyTree, images: jax.Arra
         recorded = acts[path]
         if len(recorded) != 1:
             # A shared layer's perturbation would sum the output gradients of its call sites.
-            raise NotImplementedError(f'fast clipping: layer {"/".join(path)} is applied '
-                                      f'{len(recorded)} times; shared layers are not supported.')
+            raise NotImplementedError(
+                f'fast clipping: layer {"/".join(path)} is applied '
+                f'{len(recorded)} times; shared layers are not supported.'
+            )
         sq_norms += _layer_sq_norms(module, recorded[0], out_grads[(*path, layers.OUT)])
 
     def weighted_grad(weights: jax.Array) -> PyTree:
@@ -233,14 +258,16 @@ def _forward_norms_and_vjp(model: nn.Module, variables: PyTree, images: jax.Arra
     return losses, sq_norms, weighted_grad
 
 
-def per_example_grad_norms(model: nn.Module, variables: PyTree, images: jax.Array,
-                           labels: jax.Array, *, loss_fn: LossFn) -> tuple[jax.Array, jax.Array]:
+def per_example_grad_norms(
+    model: nn.Module, variables: PyTree, images: jax.Array, labels: jax.Array, *, loss_fn: LossFn
+) -> tuple[jax.Array, jax.Array]:
     """(||grad_params loss_i||_2 float32 [B], loss_i [B]) without per-example gradients."""
     losses, sq_norms, _ = _forward_norms_and_vjp(model, variables, images, labels, loss_fn)
     return jnp.sqrt(sq_norms), losses
 
 
 # ---- the private gradient ------------------------------------------------------------------------
+
 
 def dp_gradient_fast(
     model: nn.Module,
@@ -272,10 +299,11 @@ def dp_gradient_fast(
     """
     mask = jnp.asarray(mask).astype(bool)
     batch = jax.tree.map(
-        lambda x: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)),
-        batch)
+        lambda x: jnp.where(mask.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.zeros_like(x)), batch
+    )
     losses, sq_norms, weighted_grad = _forward_norms_and_vjp(
-        model, params, batch['image'], batch['label'], loss_fn)
+        model, params, batch['image'], batch['label'], loss_fn
+    )
     norms = jnp.sqrt(sq_norms)
     # As in dp_sgd.clip_by_global_norm_per_example: max(norm, tiny) keeps zero gradients finite.
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norms, jnp.finfo(jnp.float32).tiny))

@@ -55,7 +55,7 @@ class PrivacyPlan:
         self.expected_clients = float(m)
         self.noise_multiplier = 0.0  # what the round applies (sample: the largest sigma_k)
         self.noise_multipliers = np.zeros(k)  # sample-level DP: sigma_k of each hospital
-        self.accounted_noise = 0.0   # what the accountant is told
+        self.accounted_noise = 0.0  # what the accountant is told
         self.rounds_done = 0
         self.accountant = None
         if self.mode == 'sample':
@@ -63,36 +63,51 @@ class PrivacyPlan:
             self.q = [min(1.0, b / n) for n in sizes]
             self.deltas = [dp.delta or 1.0 / (10 * n) for n in sizes]
             if dp.target_epsilon > 0:
-                sigmas = np.array([accounting.calibrate_noise_multiplier(
-                    target_epsilon=dp.target_epsilon, sampling_probability=q,
-                    steps=int(s) * config.num_rounds, delta=d, accountant=dp.accountant)
-                    for q, s, d in zip(self.q, steps, self.deltas, strict=True)])
+                sigmas = np.array(
+                    [
+                        accounting.calibrate_noise_multiplier(
+                            target_epsilon=dp.target_epsilon,
+                            sampling_probability=q,
+                            steps=int(s) * config.num_rounds,
+                            delta=d,
+                            accountant=dp.accountant,
+                        )
+                        for q, s, d in zip(self.q, steps, self.deltas, strict=True)
+                    ]
+                )
                 if not dp.noise_per_hospital:
                     sigmas = np.full(k, sigmas.max())
             else:
                 sigmas = np.full(k, float(dp.noise_multiplier))
             self.noise_multipliers = sigmas
             self.noise_multiplier = self.accounted_noise = float(sigmas.max())
-            self.accountant = accounting.HospitalAccountant(self.q, list(sigmas), self.deltas,
-                                                            dp.accountant)
+            self.accountant = accounting.HospitalAccountant(
+                self.q, list(sigmas), self.deltas, dp.accountant
+            )
         elif self.mode == 'client':
             self.num_clients, self.m = k, m
             self.delta = dp.delta or 1.0 / (10 * k)
             self.cohort = 'poisson' if m == k else 'fixed_size'
             if self.cohort == 'fixed_size' and dp.accountant != 'rdp':
-                raise ValueError(f'config.dp.accountant={dp.accountant!r}: client-level DP with '
-                                 f'a fixed cohort of {m} of {k} hospitals is accounted with RDP '
-                                 "only; set config.dp.accountant='rdp'.")
-            survivors = m - math.floor(config.secagg.dropout_fraction * m) if (
-                config.secagg.enabled) else m
+                raise ValueError(
+                    f'config.dp.accountant={dp.accountant!r}: client-level DP with '
+                    f'a fixed cohort of {m} of {k} hospitals is accounted with RDP '
+                    "only; set config.dp.accountant='rdp'."
+                )
+            survivors = (
+                m - math.floor(config.secagg.dropout_fraction * m) if (config.secagg.enabled) else m
+            )
             shrink = math.sqrt(survivors / m)
             if dp.target_epsilon > 0:
                 z = self._calibrate_client(dp.target_epsilon) / shrink
             else:
                 z = dp.noise_multiplier
             self.accounted_noise = z * shrink
-            self.noise_multiplier = (client_dp.effective_noise_multiplier(z, dp.count_noise_std)
-                                     if dp.adaptive_clip else z)
+            self.noise_multiplier = (
+                client_dp.effective_noise_multiplier(z, dp.count_noise_std)
+                if dp.adaptive_clip
+                else z
+            )
         self.max_batch = self._max_batch(sizes, steps)
 
     def _max_batch(self, sizes: np.ndarray, steps: np.ndarray) -> int:
@@ -103,19 +118,28 @@ class PrivacyPlan:
             return config.local.batch_size
         tail = batching.POISSON_TAIL
         if self.mode == 'sample':
-            planned = config.dp.target_epsilon or float(np.max(
-                self.accountant.epsilon_after(steps * config.num_rounds)))
+            planned = config.dp.target_epsilon or float(
+                np.max(self.accountant.epsilon_after(steps * config.num_rounds))
+            )
             tail = batching.run_overflow_tail(
-                steps, config.num_rounds, self.deltas,
-                epsilon=planned if math.isfinite(planned) and planned < 50 else None)
+                steps,
+                config.num_rounds,
+                self.deltas,
+                epsilon=planned if math.isfinite(planned) and planned < 50 else None,
+            )
         return batching.poisson_max_batch(config.local.batch_size, sizes, tail)
 
     # -- client-level helpers ---------------------------------------------------------------
     def _client_epsilon(self, z: float, rounds: int) -> float:
         return accounting.client_level_epsilon(
-            num_clients=self.num_clients, clients_per_round=self.m, noise_multiplier=z,
-            rounds=rounds, delta=self.delta, accountant=self.config.dp.accountant,
-            cohort_sampling=self.cohort)
+            num_clients=self.num_clients,
+            clients_per_round=self.m,
+            noise_multiplier=z,
+            rounds=rounds,
+            delta=self.delta,
+            accountant=self.config.dp.accountant,
+            cohort_sampling=self.cohort,
+        )
 
     def _calibrate_client(self, target: float) -> float:
         rounds = self.config.num_rounds
@@ -126,7 +150,8 @@ class PrivacyPlan:
                 raise ValueError(
                     f'config.dp.target_epsilon={target} cannot be met by client-level DP over '
                     f'{rounds} rounds with {self.m} of {self.num_clients} hospitals per round; '
-                    'raise the target or use fewer rounds.')
+                    'raise the target or use fewer rounds.'
+                )
         for _ in range(40):  # bisection on a monotone function; stop on the safe side (hi)
             mid = (lo + hi) / 2
             lo, hi = (lo, mid) if self._client_epsilon(mid, rounds) <= target else (mid, hi)
@@ -144,10 +169,12 @@ class PrivacyPlan:
             after = self._client_epsilon(self.accounted_noise, self.rounds_done + 1)
         if after <= target * (1 + 1e-6):
             return None
-        return (f'Privacy budget reached: another round would take epsilon to {after:.3f} > '
-                f'config.dp.target_epsilon={target} after {self.rounds_done} rounds. Stopping '
-                'here. To train on knowingly, raise config.dp.target_epsilon (the guarantee '
-                'becomes the larger value).')
+        return (
+            f'Privacy budget reached: another round would take epsilon to {after:.3f} > '
+            f'config.dp.target_epsilon={target} after {self.rounds_done} rounds. Stopping '
+            'here. To train on knowingly, raise config.dp.target_epsilon (the guarantee '
+            'becomes the larger value).'
+        )
 
     def record(self, round_steps: np.ndarray) -> None:
         """Adds one round: the local DP-SGD steps each hospital ran (0 if it sat out)."""
@@ -160,13 +187,16 @@ class PrivacyPlan:
             return {'privacy/epsilon': None}
         if self.mode == 'sample':
             eps = self.accountant.epsilons()
-            return {'privacy/epsilon': float(eps.max()),
-                    'privacy/epsilon_per_hospital': [float(e) for e in eps],
-                    'privacy/noise_multiplier': self.noise_multiplier,
-                    'privacy/noise_multiplier_per_hospital': [
-                        float(z) for z in self.noise_multipliers]}
-        return {'privacy/epsilon': self._client_epsilon(self.accounted_noise, self.rounds_done),
-                'privacy/noise_multiplier': self.accounted_noise}
+            return {
+                'privacy/epsilon': float(eps.max()),
+                'privacy/epsilon_per_hospital': [float(e) for e in eps],
+                'privacy/noise_multiplier': self.noise_multiplier,
+                'privacy/noise_multiplier_per_hospital': [float(z) for z in self.noise_multipliers],
+            }
+        return {
+            'privacy/epsilon': self._client_epsilon(self.accounted_noise, self.rounds_done),
+            'privacy/noise_multiplier': self.accounted_noise,
+        }
 
     def state_dict(self) -> dict:
         out = {'rounds_done': self.rounds_done}
