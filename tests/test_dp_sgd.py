@@ -206,35 +206,3 @@ def test_invalid_chunk_size_raises():
             expected_batch_size=1.0,
             chunk_size=0,
         )
-
-
-def test_privatizer_matches_dp_gradient_and_vmaps_over_clients():
-    params, data = tiny_problem(batch=4)
-    privatizer = dp_sgd.dpsgd_privatizer(clip_norm=1.0, noise_multiplier=1.1, chunk_size=2)
-    state = privatizer.init(params)
-    assert int(state.steps) == 0
-
-    # Two clients stacked on a leading axis, each with its own key, mask and denominator.
-    clients = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), data)
-    masks = jnp.array([[1, 0, 1, 1], [1, 1, 1, 0]], jnp.float32)
-    keys = jax.random.split(jax.random.key(0), 2)
-    ebs = jnp.array([3.0, 2.5])
-    states = jax.tree.map(lambda x: jnp.stack([x, x]), state)
-
-    apply = lambda d, m, k, e, s: privatizer.apply(linear_loss, params, d, m, k, e, s)
-    grads, new_states, aux = jax.jit(jax.vmap(apply))(clients, masks, keys, ebs, states)
-    np.testing.assert_array_equal(new_states.steps, [1, 1])
-    assert aux['loss'].shape == (2,)
-    for c in range(2):
-        want, _ = dp_sgd.dp_gradient(
-            linear_loss,
-            params,
-            jax.tree.map(lambda x, c=c: x[c], clients),
-            masks[c],
-            keys[c],
-            clip_norm=1.0,
-            noise_multiplier=1.1,
-            expected_batch_size=ebs[c],
-        )
-        for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want), strict=True):
-            np.testing.assert_allclose(a[c], b, atol=1e-6, rtol=1e-5)
