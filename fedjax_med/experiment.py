@@ -2,9 +2,9 @@
 
 `build(config, mesh)` loads the federation, puts the training data on the devices, builds the
 model and its initial server state, the privacy plan, the jitted round, the round planner (the
-host half of each round) and the evaluator. `train.run` is the loop over rounds on top of it;
-`launch/profile_rounds.py` and the notebooks build through the same function, so what they
-measure or show is the run's own set-up.
+host half of each round) and the evaluator. `train.run` is the loop over rounds on top of it
+(and through it `launch/profile_rounds.py` and the notebooks); `launch/participation_benchmark.py`
+and the tests build through this function directly, so what they measure is the run's set-up.
 
     exp = experiment.build(config, parallel.make_mesh())
     prepared = exp.planner.prepare(0)

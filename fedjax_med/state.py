@@ -36,20 +36,22 @@ class ClientInputs:
 
 @flax.struct.dataclass
 class RoundInputs:
-    """Host-built arrays for one round. Leading axis K (hospitals, padded to the device count)."""
+    """Host-built arrays for one round. Leading axis M: the round's slots, the m participating
+    hospitals padded to the device count, or all K_pad hospitals when every one takes part
+    (host_round.py)."""
 
-    indices: jax.Array  # int32 [K, S, B]: example index into the hospital's training data
-    mask: jax.Array  # float32 [K, S, B]: 1 = example used in this step, 0 = padding
-    step_active: jax.Array  # bool [K, S]: the step runs (an empty Poisson batch still runs)
-    weights: jax.Array  # float32 [K]: aggregation weight, 0 for hospitals not taking part
-    expected_batch: jax.Array  # float32 [K]: DP-SGD denominator q_k * n_k (or the batch size)
-    noise_multiplier: jax.Array  # float32 [K]: DP-SGD sigma_k of each hospital (0 without DP-SGD)
-    client_ids: jax.Array  # int32 [K]: global hospital index, for per-hospital random keys
+    indices: jax.Array  # int32 [M, S, B]: example index into the hospital's training data
+    mask: jax.Array  # float32 [M, S, B]: 1 = example used in this step, 0 = padding
+    step_active: jax.Array  # bool [M, S]: the step runs (an empty Poisson batch still runs)
+    weights: jax.Array  # float32 [M]: aggregation weight, 0 for hospitals not taking part
+    expected_batch: jax.Array  # float32 [M]: DP-SGD denominator q_k * n_k (or the batch size)
+    noise_multiplier: jax.Array  # float32 [M]: DP-SGD sigma_k of each hospital (0 without DP-SGD)
+    client_ids: jax.Array  # int32 [M]: each slot's hospital (K_pad: padding), its data and keys
     learning_rate: jax.Array  # float32 scalar: this round's client learning rate
     secagg: Any = ()  # secure-aggregation arrays from the host protocol, or ()
 
     def per_client(self, keys: jax.Array) -> ClientInputs:
-        """The per-hospital fields, with each slot's key: leading axis K, like `keys`."""
+        """The per-hospital fields, with each slot's key: leading axis M, like `keys`."""
         return ClientInputs(
             indices=self.indices,
             mask=self.mask,

@@ -17,17 +17,17 @@ import jax
 # ---- host, per round: np.random.default_rng([seed, round, PURPOSE, ...]) ----------------------
 HOST_PARTICIPANTS = 1  # which m of K hospitals take part (host_round.sample_participants)
 HOST_BATCHES = 2  # [seed, round, HOST_BATCHES, hospital]: shuffle / Poisson batches
-HOST_SECAGG = 3  # which participants drop out of secure aggregation (comm.secagg_round)
+HOST_SECAGG = 3  # which participants drop out of secure aggregation (aggregation/secagg_host.py)
 # The SecAgg protocol's simulated key material is drawn from default_rng([seed, round])
 # (aggregation/secagg_protocol.run_protocol).
 
 # ---- host, data (numpy; one draw per dataset, not per round) ----------------------------------
-DATA_SYNTHETIC_CXR = 0xC0A1  # default_rng([seed, .]): synthetic chest X-ray images
-DATA_SYNTHETIC_CXR_META = 0xC0A2  # synthetic chest X-ray patients drawn from the NIH table
+DATA_SYNTHETIC_CXR_META = 0xC0A1  # default_rng([seed, .]): synthetic CXR patients (NIH table)
+DATA_SYNTHETIC_CXR = 0xC0A2  # synthetic chest X-ray images
 DATA_SYNTHETIC_BRATS = 0xB2A7  # synthetic BraTS volumes
 DATA_PARTITION = 0x9A27  # hospitals of the patients (data/partition.py)
-DATA_SHIFT_CXR = 0xAC91  # [seed, hospital, .]: per-hospital acquisition shift, X-ray
-DATA_SHIFT_MRI = 0xAC92  # [seed, hospital, .]: per-hospital acquisition shift, MRI
+DATA_SHIFT_PARAMS = 0xAC91  # [seed, hospital, .]: each hospital's scanner parameters
+DATA_SHIFT_NOISE = 0xAC92  # [seed, hospital, .]: the acquisition noise of its images
 DATA_TEST_SPLIT = 0x7E57  # each hospital's held-out test patients (data/sources.py)
 DATA_PUBLIC = 0x9AB1  # the public patients held out of every hospital
 DATA_CASE_SUBSET = 0xCA5E  # data.max_cases: the seeded subset of BraTS cases (tfds_io)

@@ -118,7 +118,7 @@ def _run(
         exp.privacy.load_state_dict(host['privacy'])
         say(session.resume_line(start, config.num_rounds))
     writer = writers.create_default_writer(
-        workdir, history, primary=primary, tensorboard=config.get('tensorboard', False)
+        workdir, history, primary=primary, tensorboard=config.get('tensorboard', True)
     )
     monitor = health.RoundMonitor(
         config,

@@ -92,7 +92,16 @@ def test_an_unknown_dp_mode_is_one_error_with_a_suggestion():
 def test_every_shipped_config_variant_is_valid():
     for variant in ('', 'synthetic', 'smoke', 'dp', 'patch3d'):
         validate(brats.get_config(variant))
-    for variant in ('', 'synthetic', 'smoke', 'dp', 'nih_scale', 'nih_scale_dp', 'nih_public'):
+    for variant in (
+        '',
+        'synthetic',
+        'smoke',
+        'dp',
+        'nih_scale',
+        'nih_scale_dp',
+        'nih_public',
+        'cross_device',
+    ):
         validate(chestxray14.get_config(variant))
 
 

@@ -126,4 +126,8 @@ def test_two_processes_equal_one_process_on_two_devices_and_resume(tmp_path):
         'config.json',
         'metrics.jsonl',
         'summary.json',
+        'tensorboard',
     ]
+    # Process 0 alone writes the event files (writers.create_default_writer), rewritten from the
+    # checkpointed history on the resume: one file.
+    assert len(os.listdir(multi / 'tensorboard')) == 1

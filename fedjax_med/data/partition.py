@@ -360,7 +360,7 @@ def _gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
 
 def acquisition_params(hospital_index: int, task: str, seed: int) -> dict[str, np.ndarray]:
     """The fixed scanner parameters of one hospital (what `apply_acquisition_shift` uses)."""
-    rng = np.random.default_rng([seed, hospital_index, streams.DATA_SHIFT_CXR])
+    rng = np.random.default_rng([seed, hospital_index, streams.DATA_SHIFT_PARAMS])
     if task == 'chestxray14':
         return {
             'gamma': np.exp(rng.uniform(-0.4, 0.4)),
@@ -408,7 +408,7 @@ def apply_acquisition_shift(
     images = storage.decode_images(np.asarray(images))
     if len(images) == 0:
         return images
-    rng = np.random.default_rng([seed, hospital_index, streams.DATA_SHIFT_MRI])
+    rng = np.random.default_rng([seed, hospital_index, streams.DATA_SHIFT_NOISE])
     res = images.shape[1]
     if task == 'chestxray14':
         out = np.clip(images, 0.0, 1.0) ** p['gamma']

@@ -86,7 +86,7 @@ def sample_cxr_metadata(
     'sex' (0 M, 1 F), 'follow_up' (int64 [num]); rows of one patient are contiguous.
     """
     table = nih_metadata.load_metadata_table() if table is None else table
-    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_CXR])
+    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_CXR_META])
     pids = table['patient_id']
     # The table is sorted by patient id, so each patient is one contiguous run of rows.
     starts = np.flatnonzero(np.r_[True, pids[1:] != pids[:-1]])
@@ -295,7 +295,7 @@ def synthetic_cxr(
     rows = sample_cxr_metadata(num, seed) if metadata_rows is None else dict(metadata_rows)
     if len(rows['label']) != num:
         raise ValueError(f'metadata_rows has {len(rows["label"])} rows, expected num={num}.')
-    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_CXR_META])
+    rng = np.random.default_rng([seed, streams.DATA_SYNTHETIC_CXR])
     images = np.empty((num, resolution, resolution, 1), np.float32)
     for start in range(0, num, _CHUNK):
         sl = slice(start, min(start + _CHUNK, num))
