@@ -13,19 +13,26 @@
 #      part over the time with all K, vectorised, K=16/64 (m=K/4) and the cross-device shape
 #      (configs/chestxray14.py:cross_device, 1,000 hospitals, 50 a round), vmapped and one at a
 #      time (launch/participation_benchmark.py; needs the run's dependencies, as step 5 does);
+#   4c. many small hospitals (SWEEP_SECONDS): examples/s of the vectorised round of the small
+#      ResNet over K = 5, 16, 64, 256 hospitals (`benchmark.py --model=resnet_small
+#      --only=scaling_k`), the shape the client axis is for;
 #   5. with whatever time is left (GRID_SECONDS, default all of it), the hospital-scale grid
 #      (`launch/experiments.py --suite=nih_scale`, most informative runs first); its
 #      results.csv / results.md are copied to $OUT. A run cut off by the slot resumes from its
 #      checkpoint only where the grid folder (GRID_DIR) is kept.
 # Everything is logged under $OUT (default /tmp/fedjax_med_gpu_check):
 #   nvidia_smi.txt  env.txt  smoke.log  bench.log  bench_gpu.json  compare.log  bench_gpu_vmap.json
-#   participation.jsonl  participation.log  grid.log  results.csv  results.md
+#   participation.jsonl  participation.log  bench_gpu_k_sweep.json  k_sweep.log  grid.log
+#   results.csv  results.md
+# The peer comparison (launch/peer_benchmark.py) is not a step: it needs torch, which the lent
+# GPU machines do not have and whose CUDA wheel is far over what a run can carry.
 #
 # Usage (from anywhere):  OUT=/some/dir bash launch/gpu_check.sh
 #   TOTAL_SECONDS=560   wall-clock budget of the whole script (default 560 s)
 #   SMOKE_SECONDS=100   cap of the pytest smoke
 #   COMPARE_SECONDS=150 kept for step 4 (0 skips it)
 #   PARTICIPATION_SECONDS=120 cap of step 4b (0 skips it)
+#   SWEEP_SECONDS=120   cap of step 4c (0 skips it)
 #   GRID_SECONDS=       cap of step 5 (default: the time left; 0 skips it)
 #   GRID_DIR=/tmp/fedjax_med_nih_grid   the grid's run folders
 #   PYTHON=python3      interpreter (needs jax with CUDA, flax, optax, ml_collections)
@@ -125,6 +132,18 @@ if [ "$PARTICIPATION_SECONDS" -ge 30 ]; then
     2>"$OUT/participation.log" | tee "$OUT/participation.jsonl"
   echo "participation exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" \
     | tee -a "$OUT/participation.log"
+fi
+
+LEFT=$((TOTAL_SECONDS - SECONDS))
+SWEEP_SECONDS=${SWEEP_SECONDS:-120}
+if [ "$SWEEP_SECONDS" -gt "$LEFT" ]; then SWEEP_SECONDS=$LEFT; fi
+if [ "$SWEEP_SECONDS" -ge 45 ]; then
+  echo "== many small hospitals: K = 5, 16, 64, 256 vectorised (${SWEEP_SECONDS} s)"
+  timeout --signal=INT --kill-after=10 "$((SWEEP_SECONDS - 5))" \
+    "$PY" launch/benchmark.py --model=resnet_small --only=scaling_k --scaling_k=5,16,64,256 \
+    --json="$OUT/bench_gpu_k_sweep.json" --budget_s="$((SWEEP_SECONDS - 40))" \
+    2>&1 | tee "$OUT/k_sweep.log"
+  echo "K sweep exit status: ${PIPESTATUS[0]}; whole check ${SECONDS} s" | tee -a "$OUT/k_sweep.log"
 fi
 
 LEFT=$((TOTAL_SECONDS - SECONDS))
