@@ -7,6 +7,7 @@ need. Fields are grouped by the part of the code that reads them.
 import difflib
 
 import ml_collections
+from ml_collections import config_dict
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -92,7 +93,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.dp.noise_per_hospital = True  # sample + target_epsilon: sigma_k per hospital, each ends at the target (False: one sigma, the largest)
     c.dp.accountant = 'rdp'         # rdp | pld
     c.dp.chunk_size = 0             # per-example gradients in chunks of this size, only up to the last sampled example (0 = all slots at once)
-    c.dp.fast_clipping = False      # per-example norms from layer activations (ghost/direct), no per-example grads
+    # DP-SGD clipping path, a speed choice only (same gradients to float rounding): True = per-example norms from
+    # layer activations (ghost/direct) and one reweighted backward pass, no per-example gradients; False = vmap of
+    # per-example gradients; unset (None) = automatic: fast on GPU/TPU when the model supports it, per-example on CPU.
+    c.dp.fast_clipping = config_dict.placeholder(bool)
     c.dp.adaptive_clip = False      # client mode: adaptive clipping (Andrew et al. 2021)
     c.dp.target_quantile = 0.5      # adaptive clipping: target fraction of unclipped updates
     c.dp.clip_learning_rate = 0.2   # adaptive clipping: geometric step size

@@ -31,7 +31,8 @@ RESUMABLE_FIELDS = (
     'data.data_dir',
     'data.manual_dir',
     'clients_in_parallel',
-)  # how hospitals are scheduled, not what they compute
+    'dp.fast_clipping',
+)  # how hospitals are scheduled and gradients computed, not what they compute
 
 
 class Checkpointer:

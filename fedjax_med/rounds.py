@@ -52,23 +52,43 @@ class RoundFn:
         return self.fn(state, client_data, inputs, key)
 
 
+def use_fast_clipping(
+    dp: ml_collections.ConfigDict, model=None, platform: str | None = None
+) -> bool:
+    """Which DP-SGD clipping path a run takes: `dp.fast_clipping` when set (True or False), else
+    the automatic choice (None, the default).
+
+    Both paths compute the same clipped, noised gradient (to float rounding; tested), so this is
+    a speed choice only and may change on resume. Automatic: fast clipping on an accelerator when
+    the model supports it (ResNet-18 at 224 px on an H100: 0.59x the non-private step against
+    0.17x for per-example gradients), per-example gradients on a CPU (fast clipping's extra
+    reweighted backward pass made the small ResNet's DP round 2.1x slower there; BENCHMARKS.md).
+    """
+    from fedjax_med.privacy import fast_clip
+
+    supported = model is not None and fast_clip.supports_fast_clipping(model)
+    if dp.fast_clipping is None:
+        platform = platform or jax.default_backend()
+        return supported and platform != 'cpu'
+    if dp.fast_clipping and not supported:
+        raise ValueError(
+            f'config.dp.fast_clipping=True needs resnet18, resnet_small or unet, got '
+            f'{type(model).__name__}; set it to False (or leave it unset: the automatic choice).'
+        )
+    return bool(dp.fast_clipping)
+
+
 def make_gradient_fn(
     apply_fn, task: Task, dp: ml_collections.ConfigDict, model=None
 ) -> client_lib.GradientFn:
     """Plain mean gradient, or DP-SGD (per-example clip to C, Gaussian noise sigma_k*C, sigma_k
-    the hospital's noise multiplier, an input of each round): with
-    `dp.fast_clipping`, per-example norms from layer activations (privacy/fast_clip.py) and no
+    the hospital's noise multiplier, an input of each round): with fast clipping
+    (`use_fast_clipping`), per-example norms from layer activations (privacy/fast_clip.py) and no
     per-example gradients; otherwise vmap of grad over examples in chunks (privacy/dp_sgd.py)."""
     if dp.mode != 'sample':
         return client_lib.mean_gradient(apply_fn, task.per_example_loss)
-    if dp.fast_clipping:
+    if use_fast_clipping(dp, model):
         from fedjax_med.privacy import fast_clip
-
-        if model is None or not fast_clip.supports_fast_clipping(model):
-            raise ValueError(
-                f'config.dp.fast_clipping=True needs resnet18, resnet_small or '
-                f'unet, got {type(model).__name__}; set it to False.'
-            )
 
         def fast_grad_fn(params, batch, mask, key, expected_batch, noise_multiplier):
             return fast_clip.dp_gradient_fast(

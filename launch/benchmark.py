@@ -258,8 +258,8 @@ def make_config(w: Workload, spec: RoundSpec):
         c.dp.clip_norm = 1.0
         c.dp.chunk_size = w.dp_chunk_size
         c.local.sampling = 'poisson'
-    if spec.dp == 'fast':
-        c.dp.fast_clipping = True  # ghost norms: fedjax_med/privacy/fast_clip.py
+    if spec.dp != 'none':  # each DP item measures one path, whatever the automatic choice
+        c.dp.fast_clipping = spec.dp == 'fast'  # ghost norms: fedjax_med/privacy/fast_clip.py
     c.secagg.enabled = spec.secagg
     return c
 
