@@ -187,3 +187,23 @@ def test_quantised_updates_report_their_exact_size(tmp_path):
     assert s['comm/compression_ratio'] == pytest.approx(4 * n / s['comm/bytes_up'])
     assert 3.5 < s['comm/compression_ratio'] < 4.0
     assert compression.bytes_per_update({'w': np.zeros(1000)}, kind='quantize', bits=8) == 1008
+
+
+def test_clipping_path_is_automatic_unless_set():
+    # Unset: fast clipping on an accelerator for a model that supports it, never on a CPU (there
+    # its second backward pass costs more than the per-example gradients it saves); set: obeyed.
+    from fedjax_med import rounds
+    from fedjax_med.models import build_model
+
+    c = chestxray14.get_config('smoke')
+    assert c.dp.fast_clipping is None
+    model = build_model(c.model, c.task)
+    assert not rounds.use_fast_clipping(c.dp, model, platform='cpu')
+    assert rounds.use_fast_clipping(c.dp, model, platform='gpu')
+    assert not rounds.use_fast_clipping(c.dp, None, platform='gpu')  # no model: not supported
+    c.dp.fast_clipping = True
+    assert rounds.use_fast_clipping(c.dp, model, platform='cpu')
+    with pytest.raises(ValueError, match='config.dp.fast_clipping=True needs'):
+        rounds.use_fast_clipping(c.dp, None)
+    c.dp.fast_clipping = False
+    assert not rounds.use_fast_clipping(c.dp, model, platform='gpu')
