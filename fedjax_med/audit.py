@@ -98,11 +98,15 @@ def load(workdir: str):
 
     from fedjax_med import checkpoint as ckpt_lib
     from fedjax_med import experiment, parallel
+    from fedjax_med import workdir as workdir_lib
     from fedjax_med.validate import validate
 
     saved, latest = _finished_run(workdir)
     config = ml_collections.ConfigDict(ckpt_lib.with_added_fields(saved))
     validate(config)
+    problem = workdir_lib.missing_data_problem(config)  # a real dataset that is not built here
+    if problem:
+        raise AuditError(f'--workdir={workdir}: {problem}')
     exp = experiment.build(config, parallel.make_mesh(), warm_start=False)
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, 'checkpoints'))
     try:
@@ -157,8 +161,6 @@ def _logit_confidence(scores):
     return -loss - np.log(-np.expm1(-loss))
 
 
-# Long on purpose: one pass over the attacks (MIA per hospital, optional LiRA, the canaries), each
-# a few lines sharing the loaded run, the loss functions and the result dict written at the end.
 def run(
     workdir: str, *, max_examples: int = 2000, shadow_models: int = 0, lira_hospital=None
 ) -> dict:

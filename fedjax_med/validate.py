@@ -606,6 +606,8 @@ def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
+# Long on purpose: one flat list of checks, a few lines each, so that every problem of a config
+# is reported at once.
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (a ValueError) with one message per problem found (all at once)."""
     problems, nonfinite = _nonfinite_problems(config)

@@ -15,7 +15,16 @@ import pytest
 from scipy import optimize, special, stats
 
 from configs import chestxray14
-from fedjax_med import audit, auditor, checkpoint, experiment, host_round, parallel, train
+from fedjax_med import (
+    audit,
+    auditor,
+    checkpoint,
+    experiment,
+    host_round,
+    parallel,
+    report,
+    train,
+)
 from fedjax_med.data import canaries as canaries_lib
 from fedjax_med.data import sources
 from fedjax_med.models import build_model
@@ -251,6 +260,9 @@ def test_audit_command_writes_audit_json_and_a_figure(memorised):
     assert os.path.getsize(result['figure']) > 1000
     text = '\n'.join(audit.summary_lines(result))
     assert 'canary audit: epsilon >= ' in text and 'no DP' in text
+    # The report's index.html shows it.
+    section = report.audit_section(report.load_run(memorised), memorised)
+    assert 'What an attacker can do: nodp' in section and 'src="audit_roc.png"' in section
 
 
 def test_dp_run_audit_stays_below_the_accountants_epsilon(tmp_path):
