@@ -10,16 +10,16 @@ never trained on; the auditor scores all m on the released model.
 Canary kinds (`audit.canary`), in the split's storage dtypes (data/storage.py):
   'noise'    a random pixel pattern (uint8 X-rays: uniform 0..255; float16 MRI: N(0, 1) per
              voxel, the z-scored range) and a random label: for CXR one finding drawn
-             uniformly of the 14 (memorised faster than a random set of findings: 1.31 vs 0.52
-             audit epsilon after 3 rounds of a 2-hospital smoke run), for BraTS masks whose
-             every element is 1 with probability 1/2;
+             uniformly of the 14 (memorised faster than a random set of findings: audit bounds
+             1.31 against 0.52 after 3 rounds of 20 local epochs of a 2-hospital, 16 px smoke
+             run), for BraTS masks whose every element is 1 with probability 1/2;
   'flipped'  a copy of one of the hospital's own training images (drawn uniformly, with
              replacement only if m exceeds its examples) with every label element flipped
              (1 - label): a mislabelled duplicate. The original stays in the training data
              whether the canary is included or not.
-Only these two, on purpose: canaries unlike the data (noise) are the easiest to memorise, so
-they show what the accountant's epsilon allows in the worst case that is cheap to run; flipped
-duplicates are closer to a real mislabelled record.
+Canaries unlike the data (noise) are the easiest of the two to memorise, so they give a
+black-box attacker its better chance; flipped duplicates are closer to a real mislabelled
+record. Neither is a worst case: the audit's bound is only as large as the attack makes it.
 
 Randomness: the canaries come from `[seed, streams.DATA_CANARIES]` and the inclusion bits from
 `[seed, streams.DATA_CANARY_IN]`, so changing the kind never changes which canaries are in.
