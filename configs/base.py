@@ -123,6 +123,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.tensorboard = True            # also write the metrics as TensorBoard event files to WORKDIR/tensorboard/ (tensorboardX, no TensorFlow); metrics.jsonl is always written
     c.checkpoint_every = 5          # save an Orbax checkpoint every N rounds (and the last)
     c.checkpoints_to_keep = 2       # how many checkpoints to keep
+
+    # ---- empirical privacy audit (fedjax_med/privacy/auditing.py; off while num_canaries = 0) ---
+    c.audit = ml_collections.ConfigDict()
+    c.audit.num_canaries = 0        # m canaries planted in one hospital, each trained on independently with probability 1/2; > 0 logs privacy/epsilon_audit_lower at every evaluation (one-run audit, Steinke et al. 2023)
+    c.audit.hospital = 0            # index of the hospital whose training data holds the canaries (they count in its n_k, so in q_k = B / n_k)
+    c.audit.canary = 'noise'        # noise (random pixel pattern; CXR: one random finding, BraTS: random masks) | flipped (a copy of one of the hospital's images with every label flipped)
+    c.audit.confidence = 0.95       # the lower bound holds at this confidence (a correct accountant is exceeded with probability <= 1 - confidence)
+    c.audit.guess_fractions = (0.1, 0.2, 0.5)  # guesses r = f * m (half IN: highest scores, half OUT: lowest); the best f is reported, Bonferroni-corrected over the list (one value = a fixed k)
     return c
 
 

@@ -32,7 +32,9 @@ RESUMABLE_FIELDS = (
     'data.manual_dir',
     'clients_in_parallel',
     'dp.fast_clipping',
-)  # how hospitals are scheduled and gradients computed, not what they compute
+    'audit.confidence',
+    'audit.guess_fractions',
+)  # how hospitals are scheduled, gradients computed or a run scored, not what they compute
 
 
 class Checkpointer:
@@ -149,6 +151,11 @@ ADDED_FIELDS = {
     'data.train_on': 'hospitals',
     'init_from': '',
     'tensorboard': False,
+    'audit.num_canaries': 0,
+    'audit.hospital': 0,
+    'audit.canary': 'noise',
+    'audit.confidence': 0.95,
+    'audit.guess_fractions': [0.1, 0.2, 0.5],
 }
 
 
@@ -169,13 +176,16 @@ def _inert_fields(config: dict) -> set[str]:
     """Fields that cannot change what a run with this config computes: a difference in them alone
     is no reason to refuse a resume (e.g. how sigma would be calibrated, in a run without one)."""
     dp = config.get('dp', {})
+    # Without canaries, which hospital would hold them and of what kind changes nothing.
+    audit = config.get('audit', {})
+    inert = set() if audit.get('num_canaries', 0) else {'audit.hospital', 'audit.canary'}
     if dp.get('mode', 'none') == 'none':
         # Without DP no noise is drawn: a leftover target or multiplier changes nothing (and
         # today's validation asks for them to be 0, which must not block the resume).
-        return {'dp.noise_per_hospital', 'dp.target_epsilon', 'dp.noise_multiplier'}
+        return inert | {'dp.noise_per_hospital', 'dp.target_epsilon', 'dp.noise_multiplier'}
     if dp.get('mode') == 'sample' and dp.get('target_epsilon', 0) > 0:
-        return set()
-    return {'dp.noise_per_hospital'}
+        return inert
+    return inert | {'dp.noise_per_hospital'}
 
 
 def noise_calibrated_to_num_rounds(config: dict) -> bool:
@@ -214,7 +224,10 @@ def _differences(saved: dict, current: dict, prefix: str, ignore: set[str]) -> l
     diffs = []
     for key in sorted(set(saved) | set(current)):
         name = f'{prefix}{key}'
-        a, b = saved.get(key, ADDED_FIELDS.get(name)), current.get(key)
+        b = current.get(key)
+        # A whole section the checkpoint predates (e.g. audit) counts as empty: its fields then
+        # take their ADDED_FIELDS values one by one.
+        a = saved.get(key, ADDED_FIELDS.get(name, {} if isinstance(b, dict) else None))
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _differences(a, b, name + '.', ignore)
         elif a != b and name not in ignore:

@@ -22,10 +22,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fedjax_med import auditor as auditor_lib
 from fedjax_med import checkpoint as ckpt_lib
 from fedjax_med import comm, evaluation, host_round, parallel, rounds, streams
 from fedjax_med.aggregation import compression, registry
 from fedjax_med.data import batching
+from fedjax_med.data import canaries as canaries_lib
 from fedjax_med.models import build_model
 from fedjax_med.state import ServerState
 from fedjax_med.tasks import TASKS, Task
@@ -61,6 +63,11 @@ class Experiment:
     bytes_up: int
     # The round key, made replicated on the mesh (which may span processes).
     round_key: Any = None
+    # config.audit: the planted canaries (data.canaries.Canaries) and their auditor
+    # (auditor.CanaryAuditor), None without an audit. `data.clients_train` holds the planted
+    # canaries; `canaries.num_real` says how many rows of their hospital are its own.
+    canaries: Any = None
+    auditor: Any = None
 
     @property
     def federated(self) -> bool:
@@ -97,7 +104,8 @@ def training_splits(config: ml_collections.ConfigDict, data) -> list[dict]:
 
 
 # Long on purpose: the build is a straight sequence, each piece built once from the ones
-# before it (data -> model -> privacy plan -> round -> planner -> evaluator).
+# before it (data -> canaries -> model -> privacy plan -> round -> planner -> evaluator ->
+# auditor).
 def build(
     config: ml_collections.ConfigDict, mesh=None, *, warm_start: bool = True, data=None
 ) -> Experiment:
@@ -117,6 +125,12 @@ def build(
         from fedjax_med.data import sources  # TFDS: only once the config is valid
 
         data = sources.load_federated(config.data, config.seed)
+    canaries = None
+    if canaries_lib.enabled(config):  # before anything counts the hospitals' examples
+        canaries = canaries_lib.make_canaries(config.audit, data.clients_train, config.seed)
+        data = dataclasses.replace(
+            data, clients_train=canaries_lib.plant(data.clients_train, canaries)
+        )
     splits = training_splits(config, data)
     num_clients = len(splits)
     k_pad = parallel.padded_num_clients(num_clients, mesh)
@@ -182,6 +196,17 @@ def build(
     round_key = jax.jit(
         streams.round_key, static_argnums=0, out_shardings=parallel.replicated(mesh)
     )
+    canary_auditor = None
+    if canaries is not None:
+        canary_auditor = auditor_lib.CanaryAuditor(
+            config=config,
+            canaries=canaries,
+            apply_fn=apply_fn,
+            task=task,
+            mesh=mesh,
+            privacy=privacy,
+            sizes=sizes,
+        )
     return Experiment(
         config=config,
         task=task,
@@ -206,6 +231,8 @@ def build(
         bytes_down=bytes_down,
         bytes_up=bytes_up,
         round_key=round_key,
+        canaries=canaries,
+        auditor=canary_auditor,
     )
 
 

@@ -18,6 +18,10 @@ DIR). One set of figures per task (their metrics differ):
                                  else e.g. one without and one with DP; the caption says which),
                                  with their agreement (attribution.py)
 
+A run audited by `python -m fedjax_med.audit` (its audit.json) gets a section of its own: the
+membership-inference table, the canary audit's epsilon lower bound next to the accountant's, and
+its audit_roc.png.
+
 Model figures restore the parameters from the run's checkpoint and re-create the test data from
 the run's config.json (`load_federated`), so they need the data the run used (synthetic data is
 regenerated from the seed). Figures are drawn with matplotlib's Agg canvas on `Figure` objects
@@ -871,6 +875,41 @@ def _caption(png: str, captions: dict[str, str] | None = None) -> str:
     return ''
 
 
+def audit_section(run: Run, out_dir: str) -> str:
+    """HTML for the run's audit.json ('' if it has none): what an attacker can do with it."""
+    result = _read_json(os.path.join(run.path, 'audit.json'))
+    if not result:
+        return ''
+    rows = ''.join(
+        f'<tr><td>{html.escape(name)}</td><td>{_fmt(m["auc"], 3)}</td>'
+        f'<td>{_fmt(m["tpr_at_fpr_1pct"], 3)}</td><td>{_fmt(m["tpr_at_fpr_0.1pct"], 3)}</td>'
+        f'<td>{m["num_members"]} / {m["num_nonmembers"]}</td></tr>'
+        for name, m in result.get('mia', {}).items()
+    )
+    parts = [
+        f'<h2>What an attacker can do: {html.escape(run.name)}</h2>',
+        '<p>Membership inference on the released model (loss threshold; members: the '
+        "hospital's training examples, non-members: its test split).</p>",
+        '<table><tr><th>hospital</th><th>AUC</th><th>TPR at FPR 1%</th><th>TPR at FPR 0.1%</th>'
+        f'<th>members / non-members</th></tr>{rows}</table>',
+    ]
+    audit = (result.get('canary_audit') or {}).get('rescored')
+    if audit:
+        eps = audit.get('accountant_epsilon')
+        parts.append(
+            f'<p>One-run canary audit: ε ≥ {_fmt(audit["epsilon_lower"], 3)} at '
+            f'{audit["confidence"]:.0%} confidence ({audit["correct"]} of {audit["guesses"]} '
+            f'guesses right, {audit["num_canaries"]} canaries, δ = {audit["delta"]:.3g}); '
+            + (f"the accountant's ε: {_fmt(eps, 3)}." if eps is not None else 'no DP.')
+            + '</p>'
+        )
+    png = os.path.join(run.path, 'audit_roc.png')
+    if os.path.exists(png):
+        src = html.escape(os.path.relpath(png, out_dir))
+        parts.append(f'<img src="{src}" alt="audit of {html.escape(run.name)}">')
+    return '\n'.join(parts)
+
+
 def write_index(
     out_dir: str,
     runs: Sequence[Run],
@@ -902,6 +941,7 @@ def write_index(
                 f'{agreement["mean_top10_iou"]:.3f} (1 = identical ranking / same pixels; '
                 f'{agreement["steps"]} integration steps).</p>'
             )
+    parts += [section for section in (audit_section(r, out_dir) for r in runs) if section]
     parts.append('</body></html>')
     path = os.path.join(out_dir, 'index.html')
     with open(path, 'w') as f:

@@ -32,6 +32,11 @@ DATA_TEST_SPLIT = 0x7E57  # each hospital's held-out test patients (data/sources
 DATA_PUBLIC = 0x9AB1  # the public patients held out of every hospital
 DATA_CASE_SUBSET = 0xCA5E  # data.max_cases: the seeded subset of BraTS cases (tfds_io)
 DATA_PATCHES = 0x9A7C  # [seed, ., patient]: 3-D patch centres (data/patches.py)
+DATA_CANARIES = 0xCA7A  # config.audit: the canaries' images and labels (data/canaries.py)
+DATA_CANARY_IN = 0xCA7B  # config.audit: which canaries are trained on (each with probability 1/2)
+
+# ---- host, analysis of a finished run (numpy; python -m fedjax_med.audit) ---------------------
+ANALYSIS_MIA_SUBSET = 0x31A5  # [seed, ., hospital, 1 | 2]: members / non-members attacked
 
 # ---- device: fold_in(round_key, PURPOSE), one branch per use in a round -----------------------
 KEY_TRAIN = 0  # local steps: fold_in(., hospital id), then fold_in(., step)

@@ -169,6 +169,8 @@ def _run(
         row = _train_row(r, m, current)
         if (r + 1) % config.eval_every == 0 or r + 1 == config.num_rounds:
             row.update(exp.evaluator(state.params))
+            if exp.auditor is not None:  # config.audit: the canaries on the released model
+                row.update(exp.auditor(state.params))
         row.update(exp.privacy.metrics())
         cum = _communication(exp, current, cum, row)
         jax.block_until_ready(state)

@@ -14,6 +14,7 @@ from fedjax_med.aggregation import registry
 from fedjax_med.aggregation.compression import KINDS as COMPRESSION_KINDS
 from fedjax_med.aggregation.server_opt import SERVER_OPTIMIZERS
 from fedjax_med.client import CLIENT_OPTIMIZERS
+from fedjax_med.data.canaries import KINDS as CANARY_KINDS
 from fedjax_med.data.partition import STRATEGIES as PARTITIONS
 from fedjax_med.data.registry import BRATS_VERSIONS, DATASETS, SYNTHETIC, TASK_OF
 from fedjax_med.models import COMPUTE_DTYPES, MODELS
@@ -430,6 +431,60 @@ def _public_data_problems(config: ml_collections.ConfigDict) -> list[str]:
     return problems
 
 
+def _audit_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """The one-run privacy audit (`config.audit`, data/canaries.py); nothing while it is off."""
+    audit = config.get('audit')
+    if audit is None:
+        return []
+    m, problems = audit.num_canaries, []
+    if not (isinstance(m, int) and m >= 0):
+        return [f'config.audit.num_canaries={m!r} must be an integer >= 0 (0 = no audit).']
+    if m == 0:
+        return []
+    if m < 2:
+        problems.append(
+            f'config.audit.num_canaries={m} is too few to guess on; use at least 2 (a '
+            'useful audit needs hundreds, e.g. 200).'
+        )
+    k = config.data.num_clients
+    if not (isinstance(audit.hospital, int) and 0 <= audit.hospital < k):
+        problems.append(
+            f'config.audit.hospital={audit.hospital!r} must be a hospital index in 0..{k - 1} '
+            f'(config.data.num_clients={k}).'
+        )
+    if audit.canary not in CANARY_KINDS:
+        problems.append(
+            f'config.audit.canary={audit.canary!r} is not known; use one of '
+            f'{", ".join(map(repr, CANARY_KINDS))}.{_did_you_mean(audit.canary, CANARY_KINDS)}'
+        )
+    if not 0 < audit.confidence < 1:
+        problems.append(
+            f'config.audit.confidence={audit.confidence!r} must be in (0, 1); e.g. 0.95.'
+        )
+    fractions = audit.guess_fractions
+    if not (
+        isinstance(fractions, tuple | list) and fractions and all(0 < f <= 1 for f in fractions)
+    ):
+        problems.append(
+            f'config.audit.guess_fractions={fractions!r} must be a non-empty list of '
+            'fractions in (0, 1] of the canaries to guess on; e.g. (0.1, 0.2, 0.5).'
+        )
+    if config.dp.mode == 'client':
+        problems.append(
+            'config.audit.num_canaries > 0 audits the example-level guarantee; under '
+            "config.dp.mode='client' the accountant's epsilon protects whole hospitals, which "
+            "one hospital's canaries do not test. Use config.dp.mode='sample' or 'none', or "
+            'config.audit.num_canaries=0.'
+        )
+    if config.data.get('train_on', 'hospitals') == 'public':
+        problems.append(
+            'config.audit.num_canaries > 0 plants canaries in a hospital, but '
+            "config.data.train_on='public' trains on the public set only. Set "
+            'config.audit.num_canaries=0.'
+        )
+    return problems
+
+
 def _secagg_graph(m: int, neighbours: int, threshold: int) -> tuple[int | None, int, int]:
     """(SecAgg+ degree k, or None for the complete graph; each hospital's number of neighbours;
     the Shamir threshold t) for a cohort of m, as `secagg_protocol.run_protocol` sets them."""
@@ -551,6 +606,8 @@ def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
+# Long on purpose: one flat list of checks, a few lines each, so that every problem of a config
+# is reported at once.
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (a ValueError) with one message per problem found (all at once)."""
     problems, nonfinite = _nonfinite_problems(config)
@@ -604,6 +661,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems += _data_problems(config)
     problems += _dp_problems(config, unknown)
     problems += _public_data_problems(config)
+    problems += _audit_problems(config)
     if config.secagg.enabled:
         if config.mode != 'federated':
             problems.append(
