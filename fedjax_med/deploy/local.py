@@ -222,6 +222,8 @@ class LocalDeployment:
       auth_keys: {hospital: private key file} to authenticate SuperNodes with (SuperLink started
         with --enable-supernode-auth; register the public keys with `register_nodes`).
       node_options: {hospital: supernode_args keyword arguments} (data_dir, max_epsilon, ...).
+      hospitals: the hospitals to start SuperNodes for (default: 0..num_hospitals-1).
+      host: the address the SuperLink listens on (0.0.0.0: every interface).
     """
 
     def __init__(
@@ -234,8 +236,9 @@ class LocalDeployment:
         auth_keys: dict | None = None,
         node_options: dict | None = None,
         hospitals: list[int] | None = None,
+        host: str = '127.0.0.1',
     ):
-        self.root, self.port, self.certs = os.path.abspath(root), port, certs
+        self.root, self.port, self.certs, self.host = os.path.abspath(root), port, certs, host
         self.hospitals = list(range(num_hospitals)) if hospitals is None else list(hospitals)
         self.auth_keys = auth_keys or {}
         self.node_options = node_options or {}
@@ -254,7 +257,7 @@ class LocalDeployment:
         )
 
     def start_superlink(self) -> None:
-        args = superlink_args(self.port, certs=self.certs)
+        args = superlink_args(self.port, host=self.host, certs=self.certs)
         if self.auth_keys:
             args.append('--enable-supernode-auth')
         self.superlink = self._start(args, 'superlink.log')
