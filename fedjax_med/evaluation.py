@@ -164,14 +164,17 @@ class Evaluator:
             self.test = parallel.put_replicated(test_batched, mesh)
         else:  # one model: each device evaluates its share of the batches
             self.test = parallel.put_clients(pad_batches(test_batched, mesh.devices.size), mesh)
-        # Each hospital's own test split lives on the device that holds its training data.
-        self.hospital_test = parallel.put_clients(
-            parallel.pad_client_axis(
-                stack_splits(hospital_tests, batch_size),
-                parallel.padded_num_clients(len(hospital_tests), mesh),
-            ),
-            mesh,
-        )
+        # Each hospital's own test split lives on the device that holds its training data. A
+        # deployment's server (fedjax_med/deploy) holds none: it gives no hospital splits.
+        self.hospital_test = None
+        if hospital_tests:
+            self.hospital_test = parallel.put_clients(
+                parallel.pad_client_axis(
+                    stack_splits(hospital_tests, batch_size),
+                    parallel.padded_num_clients(len(hospital_tests), mesh),
+                ),
+                mesh,
+            )
         eval_fn = build_eval_fn(apply_fn, task)
         # The global test split also brings back what per-case (per-patient) metrics need.
         eval_fn_cases = (
@@ -202,6 +205,8 @@ class Evaluator:
             row.update(
                 {f'eval/{k}': v for k, v in self._global_metrics(unbatch_stats(stats)).items()}
             )
+        if self.hospital_test is None:
+            return row
         own = split_hospitals(parallel.to_host(self.eval_own(params, self.hospital_test)))[
             : len(names)
         ]

@@ -166,6 +166,31 @@ class RoundPlanner:
             None if everyone else np.flatnonzero(participating).tolist(),
         )
 
+    def hospital_round(self, r: int, hospital_id: int) -> PreparedRound | str:
+        """Round r of one deployed hospital (fedjax_med/deploy), the server having chosen it: this
+        planner's only row is hospital `hospital_id` of the federation. Its batches and device keys
+        are drawn by that id, so they are the ones the simulation draws for it. A message instead
+        if the hospital's own privacy budget (this planner's `privacy`) would be exceeded."""
+        round_steps = self.steps.copy()
+        stop_reason = self.privacy.check_budget(round_steps[: self.num_clients])
+        if stop_reason:
+            return stop_reason
+        ids = np.full(self.k_pad, hospital_id, np.int32)
+        batches = self._batches(r, self.sizes, ids)
+        inputs = RoundInputs(
+            indices=batches.indices,
+            mask=batches.mask,
+            step_active=batches.step_active,
+            weights=np.ones(self.k_pad, np.float32),
+            expected_batch=self.expected_batch,
+            noise_multiplier=self.noise_multiplier,
+            client_ids=ids,
+            learning_rate=self.lr_by_round[r],
+            secagg=(),
+        )
+        inputs = jax.device_put(inputs, parallel.round_inputs_sharding(self.mesh, inputs))
+        return PreparedRound(inputs, round_steps, 1, 1, batches.overflow, 0, 0)
+
     def _batches(
         self, r: int, sampler_sizes: np.ndarray, ids: np.ndarray
     ) -> batching.ClientBatches:

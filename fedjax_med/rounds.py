@@ -214,6 +214,17 @@ def build_round_fn(
     return result
 
 
+def build_local_updates_fn(
+    *, apply_fn, task: Task, config: ml_collections.ConfigDict, mesh, model=None
+) -> Callable:
+    """The round's first stage alone, jitted: `(params, client_data, inputs, round key) ->
+    client.ClientOutput` of every slot, the function `build_round_fn`'s round runs on the slots'
+    data before compression and aggregation. A deployed hospital (fedjax_med/deploy) runs it over
+    a client axis of one slot, itself, so its update is the simulation's update of that hospital
+    (its keys fold in `inputs.client_ids`, the hospital's id in the federation)."""
+    return parallel.jit(_local_updates_fn(apply_fn, task, config, mesh, model))
+
+
 class _Slots:
     """The round's client axis, M_pad slots of hospitals `ids` (K_pad: a padding slot), against
     the K_pad rows of per-hospital data and state. When the slots are the rows (every hospital
