@@ -275,7 +275,9 @@ def _add_own_updates(params, deltas, weights: jax.Array):
 def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[str, Any]:
     """Per-hospital sums (shape [K]), the round's training loss over the hospitals that ran, and
     how many of them produced a non-finite update (each hospital can see that in its own update
-    before sending it; SecAgg's fixed-point encoding would otherwise turn NaN into 0)."""
+    before sending it; SecAgg's fixed-point encoding would otherwise turn NaN into 0).
+    `train/finite_update_loss` is the loss over the hospitals whose update is finite: what the
+    row reports when a robust aggregator excluded the others (train._train_row)."""
     m = dict(out.metrics)
     taking_part = (inputs.weights > 0).astype(jnp.float32)
     finite = jnp.stack(
@@ -283,8 +285,12 @@ def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[st
     ).all(axis=0)
     loss_sum = jnp.sum(m['loss_sum'] * taking_part)
     count = jnp.sum(m['example_count'] * taking_part)
+    kept = (taking_part > 0) & finite
+    kept_loss = jnp.sum(jnp.where(kept, m['loss_sum'], 0.0))
+    kept_count = jnp.sum(jnp.where(kept, m['example_count'], 0.0))
     return {
         'train/loss': loss_sum / jnp.maximum(count, 1.0),
+        'train/finite_update_loss': kept_loss / jnp.maximum(kept_count, 1.0),
         'train/examples': count,
         'train/nonfinite_updates': jnp.sum(taking_part * ~finite),
         'clients/loss_sum': m['loss_sum'],
