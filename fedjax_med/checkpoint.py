@@ -148,6 +148,15 @@ ADDED_FIELDS = {
     'data.train_on': 'hospitals',
     'init_from': '',
     'tensorboard': False,
+    'server.krum_byzantine': 1,
+    'server.multi_krum_m': 0,
+    'server.norm_bound': 1.0,
+    'attack.mode': 'none',
+    'attack.num_malicious': 0,
+    'attack.scale': 10.0,
+    'attack.backdoor_fraction': 0.5,
+    'attack.backdoor_target': 'Mass',
+    'attack.trigger_size': 3,
 }
 
 
@@ -214,6 +223,8 @@ def _differences(saved: dict, current: dict, prefix: str, ignore: set[str]) -> l
     for key in sorted(set(saved) | set(current)):
         name = f'{prefix}{key}'
         a, b = saved.get(key, ADDED_FIELDS.get(name)), current.get(key)
+        if a is None and isinstance(b, dict) and key not in saved:  # a section added since
+            a = {}
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += _differences(a, b, name + '.', ignore)
         elif a != b and name not in ignore:

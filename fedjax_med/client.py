@@ -80,6 +80,7 @@ def local_update(
     optimizer: optax.GradientTransformation,
     prox_mu: float,
     unroll: int | bool = 1,
+    poison: Callable | None = None,
 ) -> ClientOutput:
     """Runs this hospital's local steps and returns its update.
 
@@ -99,6 +100,8 @@ def local_update(
       prox_mu: FedProx weight; adds mu * (w - w_global) to each step's gradient. It is applied
         after privatisation, so it costs no privacy (it does not touch the data).
       unroll: `lax.scan` unroll factor of the local steps.
+      poison: the attack simulation's `(decoded batch, inputs.malicious) -> batch` (label flips,
+        backdoor triggers; attacks.py), applied to every step's batch, or None.
     """
     indices, mask, step_active, key = inputs.indices, inputs.mask, inputs.step_active, inputs.key
     expected_batch, noise_multiplier = inputs.expected_batch, inputs.noise_multiplier
@@ -111,6 +114,8 @@ def local_update(
         def run(carry):
             params, opt_state, sums = carry
             batch = gather_batch(data, idx)
+            if poison is not None:
+                batch = poison(batch, inputs.malicious)
             grads, aux = grad_fn(
                 params,
                 batch,

@@ -12,6 +12,10 @@ options) and returns `round_fn(state, client_data, inputs, key) -> (state, metri
      summed modulo 2^32), or both;
   4. the server optimiser step, then the round's metrics.
 
+With `config.attack` on (attacks.py), the malicious hospitals' batches are poisoned inside their
+local steps (label flips, backdoor triggers) or their updates are tampered with before step 2
+(sign flip, scaling), by the per-slot flag `RoundInputs.malicious`.
+
 The client axis of `client_data` and `inputs` is sharded over the mesh; parameters are
 replicated. Each device runs only its own hospitals' local updates (`parallel.map_clients`: a
 `shard_map` over the client axis), and sums over the client axis are plain reductions for which
@@ -30,8 +34,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from fedjax_med import attacks, parallel
 from fedjax_med import client as client_lib
-from fedjax_med import parallel
 from fedjax_med.aggregation import registry, server_opt
 from fedjax_med.parallel import client_sharding, replicated
 from fedjax_med.state import RoundInputs, ServerState
@@ -115,6 +119,7 @@ def make_client_update(
         optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
         prox_mu=config.local.prox_mu,
         unroll=config.local.unroll_steps,
+        poison=attacks.poison_batch(config),
     )
 
 
@@ -152,6 +157,8 @@ def build_round_fn(
             single_device=mesh is None or mesh.devices.size == 1,
         )
     )
+    # The attack simulation's sign flip / scaling of the malicious hospitals' updates (attacks.py).
+    tamper = attacks.tamper_updates(config)
     result = RoundFn(fn=None)
 
     def round_fn(state: ServerState, client_data: dict, inputs: RoundInputs, key: jax.Array):
@@ -160,6 +167,8 @@ def build_round_fn(
         # and per-hospital state, and scatter the state back after the round.
         slots = _Slots(inputs.client_ids, client_data, mesh)
         out = local_updates(state.params, slots.gather(client_data), inputs, key)
+        if tamper is not None:  # what the malicious hospitals send instead of their update
+            out = out.replace(delta=tamper(out.delta, inputs.malicious))
         deltas, client_state = _compress(
             compressor, out.delta, slots.gather(state.client_state), inputs, key
         )

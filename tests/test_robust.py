@@ -188,13 +188,19 @@ def test_varying_participation_under_jit_compiles_once(name):
     assert len(traces) == 1
 
 
-def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: int = 4):
-    """The linear-model round of tests/test_client.py with `aggregator` (trim_fraction 0.25);
-    returns (round_fn, state, client_data, inputs_for(weights), per-hospital numpy deltas)."""
+def build_round(
+    aggregator: str, mesh, num_padded: int, steps: int = 2, batch: int = 4, fields=None
+):
+    """The linear-model round of tests/test_client.py with `aggregator` (trim_fraction 0.25) and
+    other config `fields` ({'attack.mode': ...}); returns (round_fn, state, client_data,
+    inputs_for(weights, malicious=None), per-hospital numpy deltas)."""
     config = base.get_base_config()
     config.local.optimizer = 'sgd'
     config.server.aggregator = aggregator
     config.server.trim_fraction = 0.25
+    for dotted, value in (fields or {}).items():
+        section, name = dotted.split('.')
+        config[section][name] = value
     fn = rounds.build_round_fn(
         apply_fn=linear_apply, task=TASKS['chestxray14'], config=config, mesh=mesh
     )
@@ -206,9 +212,12 @@ def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: i
         np.arange(steps * batch, dtype=np.int32).reshape(steps, batch), (num_padded, 1, 1)
     )
 
-    def inputs_for(weights):
+    def inputs_for(weights, malicious=None):
         w = np.zeros(num_padded, np.float32)
         w[: len(weights)] = weights
+        flags = () if malicious is None else np.zeros(num_padded, np.float32)
+        if malicious is not None:
+            flags[: len(malicious)] = malicious
         inputs = RoundInputs(
             indices=indices,
             mask=np.ones(indices.shape, np.float32),
@@ -218,6 +227,7 @@ def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: i
             noise_multiplier=np.zeros(num_padded, np.float32),
             client_ids=np.arange(num_padded, dtype=np.int32),
             learning_rate=np.float32(0.5),
+            malicious=flags,
         )
         return jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
 
