@@ -176,6 +176,10 @@ def with_added_fields(saved: dict) -> dict:
 def _inert_fields(config: dict) -> set[str]:
     """Fields that cannot change what a run with this config computes: a difference in them alone
     is no reason to refuse a resume (e.g. how sigma would be calibrated, in a run without one)."""
+    return _inert_dp_fields(config) | _inert_defence_fields(config)
+
+
+def _inert_dp_fields(config: dict) -> set[str]:
     dp = config.get('dp', {})
     if dp.get('mode', 'none') == 'none':
         # Without DP no noise is drawn: a leftover target or multiplier changes nothing (and
@@ -184,6 +188,22 @@ def _inert_fields(config: dict) -> set[str]:
     if dp.get('mode') == 'sample' and dp.get('target_epsilon', 0) > 0:
         return set()
     return {'dp.noise_per_hospital'}
+
+
+def _inert_defence_fields(config: dict) -> set[str]:
+    """The options of an aggregator the run does not use, and of the attack simulation when off."""
+    aggregator = config.get('server', {}).get('aggregator', 'weighted')
+    inert = set()
+    if aggregator not in ('krum', 'multi_krum'):
+        inert |= {'server.krum_byzantine', 'server.multi_krum_m'}
+    if aggregator == 'krum':
+        inert.add('server.multi_krum_m')
+    if aggregator != 'norm_bound':
+        inert.add('server.norm_bound')
+    if config.get('attack', {}).get('mode', 'none') == 'none':
+        inert |= {f'attack.{f}' for f in ('scale', 'backdoor_fraction', 'backdoor_target')}
+        inert.add('attack.trigger_size')
+    return inert
 
 
 def noise_calibrated_to_num_rounds(config: dict) -> bool:

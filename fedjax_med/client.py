@@ -70,6 +70,8 @@ def client_optimizer(name: str, momentum: float = 0.9) -> optax.GradientTransfor
     )
 
 
+# Long on purpose: most of it is the docstring of its inputs; the body is one lax.scan whose step
+# function needs the bound gradient, optimiser and poison from the enclosing scope.
 def local_update(
     global_params,
     data: dict,

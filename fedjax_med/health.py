@@ -118,6 +118,8 @@ class RoundMonitor:
             )
         return f'Lower config.local.learning_rate (now {lr}), or check the data.'
 
+    # Long on purpose: one check per way a round can go wrong, in the order they are reported
+    # (excluded updates, the hospitals, the server step, divergence), each with its advice.
     def check(self, r: int, metrics: dict) -> None:
         """Raises FloatingPointError if round r (0-based) went non-finite; warns on divergence."""
         loss = float(metrics['train/loss'])

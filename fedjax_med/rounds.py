@@ -7,7 +7,8 @@ options) and returns `round_fn(state, client_data, inputs, key) -> (state, metri
   2. optional update compression (per-hospital state, e.g. top-k error feedback);
   3. aggregation: the run's `aggregation.base.Strategy`, picked once by
      `aggregation.registry.strategy_for` from the config: `config.server.aggregator` in the
-     clear (FedAvg weighted mean, or the robust coordinate-wise median / trimmed mean),
+     clear (FedAvg weighted mean, the robust coordinate-wise median / trimmed mean, Krum /
+     multi-Krum, or the norm-bounded mean),
      client-level DP (clip + noise), secure aggregation (fixed-point encoding + pairwise masks,
      summed modulo 2^32), or both;
   4. the server optimiser step, then the round's metrics.
@@ -123,6 +124,8 @@ def make_client_update(
     )
 
 
+# Long on purpose: the round itself is a closure over everything bound at build time, and reads
+# best as one sequence (gather, local updates, attack, compression, aggregation, server step).
 def build_round_fn(
     *,
     apply_fn,

@@ -663,6 +663,8 @@ def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
     ]
 
 
+# Long on purpose: the generic field rules (choices, signs, ranges) and the cross-field checks are
+# listed in one place, in the order their messages are reported.
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError (a ValueError) with one message per problem found (all at once)."""
     problems, nonfinite = _nonfinite_problems(config)

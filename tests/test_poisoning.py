@@ -465,7 +465,11 @@ def test_checkpoints_from_before_the_attack_and_krum_fields_resume_with_their_de
     for field in ('krum_byzantine', 'multi_krum_m', 'norm_bound'):
         del saved['server'][field]
     assert config_differences(saved, current) == []
+    # Options of an aggregator or attack that neither run uses change nothing.
+    current['server']['norm_bound'], current['attack']['scale'] = 7.0, 3.0
+    assert config_differences(saved, current) == []
     current['attack']['mode'] = 'scale'
     assert config_differences(saved, current) == [
-        "attack.mode: checkpoint has 'none', config has 'scale'"
+        "attack.mode: checkpoint has 'none', config has 'scale'",
+        'attack.scale: checkpoint has 10.0, config has 3.0',
     ]
