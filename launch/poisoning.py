@@ -1,7 +1,8 @@
 """Poisoning attacks against the aggregators, on the small synthetic chest X-ray twin: f = 0, 1, 2
 malicious hospitals of 5 x attacks (sign_flip, scale, backdoor, label_flip) x aggregators
 (weighted FedAvg, median, trimmed_mean, krum, multi_krum, norm_bound), each run's final global
-mean AUROC and, for the backdoor, `eval/backdoor_success`.
+mean AUROC and, for the backdoor, `eval/backdoor_success` (and, for Krum, in how many rounds
+each hospital's update was selected).
 
   python launch/poisoning.py --out=runs/poisoning            # the grid (about 15 min on 2 cores)
   python launch/poisoning.py --out=/tmp/p --rounds=2 --aggregators=weighted,krum --f=1 \\
@@ -100,6 +101,7 @@ def run_one(config, data) -> dict:
     exp = experiment.build(config, parallel.make_mesh(1), data=data)
     monitor = health.RoundMonitor(config, float(optax.tree.norm(exp.params)), [], primary=False)
     state, diverged, excluded = exp.state, None, 0
+    picked = [0] * exp.num_clients  # (multi-)Krum: the rounds each hospital's update was used
     for r in range(config.num_rounds):
         prepared = exp.planner.prepare(r)
         state, m = exp.round_fn(
@@ -107,12 +109,16 @@ def run_one(config, data) -> dict:
         )
         m = parallel.to_host(m)
         excluded += int(m.get('train/excluded_updates', 0))
+        if 'krum/selected' in m:  # every hospital takes part: slot k is hospital k
+            picked = [p + int(s > 0) for p, s in zip(picked, m['krum/selected'], strict=False)]
         try:
             monitor.check(r, m)
         except FloatingPointError as e:
             diverged = f'round {r + 1}: {str(e).split(". ")[0]}'
             break
     out = {'rounds': config.num_rounds, 'excluded_updates': excluded, 'diverged': diverged}
+    if config.server.aggregator in ('krum', 'multi_krum'):
+        out['krum_rounds_selected'] = picked
     if diverged is None:
         row = exp.evaluator(state.params)
         out['mean_auroc'] = float(row['eval/mean_auroc'])
