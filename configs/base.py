@@ -80,8 +80,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.server.beta1 = 0.9            # fedadam / fedyogi
     c.server.beta2 = 0.99           # fedadam / fedyogi
     c.server.epsilon = 1e-3         # adaptivity tau (Reddi et al. 2021)
-    c.server.aggregator = 'weighted'  # weighted (by examples) | uniform | median | trimmed_mean (robust, unweighted; no SecAgg or client DP) | a name in fedjax_med/aggregation/registry.py
+    c.server.aggregator = 'weighted'  # weighted (by examples) | uniform | median | trimmed_mean | krum | multi_krum (robust, unweighted; no SecAgg or client DP) | norm_bound (each update clipped to norm_bound, then weighted; SecAgg ok) | a name in fedjax_med/aggregation/registry.py
     c.server.trim_fraction = 0.1    # trimmed_mean: fraction of values dropped from each end per coordinate, in [0, 0.5)
+    c.server.krum_byzantine = 1     # krum / multi_krum: f, the Byzantine hospitals it withstands (needs a cohort of at least 2f + 3)
+    c.server.multi_krum_m = 0       # multi_krum: m', how many lowest-score updates are averaged (0 = the cohort minus f)
+    c.server.norm_bound = 1.0       # norm_bound: the L2 norm each hospital's update is clipped to before the weighted mean
 
     # ---- differential privacy ------------------------------------------------------------------
     c.dp = ml_collections.ConfigDict()
@@ -115,6 +118,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     c.compression.topk_fraction = 0.01  # topk: fraction of coordinates sent (error feedback kept)
     c.compression.rotate = False    # randomised Hadamard rotation before quantisation
     c.compression.broadcast_dtype = 'float32'  # server -> hospitals: float32 | bfloat16
+
+    # ---- attack simulation (fedjax_med/attacks.py; off by default) ------------------------------
+    c.attack = ml_collections.ConfigDict()
+    c.attack.mode = 'none'          # none | label_flip | sign_flip | scale | backdoor (chest X-ray only): what the malicious hospitals do
+    c.attack.num_malicious = 0      # f: hospitals 0 .. f-1 are malicious (0 with a mode: that mode's clean baseline)
+    c.attack.scale = 10.0           # scale: they send scale x their update; sign_flip: -scale x their update
+    c.attack.backdoor_fraction = 0.5  # backdoor: fraction of each malicious batch stamped with the trigger (the first slots)
+    c.attack.backdoor_target = 'Mass'  # backdoor: the finding set on for triggered images (one of the 14 CXR findings)
+    c.attack.trigger_size = 3       # backdoor: side in pixels of the bright square stamped in the bottom-right corner
 
     # ---- evaluation, logging, checkpoints ------------------------------------------------------
     c.eval_every = 1                # evaluate the global test split every N rounds (and the last)

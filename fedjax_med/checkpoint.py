@@ -156,6 +156,15 @@ ADDED_FIELDS = {
     'audit.canary': 'noise',
     'audit.confidence': 0.95,
     'audit.guess_fractions': [0.1, 0.2, 0.5],
+    'server.krum_byzantine': 1,
+    'server.multi_krum_m': 0,
+    'server.norm_bound': 1.0,
+    'attack.mode': 'none',
+    'attack.num_malicious': 0,
+    'attack.scale': 10.0,
+    'attack.backdoor_fraction': 0.5,
+    'attack.backdoor_target': 'Mass',
+    'attack.trigger_size': 3,
 }
 
 
@@ -175,6 +184,10 @@ def with_added_fields(saved: dict) -> dict:
 def _inert_fields(config: dict) -> set[str]:
     """Fields that cannot change what a run with this config computes: a difference in them alone
     is no reason to refuse a resume (e.g. how sigma would be calibrated, in a run without one)."""
+    return _inert_dp_fields(config) | _inert_defence_fields(config)
+
+
+def _inert_dp_fields(config: dict) -> set[str]:
     dp = config.get('dp', {})
     # Without canaries, which hospital would hold them and of what kind changes nothing.
     audit = config.get('audit', {})
@@ -186,6 +199,22 @@ def _inert_fields(config: dict) -> set[str]:
     if dp.get('mode') == 'sample' and dp.get('target_epsilon', 0) > 0:
         return inert
     return inert | {'dp.noise_per_hospital'}
+
+
+def _inert_defence_fields(config: dict) -> set[str]:
+    """The options of an aggregator the run does not use, and of the attack simulation when off."""
+    aggregator = config.get('server', {}).get('aggregator', 'weighted')
+    inert = set()
+    if aggregator not in ('krum', 'multi_krum'):
+        inert |= {'server.krum_byzantine', 'server.multi_krum_m'}
+    if aggregator == 'krum':
+        inert.add('server.multi_krum_m')
+    if aggregator != 'norm_bound':
+        inert.add('server.norm_bound')
+    if config.get('attack', {}).get('mode', 'none') == 'none':
+        inert |= {f'attack.{f}' for f in ('scale', 'backdoor_fraction', 'backdoor_target')}
+        inert.add('attack.trigger_size')
+    return inert
 
 
 def noise_calibrated_to_num_rounds(config: dict) -> bool:

@@ -70,6 +70,8 @@ def client_optimizer(name: str, momentum: float = 0.9) -> optax.GradientTransfor
     )
 
 
+# Long on purpose: most of it is the docstring of its inputs; the body is one lax.scan whose step
+# function needs the bound gradient, optimiser and poison from the enclosing scope.
 def local_update(
     global_params,
     data: dict,
@@ -80,6 +82,7 @@ def local_update(
     optimizer: optax.GradientTransformation,
     prox_mu: float,
     unroll: int | bool = 1,
+    poison: Callable | None = None,
 ) -> ClientOutput:
     """Runs this hospital's local steps and returns its update.
 
@@ -99,6 +102,8 @@ def local_update(
       prox_mu: FedProx weight; adds mu * (w - w_global) to each step's gradient. It is applied
         after privatisation, so it costs no privacy (it does not touch the data).
       unroll: `lax.scan` unroll factor of the local steps.
+      poison: the attack simulation's `(decoded batch, inputs.malicious) -> batch` (label flips,
+        backdoor triggers; attacks.py), applied to every step's batch, or None.
     """
     indices, mask, step_active, key = inputs.indices, inputs.mask, inputs.step_active, inputs.key
     expected_batch, noise_multiplier = inputs.expected_batch, inputs.noise_multiplier
@@ -111,6 +116,8 @@ def local_update(
         def run(carry):
             params, opt_state, sums = carry
             batch = gather_batch(data, idx)
+            if poison is not None:
+                batch = poison(batch, inputs.malicious)
             grads, aux = grad_fn(
                 params,
                 batch,

@@ -15,7 +15,7 @@ import math
 import jax
 import numpy as np
 
-from fedjax_med import parallel
+from fedjax_med import attacks, parallel
 from fedjax_med.data import storage
 from fedjax_med.tasks import Task
 
@@ -133,13 +133,17 @@ class Evaluator:
     eval/<metric> is on the global test split (with the task's per-case metrics,
     `Task.split_metrics`, unless `case_metrics` is off); hospital/<name>/<main metric> on each
     hospital's own test split, and eval/own_<main metric> their mean. In local mode each
-    hospital's own model is evaluated (eval/ is the mean over the hospitals' models).
+    hospital's own model is evaluated (eval/ is the mean over the hospitals' models). With
+    `backdoor` (the attack simulation's backdoor, attacks.py) the global test split is also
+    evaluated with the trigger stamped on every image, for eval/backdoor_success.
 
     Args:
       test: the global test split (arrays of the split; 'image', 'label' and metadata).
       hospital_tests: each hospital's own test split.
       names: the hospitals' names (for the hospital/ keys).
       local_mode: params carry a leading client axis (one model per hospital).
+      backdoor: (target finding index, trigger size in pixels) of a backdoor attack, or None
+        (one shared model only).
     """
 
     def __init__(
@@ -154,6 +158,7 @@ class Evaluator:
         local_mode: bool,
         batch_size: int,
         case_metrics: bool,
+        backdoor: tuple[int, int] | None = None,
     ):
         self.task, self.names, self.local_mode = task, list(names), local_mode
         test_batched = batch_split(test, batch_size)
@@ -186,6 +191,13 @@ class Evaluator:
         else:
             self.eval_global = over_devices(eval_fn_cases, mesh)
             self.eval_own = per_hospital(eval_fn, params_axis=None, data_axis=0, mesh=mesh)
+        self.backdoor_target, self.eval_backdoor = None, None
+        if backdoor is not None:
+            if local_mode:
+                raise ValueError('A backdoor is evaluated on one shared model, not in local mode.')
+            self.backdoor_target, size = backdoor
+            triggered = lambda params, x: apply_fn(params, attacks.stamp_trigger(x, size))
+            self.eval_backdoor = over_devices(build_eval_fn(triggered, task), mesh)
 
     def _global_metrics(self, stats: dict) -> dict:
         out = self.task.finalize(stats)
@@ -216,4 +228,7 @@ class Evaluator:
             row[f'hospital/{name}/{task.main_metric}'] = value
             own_main.append(value)
         row[f'eval/own_{task.main_metric}'] = float(np.nanmean(own_main))
+        if self.eval_backdoor is not None:
+            triggered = unbatch_stats(parallel.to_host(self.eval_backdoor(params, self.test)))
+            row['eval/backdoor_success'] = attacks.backdoor_success(triggered, self.backdoor_target)
         return row

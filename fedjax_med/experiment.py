@@ -22,9 +22,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from fedjax_med import attacks, comm, evaluation, host_round, parallel, rounds, streams
 from fedjax_med import auditor as auditor_lib
 from fedjax_med import checkpoint as ckpt_lib
-from fedjax_med import comm, evaluation, host_round, parallel, rounds, streams
 from fedjax_med.aggregation import compression, registry
 from fedjax_med.data import batching
 from fedjax_med.data import canaries as canaries_lib
@@ -192,6 +192,11 @@ def build(
         local_mode=config.mode == 'local',
         batch_size=config.eval_batch_size,
         case_metrics=bool(config.get('eval_case_metrics', True)),
+        backdoor=(
+            (attacks.target_index(config), int(config.attack.trigger_size))
+            if attacks.enabled(config) and config.attack.mode == 'backdoor'
+            else None
+        ),
     )
     round_key = jax.jit(
         streams.round_key, static_argnums=0, out_shardings=parallel.replicated(mesh)

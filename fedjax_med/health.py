@@ -11,6 +11,13 @@ produced something not finite, naming the setting most likely at fault:
   in the round, overflows: NaN, infinite, or beyond ~1e19): the server step, so
   config.server.learning_rate, or client-level DP noise when that is huge.
 
+One exception: an aggregator that excludes faulty updates (the robust median, trimmed mean,
+Krum and multi-Krum; `train/excluded_updates` in the round's metrics) has left every non-finite
+hospital update out of the aggregate. The round then goes on if the new global parameters and
+the training loss of the other hospitals (`train/finite_update_loss`) are finite; a one-line
+warning is printed once, and the row logs `train/excluded_updates`. FedAvg (and every other
+aggregator) excludes nothing, so a non-finite update still stops it.
+
 It also prints a one-line warning, once, when the training loss grows to more than 100 times the
 first round's (and above 10): the run is diverging although nothing is infinite yet.
 """
@@ -65,6 +72,7 @@ class RoundMonitor:
         previous = history[-1].get('train/param_norm') if history else None
         self.entering_norm = float(previous) if previous is not None else self.init_norm
         self.warned = False
+        self.warned_excluded = False
         self.server_amplified = False
 
     def _noise_advice(self) -> str:
@@ -110,6 +118,8 @@ class RoundMonitor:
             )
         return f'Lower config.local.learning_rate (now {lr}), or check the data.'
 
+    # Long on purpose: one check per way a round can go wrong, in the order they are reported
+    # (excluded updates, the hospitals, the server step, divergence), each with its advice.
     def check(self, r: int, metrics: dict) -> None:
         """Raises FloatingPointError if round r (0-based) went non-finite; warns on divergence."""
         loss = float(metrics['train/loss'])
@@ -121,6 +131,12 @@ class RoundMonitor:
             'with --overwrite or in another --workdir.'
         )
         huge_noise = self.noise >= HUGE_NOISE_NORM
+        excluded = int(metrics.get('train/excluded_updates', 0))
+        if bad and excluded >= bad and math.isfinite(param_norm):
+            # Every non-finite update was left out of the aggregate (a robust aggregator): the
+            # round is judged by the other hospitals' loss.
+            bad, loss = 0, float(metrics['train/finite_update_loss'])
+            self._warn_excluded(r, excluded)
         if not math.isfinite(loss) or bad:
             what = (
                 f'{bad} hospital update(s) are not finite (training loss {loss:.4g})'
@@ -174,3 +190,17 @@ class RoundMonitor:
                     file=sys.stderr,
                     flush=True,
                 )
+
+    def _warn_excluded(self, r: int, excluded: int) -> None:
+        """The one-time warning that a robust aggregator left non-finite updates out."""
+        if self.warned_excluded or not self.primary:
+            return
+        self.warned_excluded = True
+        print(
+            f'fedjax_med: warning: round {r + 1}: {excluded} hospital update(s) are not finite; '
+            f'config.server.aggregator={self.config.server.aggregator!r} excluded them from the '
+            'aggregate and the run goes on (logged as train/excluded_updates; this warning is '
+            f'shown once). If it persists: {self._hospital_advice()}',
+            file=sys.stderr,
+            flush=True,
+        )

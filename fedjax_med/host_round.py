@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from fedjax_med import parallel, streams
+from fedjax_med import attacks, parallel, streams
 from fedjax_med.aggregation import secagg_host
 from fedjax_med.data import batching
 from fedjax_med.state import RoundInputs
@@ -106,6 +106,8 @@ class RoundPlanner:
         self.noise_multiplier = np.zeros(self.k_pad, np.float32)  # padding never trains
         self.noise_multiplier[:num_clients] = privacy.noise_multipliers
         self.num_slots = num_slots(config, num_clients, mesh)
+        # The attack simulation's malicious hospitals ([K_pad], 1 = malicious), or None.
+        self.malicious = attacks.malicious_hospitals(config, self.k_pad)
 
     def slot_ids(self, participating: np.ndarray) -> np.ndarray:
         """int32 [M_pad]: the hospital of each slot of the round's client axis (K_pad: none)."""
@@ -152,6 +154,7 @@ class RoundPlanner:
             client_ids=ids,
             learning_rate=self.lr_by_round[r],
             secagg=secagg_inputs,
+            malicious=() if self.malicious is None else take(self.malicious),
         )
         inputs = jax.device_put(inputs, parallel.round_inputs_sharding(self.mesh, inputs))
         everyone = num_participants == num_clients

@@ -7,10 +7,15 @@ options) and returns `round_fn(state, client_data, inputs, key) -> (state, metri
   2. optional update compression (per-hospital state, e.g. top-k error feedback);
   3. aggregation: the run's `aggregation.base.Strategy`, picked once by
      `aggregation.registry.strategy_for` from the config: `config.server.aggregator` in the
-     clear (FedAvg weighted mean, or the robust coordinate-wise median / trimmed mean),
+     clear (FedAvg weighted mean, the robust coordinate-wise median / trimmed mean, Krum /
+     multi-Krum, or the norm-bounded mean),
      client-level DP (clip + noise), secure aggregation (fixed-point encoding + pairwise masks,
      summed modulo 2^32), or both;
   4. the server optimiser step, then the round's metrics.
+
+With `config.attack` on (attacks.py), the malicious hospitals' batches are poisoned inside their
+local steps (label flips, backdoor triggers) or their updates are tampered with before step 2
+(sign flip, scaling), by the per-slot flag `RoundInputs.malicious`.
 
 The client axis of `client_data` and `inputs` is sharded over the mesh; parameters are
 replicated. Each device runs only its own hospitals' local updates (`parallel.map_clients`: a
@@ -30,8 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from fedjax_med import attacks, parallel
 from fedjax_med import client as client_lib
-from fedjax_med import parallel
 from fedjax_med.aggregation import registry, server_opt
 from fedjax_med.parallel import client_sharding, replicated
 from fedjax_med.state import RoundInputs, ServerState
@@ -135,9 +140,12 @@ def make_client_update(
         optimizer=client_lib.client_optimizer(config.local.optimizer, config.local.momentum),
         prox_mu=config.local.prox_mu,
         unroll=config.local.unroll_steps,
+        poison=attacks.poison_batch(config),
     )
 
 
+# Long on purpose: the round itself is a closure over everything bound at build time, and reads
+# best as one sequence (gather, local updates, attack, compression, aggregation, server step).
 def build_round_fn(
     *,
     apply_fn,
@@ -172,6 +180,8 @@ def build_round_fn(
             single_device=mesh is None or mesh.devices.size == 1,
         )
     )
+    # The attack simulation's sign flip / scaling of the malicious hospitals' updates (attacks.py).
+    tamper = attacks.tamper_updates(config)
     result = RoundFn(fn=None)
 
     def round_fn(state: ServerState, client_data: dict, inputs: RoundInputs, key: jax.Array):
@@ -180,6 +190,8 @@ def build_round_fn(
         # and per-hospital state, and scatter the state back after the round.
         slots = _Slots(inputs.client_ids, client_data, mesh)
         out = local_updates(state.params, slots.gather(client_data), inputs, key)
+        if tamper is not None:  # what the malicious hospitals send instead of their update
+            out = out.replace(delta=tamper(out.delta, inputs.malicious))
         deltas, client_state = _compress(
             compressor, out.delta, slots.gather(state.client_state), inputs, key
         )
@@ -306,7 +318,9 @@ def _add_own_updates(params, deltas, weights: jax.Array):
 def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[str, Any]:
     """Per-hospital sums (shape [K]), the round's training loss over the hospitals that ran, and
     how many of them produced a non-finite update (each hospital can see that in its own update
-    before sending it; SecAgg's fixed-point encoding would otherwise turn NaN into 0)."""
+    before sending it; SecAgg's fixed-point encoding would otherwise turn NaN into 0).
+    `train/finite_update_loss` is the loss over the hospitals whose update is finite: what the
+    row reports when a robust aggregator excluded the others (train._train_row)."""
     m = dict(out.metrics)
     taking_part = (inputs.weights > 0).astype(jnp.float32)
     finite = jnp.stack(
@@ -314,8 +328,12 @@ def _round_metrics(out: client_lib.ClientOutput, inputs: RoundInputs) -> dict[st
     ).all(axis=0)
     loss_sum = jnp.sum(m['loss_sum'] * taking_part)
     count = jnp.sum(m['example_count'] * taking_part)
+    kept = (taking_part > 0) & finite
+    kept_loss = jnp.sum(jnp.where(kept, m['loss_sum'], 0.0))
+    kept_count = jnp.sum(jnp.where(kept, m['example_count'], 0.0))
     return {
         'train/loss': loss_sum / jnp.maximum(count, 1.0),
+        'train/finite_update_loss': kept_loss / jnp.maximum(kept_count, 1.0),
         'train/examples': count,
         'train/nonfinite_updates': jnp.sum(taking_part * ~finite),
         'clients/loss_sum': m['loss_sum'],

@@ -32,6 +32,7 @@ class ClientInputs:
     expected_batch: jax.Array  # float32 scalar: the DP-SGD denominator
     noise_multiplier: jax.Array  # float32 scalar: this hospital's DP-SGD sigma
     key: jax.Array  # this hospital's key of the round; step keys fold in the step
+    malicious: Any = ()  # float32 scalar, 1 = this hospital attacks (attacks.py), or () with none
 
 
 @flax.struct.dataclass
@@ -49,6 +50,7 @@ class RoundInputs:
     client_ids: jax.Array  # int32 [M]: each slot's hospital (K_pad: padding), its data and keys
     learning_rate: jax.Array  # float32 scalar: this round's client learning rate
     secagg: Any = ()  # secure-aggregation arrays from the host protocol, or ()
+    malicious: Any = ()  # float32 [M]: 1 = the slot's hospital attacks (attacks.py), or ()
 
     def per_client(self, keys: jax.Array) -> ClientInputs:
         """The per-hospital fields, with each slot's key: leading axis M, like `keys`."""
@@ -59,4 +61,5 @@ class RoundInputs:
             expected_batch=self.expected_batch,
             noise_multiplier=self.noise_multiplier,
             key=keys,
+            malicious=self.malicious,
         )

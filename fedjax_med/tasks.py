@@ -48,6 +48,10 @@ the per-case metrics are over the voxels those patches cover: uncovered voxels c
 background in prediction and truth, and a tumour part outside every patch is not seen. They are
 per-case metrics of the patches, not of whole volumes.
 
+With `attack.mode='backdoor'` (chest X-ray only, fedjax_med/attacks.py) the evaluation adds
+eval/backdoor_success: of the global test images without the target finding, the fraction
+predicted to have it once the trigger is stamped on them (`attacks.backdoor_success`).
+
 Cost: `split_metrics` runs on the host, once per evaluation round (once per hospital model in
 local mode), and `config.eval_case_metrics=False` skips it. HD95 is two Euclidean distance
 transforms per case and region over the bounding box of prediction and truth: milliseconds

@@ -226,6 +226,16 @@ def _train_row(r: int, m: dict, current: host_round.PreparedRound) -> dict:
         'train/update_norm': float(m.get('train/update_norm', np.nan)),
         'train/param_norm': float(m['train/param_norm']),
     }
+    excluded = int(m.get('train/excluded_updates', 0))
+    if excluded:  # a robust aggregator left out non-finite updates: the loss of the others
+        row['train/loss'] = float(m['train/finite_update_loss'])
+        row['train/excluded_updates'] = excluded
+    if 'krum/selected' in m:  # the hospitals whose updates (multi-)Krum averaged
+        slots = np.flatnonzero(np.asarray(m['krum/selected']) > 0)
+        ids = current.participants
+        row['train/krum_selected'] = [int(ids[j] if ids is not None else j) for j in slots]
+    if 'train/norm_bounded_fraction' in m:
+        row['train/norm_bounded_fraction'] = float(m['train/norm_bounded_fraction'])
     row.update(_clipping_diagnostics(m))
     if current.poisson_overflow:
         row['privacy/poisson_overflow'] = current.poisson_overflow

@@ -10,11 +10,13 @@ import os
 
 import ml_collections
 
+from fedjax_med import attacks
 from fedjax_med.aggregation import registry
 from fedjax_med.aggregation.compression import KINDS as COMPRESSION_KINDS
 from fedjax_med.aggregation.server_opt import SERVER_OPTIMIZERS
 from fedjax_med.client import CLIENT_OPTIMIZERS
 from fedjax_med.data.canaries import KINDS as CANARY_KINDS
+from fedjax_med.data.nih_metadata import CXR_LABELS
 from fedjax_med.data.partition import STRATEGIES as PARTITIONS
 from fedjax_med.data.registry import BRATS_VERSIONS, DATASETS, SYNTHETIC, TASK_OF
 from fedjax_med.models import COMPUTE_DTYPES, MODELS
@@ -38,6 +40,7 @@ CHOICES = {
     'dp.accountant': ('rdp', 'pld'),
     'compression.kind': COMPRESSION_KINDS,
     'compression.broadcast_dtype': ('float32', 'bfloat16'),
+    'attack.mode': attacks.MODES,
 }
 POSITIVE = (
     'num_rounds',
@@ -77,6 +80,9 @@ NON_NEGATIVE = (
     'secagg.threshold',
     'secagg.neighbours',
     'dp.count_noise_std',
+    'server.krum_byzantine',
+    'server.multi_krum_m',
+    'attack.num_malicious',
 )
 # Fields checked against a range: (test, message after 'config.FIELD=VALUE '). NaN fails every
 # test; a value that is not finite is reported once, by the finiteness check.
@@ -111,6 +117,19 @@ RANGES = {
     'secagg.clip': (
         lambda v: v > 0,
         'must be > 0 (the per-coordinate clip of the fixed-point encoding); e.g. 1.0.',
+    ),
+    'server.norm_bound': (
+        lambda v: v > 0,
+        "must be > 0 (the L2 norm norm_bound clips each hospital's update to); e.g. 1.0.",
+    ),
+    'attack.scale': (
+        lambda v: v > 0,
+        'must be > 0 (scale sends scale x the update, sign_flip -scale x the update); e.g. 10.',
+    ),
+    'attack.backdoor_fraction': (
+        lambda v: 0 < v <= 1,
+        'must be in (0, 1] (the fraction of each malicious batch stamped with the trigger); '
+        'e.g. 0.5.',
     ),
 }
 # Numeric fields for which infinity means something (no count release); NaN never does.
@@ -253,7 +272,17 @@ def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
             '(the fraction dropped from each end of every coordinate); e.g. 0.1.'
         )
     spec = registry.AGGREGATORS.get(sc.aggregator)
-    if config.mode != 'federated' or spec is None or not spec.needs_clear_updates:
+    if config.mode != 'federated' or spec is None:
+        return problems
+    problems += _krum_problems(config)
+    if sc.aggregator == 'norm_bound' and config.dp.mode == 'client':
+        problems.append(
+            "config.server.aggregator='norm_bound' is redundant under config.dp.mode='client': "
+            "client-level DP already clips every hospital's update, to config.dp.clip_norm="
+            f"{config.dp.clip_norm!r}. Use config.server.aggregator='weighted' and set the "
+            'bound with config.dp.clip_norm.'
+        )
+    if not spec.needs_clear_updates:
         return problems
     if config.secagg.enabled:
         problems.append(
@@ -269,6 +298,89 @@ def _aggregator_problems(config: ml_collections.ConfigDict) -> list[str]:
             'updates and the privacy accounting covers only that noised sum. Use '
             "config.server.aggregator='weighted' or 'uniform' with client-level DP, "
             "or config.dp.mode='sample' or 'none' with this aggregator."
+        )
+    return problems
+
+
+def _cohort(config: ml_collections.ConfigDict) -> tuple[int, str]:
+    """(the hospitals taking part in every round, that cohort in words for messages)."""
+    k, per_round = config.data.num_clients, config.clients_per_round
+    if 0 < per_round < k:
+        return per_round, f'config.clients_per_round={per_round} hospitals take part a round'
+    return k, f'all config.data.num_clients={k} hospitals take part every round'
+
+
+def _krum_problems(config: ml_collections.ConfigDict) -> list[str]:
+    """Krum's cohort: n > 2f + 2 (Blanchard et al. 2017); multi-Krum averages at most n - f."""
+    sc, problems = config.server, []
+    if sc.aggregator not in ('krum', 'multi_krum') or sc.krum_byzantine < 0:
+        return problems  # a negative f is reported as such
+    f, (n, cohort) = sc.krum_byzantine, _cohort(config)
+    if n < 2 * f + 3:
+        fix = (
+            f'lower config.server.krum_byzantine to at most {(n - 3) // 2}'
+            if n >= 3
+            else 'use at least 3 hospitals per round'
+        )
+        problems.append(
+            f'config.server.krum_byzantine={f} needs at least 2f + 3 = {2 * f + 3} hospitals '
+            f'per round (Krum withstands f Byzantine hospitals when 2f + 2 < n), but {cohort}. '
+            f'{fix[:1].upper()}{fix[1:]}, or take more hospitals per round.'
+        )
+    elif sc.aggregator == 'multi_krum' and sc.multi_krum_m > n - f:
+        problems.append(
+            f'config.server.multi_krum_m={sc.multi_krum_m} exceeds the {n - f} updates '
+            f'multi-Krum may average ({cohort}, minus config.server.krum_byzantine={f}). Use '
+            f'1..{n - f}, or 0 for {n - f}.'
+        )
+    return problems
+
+
+def _attack_problems(config: ml_collections.ConfigDict, unknown: set[str]) -> list[str]:
+    """The attack simulation (attacks.py): who attacks, and what the mode needs."""
+    a, problems = config.attack, []
+    if 'attack.mode' in unknown:
+        return problems
+    if a.mode == 'none':
+        if a.num_malicious > 0:
+            problems.append(
+                f'config.attack.num_malicious={a.num_malicious} would be ignored: '
+                "config.attack.mode='none' simulates no attack. Set config.attack.mode to one of "
+                f'{", ".join(map(repr, attacks.MODES[1:]))}, or config.attack.num_malicious=0.'
+            )
+        return problems
+    if config.mode != 'federated':
+        problems.append(
+            f'config.attack.mode={a.mode!r} simulates malicious hospitals of a federation; it '
+            f"has no meaning with config.mode={config.mode!r}. Set config.mode='federated' or "
+            "config.attack.mode='none'."
+        )
+    k = config.data.num_clients
+    if k > 0 and a.num_malicious >= k:
+        problems.append(
+            f'config.attack.num_malicious={a.num_malicious} leaves no honest hospital among '
+            f'config.data.num_clients={k}; use at most {k - 1}.'
+        )
+    if a.mode != 'backdoor':
+        return problems
+    if config.task != 'chestxray14':
+        problems.append(
+            "config.attack.mode='backdoor' stamps a trigger on chest X-rays and sets a finding "
+            f'on; it is not implemented for config.task={config.task!r}. Use '
+            "config.attack.mode='label_flip', 'sign_flip' or 'scale'."
+        )
+        return problems
+    if a.backdoor_target not in CXR_LABELS:
+        problems.append(
+            f'config.attack.backdoor_target={a.backdoor_target!r} is not a chest X-ray finding; '
+            f'use one of {", ".join(map(repr, CXR_LABELS))}.'
+            f'{_did_you_mean(a.backdoor_target, CXR_LABELS)}'
+        )
+    if not 1 <= a.trigger_size <= config.data.resolution:
+        problems.append(
+            f'config.attack.trigger_size={a.trigger_size!r} must be in 1..'
+            f'config.data.resolution={config.data.resolution} (the side of the trigger square, '
+            'in pixels); e.g. 3.'
         )
     return problems
 
@@ -662,6 +774,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     problems += _dp_problems(config, unknown)
     problems += _public_data_problems(config)
     problems += _audit_problems(config)
+    problems += _attack_problems(config, unknown)
     if config.secagg.enabled:
         if config.mode != 'federated':
             problems.append(

@@ -1,6 +1,7 @@
 """Robust aggregators (coordinate-wise median, trimmed mean) on hand-made pytrees with exact
 values, inside the jitted round, on 1 vs 8 devices, in a smoke run, and their config checks."""
 
+import functools
 import json
 import math
 import os
@@ -76,6 +77,72 @@ def test_non_participants_are_ignored_exactly(combine):
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(nobody))
 
 
+# Seven hospitals: hospital 2 takes part with a faulty update (set per test), hospital 4 sits out.
+FAULTY = {
+    'w': jnp.array(
+        [[1.0, 5.0], [3.0, -2.0], [0.0, 0.0], [2.0, 0.0], [100.0, 100.0], [-1.0, 9.0], [4.0, -3.0]]
+    ),
+    'b': jnp.array([4.0, 1.0, 0.0, 0.0, -50.0, 2.0, 10.0]),
+}
+FAULTS = [('w', (2, 0), np.nan), ('w', (2, 1), np.inf), ('b', (2,), -np.inf), ('b', (2,), np.nan)]
+
+
+def _faulty(leaf, index, value):
+    return {k: v.at[index].set(value) if k == leaf else v for k, v in FAULTY.items()}
+
+
+@pytest.mark.parametrize('leaf,index,value', FAULTS)
+def test_median_excludes_a_participant_with_a_non_finite_value(leaf, index, value):
+    stacked = _faulty(leaf, index, value)
+    # m = 4 finite participants (0, 1, 3, 5; 2 faulty, 4 and 6 out): the mean of the middle two.
+    out = robust.coordinate_median(stacked, jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]))
+    np.testing.assert_array_equal(out['w'], [1.5, 2.5])  # [-1, 1, 2, 3], [-2, 0, 5, 9]
+    np.testing.assert_array_equal(out['b'], 1.5)  # [0, 1, 2, 4]
+    # m = 3 (0, 1, 3): the middle value.
+    out = robust.coordinate_median(stacked, jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]))
+    np.testing.assert_array_equal(out['w'], [2.0, 0.0])  # [1, 2, 3], [-2, 0, 5]
+    np.testing.assert_array_equal(out['b'], 1.0)  # [0, 1, 4]
+    assert float(robust.excluded_count(stacked, jnp.ones(7))) == 1.0
+
+
+@pytest.mark.parametrize('leaf,index,value', FAULTS)
+def test_trimmed_mean_excludes_a_participant_with_a_non_finite_value(leaf, index, value):
+    stacked = _faulty(leaf, index, value)
+    # beta = 0.34, m = 5 finite participants (0, 1, 3, 5, 6): floor(1.7) = 1 from each end (with
+    # the faulty one counted, m = 6 would drop floor(2.04) = 2).
+    out = robust.trimmed_mean(stacked, jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0]), 0.34)
+    np.testing.assert_allclose(out['w'], [2.0, 1.0], rtol=1e-6)  # [1, 2, 3], [-2, 0, 5]
+    np.testing.assert_allclose(out['b'], 7.0 / 3.0, rtol=1e-6)  # [1, 2, 4]
+    # beta = 0.25, m = 4 finite (0, 1, 3, 5): floor(1.0) = 1 from each end.
+    out = robust.trimmed_mean(stacked, jnp.array([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]), 0.25)
+    np.testing.assert_allclose(out['w'], [1.5, 2.5], rtol=1e-6)  # [1, 2], [0, 5]
+    np.testing.assert_allclose(out['b'], 1.5, rtol=1e-6)  # [1, 2]
+
+
+@pytest.mark.parametrize('combine', [robust.coordinate_median, robust.trimmed_mean])
+def test_only_faulty_participants_give_a_zero_update(combine):
+    combine = (
+        functools.partial(combine, trim_fraction=0.2) if combine is robust.trimmed_mean else combine
+    )
+    stacked = _faulty('w', (2, 0), np.nan)
+    out = combine(stacked, jnp.array([0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]))
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
+
+
+def test_robust_strategy_reports_the_excluded_updates_and_fedavg_does_not():
+    from fedjax_med.aggregation import registry
+    from tests.test_strategies import args, inputs
+
+    stacked = {k: v[:4] for k, v in _faulty('w', (2, 1), np.inf).items()}
+    for name, want in (('median', 1.0), ('trimmed_mean', 1.0), ('weighted', None)):
+        c = base.get_base_config()
+        c.server.aggregator = name
+        out = registry.strategy_for(c, **args()).combine(
+            stacked, inputs([1.0, 1.0, 1.0, 1.0]), jax.random.key(0), jnp.float32(1.0)
+        )
+        assert out.metrics.get('train/excluded_updates') == want, name
+
+
 def test_one_outlier_moves_fedavg_but_not_the_robust_aggregates():
     honest = np.array([[0.9, -1.0], [1.0, -1.1], [1.1, -0.9], [1.05, -1.0], [0.95, -1.05]])
     stacked = {'w': jnp.asarray(np.vstack([honest, [1e6, 1e6]]), jnp.float32)}
@@ -121,13 +188,19 @@ def test_varying_participation_under_jit_compiles_once(name):
     assert len(traces) == 1
 
 
-def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: int = 4):
-    """The linear-model round of tests/test_client.py with `aggregator` (trim_fraction 0.25);
-    returns (round_fn, state, client_data, inputs_for(weights), per-hospital numpy deltas)."""
+def build_round(
+    aggregator: str, mesh, num_padded: int, steps: int = 2, batch: int = 4, fields=None
+):
+    """The linear-model round of tests/test_client.py with `aggregator` (trim_fraction 0.25) and
+    other config `fields` ({'attack.mode': ...}); returns (round_fn, state, client_data,
+    inputs_for(weights, malicious=None), per-hospital numpy deltas)."""
     config = base.get_base_config()
     config.local.optimizer = 'sgd'
     config.server.aggregator = aggregator
     config.server.trim_fraction = 0.25
+    for dotted, value in (fields or {}).items():
+        section, name = dotted.split('.')
+        config[section][name] = value
     fn = rounds.build_round_fn(
         apply_fn=linear_apply, task=TASKS['chestxray14'], config=config, mesh=mesh
     )
@@ -139,9 +212,12 @@ def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: i
         np.arange(steps * batch, dtype=np.int32).reshape(steps, batch), (num_padded, 1, 1)
     )
 
-    def inputs_for(weights):
+    def inputs_for(weights, malicious=None):
         w = np.zeros(num_padded, np.float32)
         w[: len(weights)] = weights
+        flags = () if malicious is None else np.zeros(num_padded, np.float32)
+        if malicious is not None:
+            flags[: len(malicious)] = malicious
         inputs = RoundInputs(
             indices=indices,
             mask=np.ones(indices.shape, np.float32),
@@ -151,6 +227,7 @@ def build_round(aggregator: str, mesh, num_padded: int, steps: int = 2, batch: i
             noise_multiplier=np.zeros(num_padded, np.float32),
             client_ids=np.arange(num_padded, dtype=np.int32),
             learning_rate=np.float32(0.5),
+            malicious=flags,
         )
         return jax.device_put(inputs, parallel.round_inputs_sharding(mesh, inputs))
 
@@ -202,6 +279,41 @@ def test_robust_round_on_one_and_eight_devices_gives_the_same_model():
         devices=8,
     )
     assert 'SAME_MODEL' in out
+
+
+def test_round_with_a_nan_hospital_excludes_it_and_the_health_check_lets_it_go_on(capsys):
+    from fedjax_med import health
+
+    fn, state, client_data, inputs_for, deltas = build_round('median', parallel.make_mesh(1), 5)
+    client_data = dict(client_data, image=client_data['image'].at[2].set(jnp.nan))
+    state, m = fn(state, client_data, inputs_for([1, 1, 1, 1, 1]), jax.random.key(0))
+    m = jax.tree.map(np.asarray, m)
+    assert int(m['train/nonfinite_updates']) == 1 and int(m['train/excluded_updates']) == 1
+    for k, p0 in init_params().items():  # the median of hospitals 0, 1, 3, 4 (m = 4)
+        honest = np.stack([deltas[j][k] for j in (0, 1, 3, 4)])
+        np.testing.assert_allclose(
+            state.params[k], np.asarray(p0) + np.median(honest, 0), atol=1e-6
+        )
+    config = chestxray14.get_config('smoke')
+    config.server.aggregator = 'median'
+    monitor = health.RoundMonitor(config, 1.0, [])
+    monitor.check(0, m)  # no raise: the NaN update was left out and the parameters are finite
+    monitor.check(1, m)
+    (line,) = capsys.readouterr().err.splitlines()  # warned once
+    assert line.startswith(
+        'fedjax_med: warning: round 1: 1 hospital update(s) are not finite; '
+        "config.server.aggregator='median' excluded them from the aggregate"
+    )
+    # FedAvg excludes nothing: the same round metrics without the exclusion still stop the run.
+    config.server.aggregator = 'weighted'
+    fedavg_metrics = {k: v for k, v in m.items() if k != 'train/excluded_updates'}
+    with pytest.raises(
+        FloatingPointError, match=r'^Round 1: 1 hospital update\(s\) are not finite'
+    ):
+        health.RoundMonitor(config, 1.0, []).check(0, fedavg_metrics)
+    # Excluded, but the new parameters are not finite: still a stop.
+    with pytest.raises(FloatingPointError, match='hospital update'):
+        health.RoundMonitor(config, 1.0, []).check(0, {**m, 'train/param_norm': np.inf})
 
 
 def test_smoke_run_with_the_median_has_a_finite_loss(tmp_path):
@@ -257,7 +369,7 @@ def test_trim_fraction_out_of_range_is_an_error(fraction):
 
 
 def test_unknown_aggregator_lists_every_allowed_name():
-    msg = _problem(_config({'server.aggregator': 'krum'}))
+    msg = _problem(_config({'server.aggregator': 'bulyan'}))
     assert "use one of 'weighted', 'uniform', 'median', 'trimmed_mean'" in msg
 
 

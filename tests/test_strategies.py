@@ -190,8 +190,8 @@ def test_strategy_for_reads_privacy_first():
     for fields, cls in picks.items():
         c = config(server__aggregator='uniform', **dict(fields))
         assert type(registry.strategy_for(c, **args())) is cls
-    with pytest.raises(ValueError, match="config.server.aggregator='krum'"):
-        registry.strategy_for(config(server__aggregator='krum'), **args())
+    with pytest.raises(ValueError, match="config.server.aggregator='bulyan'"):
+        registry.strategy_for(config(server__aggregator='bulyan'), **args())
 
 
 def test_random_stream_purposes_are_distinct_and_unchanged():

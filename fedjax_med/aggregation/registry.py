@@ -10,10 +10,18 @@ secure aggregation (`secagg.enabled`) each fix how updates are combined, and onl
   secagg.enabled                        secure_mean            (survivors' weighted mean)
   otherwise                             AGGREGATORS[server.aggregator].build
 
-`server.aggregator` still sets the host weights under SecAgg ('weighted' or 'uniform'); client DP
-weighs every participant alike. An aggregator with `needs_clear_updates` (the robust ones, and
-any new one unless it is the weighted mean of its weights) is refused by `validate` with SecAgg
-or client DP.
+`server.aggregator` still sets the host weights under SecAgg ('weighted', 'uniform' or
+'norm_bound'); client DP weighs every participant alike. An aggregator with `needs_clear_updates`
+(the robust ones, Krum, and any new one unless it is the weighted mean of its weights, possibly of
+updates each hospital bounds itself) is refused by `validate` with SecAgg or client DP. One with
+an `update_bound` (norm_bound) has every hospital clip its own update to that L2 norm, which works
+under SecAgg too: `secure_mean` clips before encoding.
+
+  weighted, uniform       fedavg.py via plain.py   the (example-)weighted / uniform mean
+  median, trimmed_mean    robust.py via plain.py   coordinate-wise, unweighted; non-finite excluded
+  krum, multi_krum        krum.py                  the update(s) nearest their neighbours
+  norm_bound              norm_bound.py            each update clipped to server.norm_bound, then
+                                                   the example-weighted mean
 
 A new aggregator is one new module with a `Strategy` (base.py) and its builder, plus one entry
 in `AGGREGATORS`; `validate` takes the names from here. `register` adds one at run time (tests).
@@ -27,7 +35,15 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from fedjax_med.aggregation import client_dp_mean, client_dp_secure_mean, fedavg, plain, secure_mean
+from fedjax_med.aggregation import (
+    client_dp_mean,
+    client_dp_secure_mean,
+    fedavg,
+    krum,
+    norm_bound,
+    plain,
+    secure_mean,
+)
 from fedjax_med.aggregation.base import Strategy, StrategyArgs
 
 WeightsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -43,6 +59,9 @@ class AggregatorSpec(NamedTuple):
     # True: needs every update in the clear and un-noised (validate refuses SecAgg and client
     # DP). False only for the weighted mean of `weights`, which the SecAgg mean also computes.
     needs_clear_updates: bool = True
+    # config -> the L2 norm every hospital clips its own update to before sending (applied on the
+    # hospital's side under SecAgg, before encoding), or None.
+    update_bound: Callable[[ml_collections.ConfigDict], float] | None = None
 
 
 AGGREGATORS: dict[str, AggregatorSpec] = {
@@ -50,6 +69,14 @@ AGGREGATORS: dict[str, AggregatorSpec] = {
     'uniform': AggregatorSpec(plain.build, fedavg.participation_weights, needs_clear_updates=False),
     'median': AggregatorSpec(plain.build),
     'trimmed_mean': AggregatorSpec(plain.build),
+    'krum': AggregatorSpec(krum.build_krum),
+    'multi_krum': AggregatorSpec(krum.build_multi_krum),
+    'norm_bound': AggregatorSpec(
+        norm_bound.build,
+        fedavg.example_weights,
+        needs_clear_updates=False,
+        update_bound=norm_bound.bound_of,
+    ),
 }
 
 
@@ -59,9 +86,10 @@ def register(
     *,
     weights: WeightsFn = fedavg.participation_weights,
     needs_clear_updates: bool = True,
+    update_bound: Callable[[ml_collections.ConfigDict], float] | None = None,
 ) -> None:
     """Makes `name` a valid `config.server.aggregator` (validate reads `AGGREGATORS`)."""
-    AGGREGATORS[name] = AggregatorSpec(build, weights, needs_clear_updates)
+    AGGREGATORS[name] = AggregatorSpec(build, weights, needs_clear_updates, update_bound)
 
 
 def spec(name: str) -> AggregatorSpec:
@@ -85,6 +113,8 @@ def strategy_for(
         if config.secagg.enabled:
             return client_dp_secure_mean.build(args)
         return client_dp_mean.build(args)
+    aggregator = spec(config.server.aggregator)
     if config.secagg.enabled:
-        return secure_mean.build(args)
-    return spec(config.server.aggregator).build(args)
+        bound = aggregator.update_bound(config) if aggregator.update_bound else 0.0
+        return secure_mean.build(args, norm_bound=bound)
+    return aggregator.build(args)

@@ -20,6 +20,17 @@ are pushed to +inf before the per-coordinate sort and never indexed, so the part
 changes from round to round while the shapes, and the compiled round, stay the same. The sort
 runs over the whole client axis, so when that axis is sharded XLA gathers it across devices.
 
+**Faulty (non-finite) updates.** A participant whose update holds ANY value that is NaN or
+infinite, in any leaf, is treated as faulty and excluded from the round's aggregate entirely,
+like a non-participant: it does not count in m (so the median's middle ranks and the trimmed
+mean's floor(beta * m) use the finite participants only), and every coordinate of the aggregate
+comes from finite updates. (Without this a NaN, which also sorts last, or an infinite value would
+shift the kept ranks onto the +inf placeholders of the absent hospitals.) When no participant's
+update is finite the aggregate is zero. `excluded_count` is the number excluded this way; the
+strategy reports it as the round metric `train/excluded_updates` (plain.py), and
+`health.RoundMonitor` lets such a round go on when the new global parameters are finite.
+`krum.py` applies the same rule (`valid_participants`).
+
 Both need every hospital's update in the clear. Secure aggregation reveals only the sum of the
 masked updates, so the server has nothing to sort; client-level DP (DP-FedAvg) adds Gaussian noise
 calibrated to the sensitivity of the sum of clipped updates, and the accountant covers that noised
@@ -34,6 +45,24 @@ import jax.numpy as jnp
 
 PyTree = Any
 ROBUST_AGGREGATORS = ('median', 'trimmed_mean')
+
+
+def finite_rows(stacked: PyTree) -> jax.Array:
+    """Bool [K]: whether every value of each hospital's update (every leaf) is finite."""
+    return jnp.stack(
+        [jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in jax.tree.leaves(stacked)]
+    ).all(axis=0)
+
+
+def valid_participants(stacked: PyTree, weights: jax.Array) -> jax.Array:
+    """Bool [K]: the hospitals a robust aggregate uses: taking part (weight > 0) with a finite
+    update (see the module docstring)."""
+    return (weights > 0) & finite_rows(stacked)
+
+
+def excluded_count(stacked: PyTree, weights: jax.Array) -> jax.Array:
+    """float32 scalar: participants excluded from a robust aggregate for a non-finite update."""
+    return jnp.sum((weights > 0) & ~finite_rows(stacked), dtype=jnp.float32)
 
 
 def _sorted_with_absent_last(x: jax.Array, taking_part: jax.Array) -> jax.Array:
@@ -51,8 +80,9 @@ def check_trim_fraction(trim_fraction: float) -> None:
 
 
 def coordinate_median(stacked: PyTree, weights: jax.Array) -> PyTree:
-    """Per-coordinate median over the hospitals with weight > 0; zero when none takes part."""
-    taking_part = weights > 0
+    """Per-coordinate median over the hospitals with weight > 0 and a finite update; zero when
+    there is none."""
+    taking_part = valid_participants(stacked, weights)
     m = jnp.sum(taking_part, dtype=jnp.int32)
     lower, upper = jnp.maximum((m - 1) // 2, 0), m // 2
 
@@ -68,10 +98,10 @@ def coordinate_median(stacked: PyTree, weights: jax.Array) -> PyTree:
 
 
 def trimmed_mean(stacked: PyTree, weights: jax.Array, trim_fraction: float) -> PyTree:
-    """Per-coordinate mean over the hospitals with weight > 0 after dropping floor(beta * m) values
-    from each end (beta = `trim_fraction`); zero when none takes part."""
+    """Per-coordinate mean over the m hospitals with weight > 0 and a finite update after dropping
+    floor(beta * m) values from each end (beta = `trim_fraction`); zero when there is none."""
     check_trim_fraction(trim_fraction)
-    taking_part = weights > 0
+    taking_part = valid_participants(stacked, weights)
     k = taking_part.shape[0]
     m = jnp.sum(taking_part, dtype=jnp.int32)
     # floor(beta * m) for every possible m, in float64 on the host: no float32 rounding at the
