@@ -91,10 +91,16 @@ def test_killed_server_resumes_from_its_checkpoint(deployment, simulated, tmp_pa
 
 
 def test_configs_a_deployment_cannot_run_are_one_line_each():
-    config = common.load_config(CONFIG, 'mode=local compression.kind=quantize dp.mode=client')
+    config = common.load_config(
+        CONFIG,
+        'mode=local compression.kind=quantize dp.mode=client attack.mode=sign_flip '
+        'attack.num_malicious=1 audit.num_canaries=10',
+    )
     problems = common.deploy_problems(config)
-    assert len(problems) == 3 and all('\n' not in p for p in problems)
+    assert len(problems) == 5 and all('\n' not in p for p in problems)
     assert problems[0].startswith("config.mode='local'")
+    assert problems[3].startswith("config.attack.mode='sign_flip'")
+    assert problems[4].startswith('config.audit.num_canaries=10')
     with pytest.raises(common.DeployError, match='no config field'):
         common.load_config(CONFIG, 'local.nonsense=1')
     with pytest.raises(common.DeployError, match='takes an integer'):

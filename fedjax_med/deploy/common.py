@@ -124,4 +124,15 @@ def deploy_problems(config: ml_collections.ConfigDict) -> list[str]:
             "config.data.train_on='public': pretraining on the public set is simulation only; "
             "set config.data.train_on='hospitals'."
         )
+    if config.attack.mode != 'none':
+        problems.append(
+            f'config.attack.mode={config.attack.mode!r}: the attack simulation plays malicious '
+            "hospitals inside the simulation only; set config.attack.mode='none'."
+        )
+    if config.audit.num_canaries:
+        problems.append(
+            f'config.audit.num_canaries={config.audit.num_canaries}: the canary audit needs one '
+            'process that knows which canaries were trained on; set config.audit.num_canaries=0 '
+            '(audit the deployed model with python -m fedjax_med.audit instead).'
+        )
     return problems
