@@ -7,7 +7,9 @@ over real Flower processes is in tests/test_deploy.py.
 Checked: the unmasked mean equals the plain weighted mean up to the fixed-point rounding; the
 masked vectors the server receives look uniform in Z_{2^32} and not like the updates; a hospital
 that drops after sharing keys is recovered when the threshold allows, and the round fails in one
-line when it does not; key material differs between two runs of the same config and seed.
+line when it does not; one that drops after sending its masked update stays in the sum; a
+hospital never reveals both shares of another; key material differs between two runs of the
+same config and seed.
 """
 
 import numpy as np
@@ -139,6 +141,15 @@ def test_a_hospital_that_drops_after_sharing_keys_is_recovered():
     for reply in fed.received['unmask'].values():
         kinds = dict(zip(reply['owners'], reply['kinds'], strict=True))
         assert kinds[2] == 'mask' and 'self' in kinds.values()
+
+
+def test_a_hospital_that_drops_after_sending_its_masked_update_stays_in_the_sum():
+    updates, weights = make_updates(2), [10.0, 20.0, 45.0]
+    fed = Federation(updates, weights, threshold=1, drop={'unmask': {2}})
+    mean, survivors = fed.run()
+    assert survivors == [0, 1, 2]  # its self seed is rebuilt from the others' shares
+    error = np.max(np.abs(secagg.flatten(mean) - weighted_mean(updates, weights, survivors)))
+    assert error < tolerance(3), error
 
 
 def test_too_few_survivors_fail_the_round_in_one_line():
