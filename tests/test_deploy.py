@@ -3,9 +3,10 @@ and one `flower-supernode` per hospital, runs submitted with `flwr run`.
 
 The runs: a 3-hospital smoke config ends with the global parameters of `train.run` of the same
 config and seed, and so does one whose ServerApp process is killed (SIGKILL) after its first
-checkpoint and started again (it resumes from the checkpoint). Flower starts one ClientApp
-process per message, each importing JAX and building its hospital, so on 2 busy cores a
-deployed round takes about 30-60 s; the deployment is started once for the module.
+checkpoint and started again (it resumes from the checkpoint), and, up to the fixed-point
+rounding, one with secure aggregation between the processes (secagg.enabled). Flower starts
+one ClientApp process per message, each importing JAX and building its hospital, so on 2 busy
+cores a deployed round takes about 30-60 s; the deployment is started once for the module.
 
 Skipped when flwr is not installed (pip install -e '.[deploy]').
 """
@@ -88,6 +89,29 @@ def test_killed_server_resumes_from_its_checkpoint(deployment, simulated, tmp_pa
     params, done = final_params(workdir)
     assert done == 2
     assert max_difference(params, simulated) < 1e-5
+
+
+def test_secure_aggregation_between_processes_matches_the_plain_run(deployment, tmp_path):
+    # The hospitals' keys, shares and masked updates travel through the SuperLink and the server
+    # unmasks the sum, so the round ends where the plain one does up to the fixed-point rounding:
+    # under one level (1 / scale) per hospital and for the weight coordinate, with FedAvg's
+    # server learning rate 1. One round: its stochastic rounding, carried through more rounds of
+    # training, grows (1.4e-4 after two), and each SecAgg round adds three message rounds.
+    from fedjax_med.deploy import secagg
+
+    one_round = OVERRIDES.replace('num_rounds=2', 'num_rounds=1')
+    plain = str(tmp_path / 'plain')
+    train.run(common.load_config(CONFIG, one_round), plain)
+    workdir = str(tmp_path / 'server')
+    overrides = one_round + ' secagg.enabled=True'
+    status, log = deployment.run(config=CONFIG, overrides=overrides, workdir=workdir, name='sa')
+    assert status == 0, log[-3000:]
+    assert 'round 1/1 | 3 of 3 hospitals' in log, log[-3000:]
+    params, done = final_params(workdir)
+    assert done == 1
+    difference = max_difference(params, final_params(plain)[0])
+    print('secagg deployment vs plain simulation, max |difference|:', difference)
+    assert 0 < difference < 2 * (3 + 1) / secagg.scale(1.0, 3)
 
 
 def test_configs_a_deployment_cannot_run_are_one_line_each():

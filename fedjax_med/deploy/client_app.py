@@ -14,7 +14,13 @@ Messages it answers (sent by fedjax_med/deploy/server_app.py):
          (`hospital.Hospital.update`, the simulation's jitted update over a client axis of one)
          and replies its update, its number of training examples, its training loss and its own
          epsilon, nothing else; or, if the round would take it past its budget, a refusal with
-         the reason and no update.
+         the reason and no update. With config.secagg.enabled it keeps its update, makes its
+         round's key pairs and self-mask seed from the OS CSPRNG and replies their public keys
+         instead of the update (`secagg.advertise`).
+  query  'fields' with a secagg stage (share-keys, masked-input, unmask): the next message
+         round of secure aggregation (`secagg_reply`, fedjax_med/deploy/secagg.py); its keys,
+         seeds, received shares and update stay in the SuperNode's state of this run, at the
+         hospital, and are deleted after unmasking.
 
 Flower starts a new ClientApp process for every message, so each train message builds the
 hospital again (its data and the jitted update; JAX's persistent compilation cache makes the
@@ -43,10 +49,76 @@ def hospital_index(context: Context) -> int:
 
 @app.query()
 def hello(msg: Message, context: Context) -> Message:
-    """Tells the server which hospital this node is."""
+    """Tells the server which hospital this node is, or answers a secure-aggregation stage."""
+    if 'fields' in msg.content:
+        return Message(secagg_reply(msg.content, context), reply_to=msg)
     return Message(
         RecordDict({'hospital': ConfigRecord({'hospital': hospital_index(context)})}), reply_to=msg
     )
+
+
+_SECAGG = 'fedjax_med.secagg'
+_SECAGG_UPDATE = 'fedjax_med.secagg.update'
+
+
+def _keep_secagg(context: Context, state: dict) -> None:
+    fields = {k: v for k, v in state.items() if k != 'held'}
+    if 'held' in state:
+        fields['held-from'] = [int(v) for v in state['held']]
+        fields['held-ct'] = list(state['held'].values())
+    context.state[_SECAGG] = ConfigRecord(fields)
+
+
+def _load_secagg(context: Context) -> dict:
+    if _SECAGG not in context.state:
+        raise ValueError('this hospital holds no secure-aggregation keys for the round.')
+    state = dict(context.state[_SECAGG])
+    if 'held-from' in state:
+        state['held'] = dict(zip(state.pop('held-from'), state.pop('held-ct'), strict=True))
+    for name in ('neighbours', 'cipher-pks', 'mask-pks'):
+        if name in state:
+            state[name] = list(state[name])
+    return state
+
+
+def secagg_reply(content: RecordDict, context: Context) -> RecordDict:
+    """The hospital's answer to one secure-aggregation message (`content`, built by
+    `wire.to_content` with a `stage`): its state is read from and written back to
+    `context.state`. A request it will not answer gets a refusal with the reason."""
+    from fedjax_med.deploy import secagg, wire
+
+    request = wire.from_content(content)
+    stage = request.pop('stage', '')
+    try:
+        state = _load_secagg(context)
+        if stage == 'share-keys':
+            state, reply = secagg.share_keys(state, request)
+        elif stage == 'masked-input':
+            update = context.state[_SECAGG_UPDATE]['update'].numpy()
+            state, reply = secagg.masked_input(state, request, update)
+        elif stage == 'unmask':
+            reply = secagg.unmask(state, request)
+            del context.state[_SECAGG], context.state[_SECAGG_UPDATE]
+            return wire.to_content(reply)
+        else:
+            raise secagg.ProtocolError(f'unknown secure-aggregation stage {stage!r}.')
+    except (secagg.ProtocolError, ValueError) as e:
+        return RecordDict({'refused': ConfigRecord({'reason': str(e)})})
+    _keep_secagg(context, state)
+    return wire.to_content(reply)
+
+
+def keep_update_for_secagg(context: Context, k: int, round_index: int, delta) -> dict:
+    """Keeps this hospital's update and its new secure-aggregation state at the hospital;
+    returns the public keys to advertise."""
+    from flwr.app import Array, ArrayRecord
+
+    from fedjax_med.deploy import secagg
+
+    state, reply = secagg.advertise(k, round_index)
+    _keep_secagg(context, state)
+    context.state[_SECAGG_UPDATE] = ArrayRecord({'update': Array(secagg.flatten(delta))})
+    return reply
 
 
 def _load_privacy(context: Context, path: str) -> dict | None:
@@ -105,10 +177,11 @@ def train(msg: Message, context: Context) -> Message:
     if out['epsilon'] is not None:
         metrics['epsilon'] = float(out['epsilon'])
     content = RecordDict(
-        {
-            'update': wire.to_record(out['delta']),
-            'metrics': MetricRecord(metrics),
-            'hospital': ConfigRecord({'hospital': k}),
-        }
+        {'metrics': MetricRecord(metrics), 'hospital': ConfigRecord({'hospital': k})}
     )
+    if config.secagg.enabled:  # the update stays here; only its masked sum leaves
+        keys = keep_update_for_secagg(context, k, round_index, out['delta'])
+        content['secagg-keys'] = ConfigRecord(keys)
+    else:
+        content['update'] = wire.to_record(out['delta'])
     return Message(content, reply_to=msg)

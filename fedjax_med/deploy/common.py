@@ -119,6 +119,12 @@ def deploy_problems(config: ml_collections.ConfigDict) -> list[str]:
             "hospital's size, which no hospital knows; set config.dp.noise_per_hospital=True "
             '(each hospital calibrates its own sigma to the target).'
         )
+    if config.secagg.enabled and config.secagg.dropout_fraction > 0:
+        problems.append(
+            f'config.secagg.dropout_fraction={config.secagg.dropout_fraction:g}: a deployment '
+            'does not simulate dropouts (a hospital that stops answering is one); set '
+            'config.secagg.dropout_fraction=0.'
+        )
     if config.data.get('train_on', 'hospitals') != 'hospitals':
         problems.append(
             "config.data.train_on='public': pretraining on the public set is simulation only; "

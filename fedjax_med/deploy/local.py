@@ -28,6 +28,8 @@ from fedjax_med.deploy.common import REPO, DeployError
 
 APP_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'flower_app')
 DEFAULT_PORT = 9093
+# What launch/make_certs.py writes and the SuperLink reads with TLS on.
+CERT_FILES = ('ca.crt', 'server.pem', 'server.key')
 # The SuperNodes' ClientApp runtime ports on one machine: BASE + hospital.
 SUPERNODE_BASE_PORT = 9200
 
@@ -220,7 +222,12 @@ class LocalDeployment:
       port: the SuperLink's port.
       certs: TLS certificates folder (launch/make_certs.py); None: --insecure.
       auth_keys: {hospital: private key file} to authenticate SuperNodes with (SuperLink started
-        with --enable-supernode-auth; register the public keys with `register_nodes`).
+        with --enable-supernode-auth); the public key of each (the file + '.pub', as
+        launch/make_certs.py writes it) is registered with the SuperLink (`register_node`)
+        before the SuperNodes start, unless the hospital is in `unregistered`.
+      unregistered: hospitals whose keys are not registered (their SuperNodes are refused).
+      register: more SuperNode public keys (OpenSSH files) to register; any key, here or in
+        `auth_keys`, turns SuperNode authentication on.
       node_options: {hospital: supernode_args keyword arguments} (data_dir, max_epsilon, ...).
       hospitals: the hospitals to start SuperNodes for (default: 0..num_hospitals-1).
       host: the address the SuperLink listens on (0.0.0.0: every interface).
@@ -237,10 +244,27 @@ class LocalDeployment:
         node_options: dict | None = None,
         hospitals: list[int] | None = None,
         host: str = '127.0.0.1',
+        unregistered: tuple = (),
+        register: list[str] | None = None,
     ):
         self.root, self.port, self.certs, self.host = os.path.abspath(root), port, certs, host
+        self.unregistered = set(unregistered)
+        self.register = [(key, os.path.basename(key)) for key in register or []]
         self.hospitals = list(range(num_hospitals)) if hospitals is None else list(hospitals)
         self.auth_keys = auth_keys or {}
+        self.register += [
+            (key + '.pub', f'hospital_{k}')
+            for k, key in sorted(self.auth_keys.items())
+            if k not in self.unregistered
+        ]
+        for path in [certs and os.path.join(certs, n) for n in CERT_FILES] + [
+            key for key, _ in self.register
+        ]:
+            if path and not os.path.isfile(path):
+                raise DeployError(
+                    f'{path} does not exist; make the certificates and keys with python '
+                    'launch/make_certs.py --out=DIR --nodes=N.'
+                )
         self.node_options = node_options or {}
         self.flwr_home = os.path.join(self.root, 'flwr_home')
         self.logs = os.path.join(self.root, 'logs')
@@ -258,11 +282,31 @@ class LocalDeployment:
 
     def start_superlink(self) -> None:
         args = superlink_args(self.port, host=self.host, certs=self.certs)
-        if self.auth_keys:
+        if self.register or self.auth_keys:
             args.append('--enable-supernode-auth')
         self.superlink = self._start(args, 'superlink.log')
         wait_for_port('127.0.0.1', self.port, 60, self.superlink)
         write_connection(self.flwr_home, self.address, certs=self.certs)
+        for key, name in self.register:
+            self.register_node(key, name)
+
+    def register_node(self, public_key: str, name: str) -> None:
+        """Registers a SuperNode's public key (OpenSSH format) with the SuperLink
+        (`flwr supernode register`); only registered SuperNodes may connect."""
+        out = subprocess.run(
+            [command('flwr'), 'supernode', 'register', public_key, '--name', name],
+            env=self.env,
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if out.returncode != 0:
+            lines = (out.stdout + out.stderr).strip().splitlines() or ['(no output)']
+            raise DeployError(
+                f'flwr supernode register {public_key} failed: {lines[-1]}; check the key '
+                '(launch/make_certs.py --nodes=N writes hospital_K.pub) and the SuperLink.'
+            )
 
     def start_supernode(self, hospital: int) -> subprocess.Popen:
         args = supernode_args(

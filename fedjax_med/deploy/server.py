@@ -20,6 +20,10 @@ Per round: `participants(r)` draws the round's hospitals as the simulation does
 (`host_round.sample_participants`); the Flower ServerApp sends them the global parameters and
 `finish_round(r, replies)` combines what came back: each reply is a hospital's update, its
 number of training examples (the FedAvg weight), its training loss and its own epsilon.
+
+With config.secagg.enabled no update comes back in the clear: the ServerApp runs the protocol of
+`deploy/secagg.py` over further message rounds and hands `finish_round` the survivors' weighted
+mean (`mean_delta`), to which only the server optimiser step is applied.
 """
 
 import json
@@ -45,6 +49,8 @@ from fedjax_med.validate import validate
 class Server:
     """The global side of a deployed run in `workdir` (see the module docstring)."""
 
+    # Long on purpose: what the server holds is built in the order train.run builds it (test
+    # split, model, state, evaluator, checkpoints, writers), each step using the ones before.
     def __init__(self, config: ml_collections.ConfigDict, workdir: str):
         validate(config)
         problems = deploy_problems(config)
@@ -69,7 +75,9 @@ class Server:
         self.initial_norm = float(optax.tree.norm(params))
         self.state = rounds.init_server_state(params, config, 1, self.mesh)
         self.weights = registry.spec(config.server.aggregator).weights
-        self._step = _server_step_fn(config)
+        self.secagg = bool(config.secagg.enabled)
+        self._step = None if self.secagg else _server_step_fn(config)
+        self._apply = _apply_mean_fn(config) if self.secagg else None
         self.evaluator = evaluation.Evaluator(
             apply_fn=apply_fn,
             task=self.task,
@@ -121,19 +129,31 @@ class Server:
         self.log.append(line)
         print(f'fedjax_med.deploy: {line}', flush=True)
 
+    def secure_weights(self, replies: dict[int, dict]) -> dict[int, float]:
+        """{hospital: its aggregation weight} (config.server.aggregator's host weights of the
+        hospitals' example counts), what SecAgg's weighted mean divides by."""
+        hospitals = sorted(replies)
+        sizes = np.array([replies[k]['num_examples'] for k in hospitals], np.float32)
+        weights = self.weights(sizes, np.ones_like(sizes))
+        return {k: float(w) for k, w in zip(hospitals, weights, strict=True)}
+
     # -- combining -----------------------------------------------------------------------------
+    # Long on purpose: one round's row is filled in train.run's order (combination, evaluation,
+    # privacy, bytes, time) and written and checkpointed at its end.
     def finish_round(
         self,
         r: int,
         replies: dict[int, dict],
         *,
+        mean_delta=None,
         bytes_up: int = 0,
         bytes_down: int = 0,
         started: float | None = None,
     ) -> dict:
         """Combines round r's replies {hospital: {'delta', 'num_examples', 'loss_sum',
         'example_count', 'epsilon'}} into the new global state; evaluates, logs and checkpoints
-        as `train.run` does. Returns the metrics row.
+        as `train.run` does. Returns the metrics row. With SecAgg the replies carry no 'delta'
+        and `mean_delta` is the unmasked weighted mean of theirs.
 
         A round in which no hospital answered changes nothing and is not logged.
         """
@@ -141,10 +161,16 @@ class Server:
         hospitals = sorted(replies)
         if not hospitals:
             raise DeployError(f'round {r + 1}: no hospital sent an update; the round failed.')
-        stacked = jax.tree.map(lambda *x: np.stack(x), *[replies[k]['delta'] for k in hospitals])
-        sizes = np.array([replies[k]['num_examples'] for k in hospitals], np.float32)
-        weights = self.weights(sizes, np.ones_like(sizes))
-        self.state, m = self._step(self.state, stacked, weights, jnp.asarray(hospitals, jnp.int32))
+        if mean_delta is not None:
+            self.state, m = self._apply(self.state, mean_delta)
+        else:
+            stacked = jax.tree.map(
+                lambda *x: np.stack(x), *[replies[k]['delta'] for k in hospitals]
+            )
+            sizes = np.array([replies[k]['num_examples'] for k in hospitals], np.float32)
+            weights = self.weights(sizes, np.ones_like(sizes))
+            ids = jnp.asarray(hospitals, jnp.int32)
+            self.state, m = self._step(self.state, stacked, weights, ids)
         m = jax.tree.map(float, parallel.to_host(m))
         loss = sum(replies[k]['loss_sum'] for k in hospitals)
         count = sum(replies[k]['example_count'] for k in hospitals)
@@ -232,20 +258,30 @@ def _server_step_fn(config: ml_collections.ConfigDict):
             learning_rate=jnp.zeros((), jnp.float32),
         )
         combined = strategy.combine(deltas, inputs, jax.random.key(0), state.clip_norm)
-        params, opt_state = server_opt.server_step(
-            server, state.params, state.opt_state, combined.mean_delta
-        )
-        metrics = {
-            'train/update_norm': optax.tree.norm(combined.mean_delta),
-            'train/param_norm': optax.tree.norm(params),
-        }
-        new_state = ServerState(
-            params=params,
-            opt_state=opt_state,
-            round=state.round + 1,
-            clip_norm=combined.clip_norm,
-            client_state=state.client_state,
-        )
-        return new_state, metrics
+        return _advance(server, state, combined.mean_delta, combined.clip_norm)
 
     return jax.jit(step)
+
+
+def _advance(server, state: ServerState, mean_delta, clip_norm):
+    """The server optimiser step from the round's mean update: (new state, metrics)."""
+    params, opt_state = server_opt.server_step(server, state.params, state.opt_state, mean_delta)
+    metrics = {
+        'train/update_norm': optax.tree.norm(mean_delta),
+        'train/param_norm': optax.tree.norm(params),
+    }
+    new_state = ServerState(
+        params=params,
+        opt_state=opt_state,
+        round=state.round + 1,
+        clip_norm=clip_norm,
+        client_state=state.client_state,
+    )
+    return new_state, metrics
+
+
+def _apply_mean_fn(config: ml_collections.ConfigDict):
+    """Jitted `(state, mean update) -> (state, metrics)`: the server optimiser step alone, for
+    SecAgg, whose weighted mean the server unmasks outside (deploy/secagg.py)."""
+    server = server_opt.server_optimizer(config.server)
+    return jax.jit(lambda state, mean_delta: _advance(server, state, mean_delta, state.clip_norm))

@@ -16,6 +16,12 @@ each round send the round's hospitals (`server.Server.participants`) the global 
 aggregation and server optimiser step, evaluation, metrics.jsonl, checkpoint). A hospital that
 refuses a round (its own privacy budget) or fails is logged, with its reason, and the round goes
 on without it; a round without any update fails the run.
+
+With config.secagg.enabled the 'train' replies carry public keys instead of updates, and the
+round goes on with three more message rounds ('query' messages with a secagg stage: share-keys,
+masked-input, unmask; `secure_round`, the protocol of fedjax_med/deploy/secagg.py) in which the
+server relays keys and encrypted shares, sums the masked updates and removes the masks; a round
+that cannot be unmasked (fewer than the threshold answered) fails the run with one line.
 """
 
 import time
@@ -94,17 +100,71 @@ def train_round(grid: Grid, site, nodes: dict[int, int], r: int, params, chosen,
             site.note(f'round {r + 1}: {reply.content["refused"]["reason"]}')
         else:
             m = reply.content['metrics']
+            secure = 'secagg-keys' in reply.content
             replies[k] = {
-                'delta': wire.from_record(reply.content['update'], site.global_params()),
+                'delta': None
+                if secure
+                else wire.from_record(reply.content['update'], site.global_params()),
+                'keys': dict(reply.content['secagg-keys']) if secure else None,
                 'num_examples': int(m['num-examples']),
                 'loss_sum': float(m['loss-sum']),
                 'example_count': float(m['example-count']),
                 'epsilon': float(m['epsilon']) if 'epsilon' in m else None,
             }
-            up += wire.num_bytes(reply.content['update'])
+            up += 0 if secure else wire.num_bytes(reply.content['update'])
     for k in sorted(set(chosen) - heard):
         site.note(f'round {r + 1}: hospital {k} sent no reply within {timeout:g} s')
     return replies, up
+
+
+def secure_round(grid: Grid, site, nodes: dict[int, int], r: int, replies, timeout: float):
+    """Rounds 1-3 of secure aggregation among the hospitals that trained (`replies`, with their
+    public keys): (the survivors' weighted mean update, the survivors, protocol bytes received).
+
+    Raises:
+      secagg.RoundFailedError: the round cannot be unmasked (one line).
+    """
+    from fedjax_med.deploy import secagg, wire
+
+    sa = site.config.secagg
+    server_round = secagg.ServerRound(
+        r,
+        {k: rep['keys'] for k, rep in replies.items()},
+        site.secure_weights(replies),
+        site.global_params(),
+        num_hospitals=site.num_hospitals,
+        clip=float(sa.clip),
+        threshold=int(sa.threshold),
+        neighbours=int(sa.neighbours),
+        graph_seed=[int(site.config.seed), r],
+    )
+    hospital_of = {n: k for k, n in nodes.items()}
+
+    def send(stage: str, requests: dict) -> dict:
+        messages = [
+            Message(
+                wire.to_content(request, stage=stage),
+                dst_node_id=nodes[k],
+                message_type='query',
+                group_id=f'{r + 1}/{stage}',
+            )
+            for k, request in requests.items()
+        ]
+        out = {}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            k = hospital_of.get(reply.metadata.src_node_id)
+            if reply.has_error():
+                site.note(f'round {r + 1} ({stage}): hospital {k} failed: {reply.error.reason}')
+            elif 'refused' in reply.content:
+                site.note(f'round {r + 1} ({stage}): {reply.content["refused"]["reason"]}')
+            else:
+                out[k] = wire.from_content(reply.content)
+        for k in sorted(set(requests) - set(out)):
+            site.note(f'round {r + 1} ({stage}): no answer from hospital {k}')
+        return out
+
+    mean_delta, survivors = secagg.aggregate(send, server_round)
+    return mean_delta, survivors, server_round.bytes_up
 
 
 @app.main()
@@ -132,9 +192,22 @@ def main(grid: Grid, context: Context) -> None:
         if not replies:
             site.close()
             _fail(f'round {r + 1}: no hospital sent an update (see the lines above); stopping.')
+        mean_delta = None
+        if site.secagg:
+            from fedjax_med.deploy import secagg
+
+            try:
+                mean_delta, survivors, up = secure_round(
+                    grid, site, nodes, r, replies, round_timeout
+                )
+            except secagg.RoundFailedError as e:
+                site.close()
+                _fail(f'secure aggregation failed: {e}')
+            replies = {k: replies[k] for k in survivors}
         row = site.finish_round(
             r,
             replies,
+            mean_delta=mean_delta,
             bytes_up=up,
             bytes_down=wire.num_bytes(params) * len(chosen),
             started=started,

@@ -42,3 +42,28 @@ def from_record(record: ArrayRecord, like):
 def num_bytes(record: ArrayRecord) -> int:
     """The payload bytes of an ArrayRecord (its arrays' data)."""
     return int(sum(array.numpy().nbytes for array in record.values()))
+
+
+def to_content(values: dict, **extra):
+    """A protocol message's fields (ints, floats, strings, bytes, lists of them, numpy arrays)
+    as a RecordDict: arrays in an ArrayRecord 'arrays', the rest in a ConfigRecord 'fields'.
+    `extra` fields (e.g. stage=...) are added to the ConfigRecord."""
+    from flwr.app import ConfigRecord, RecordDict
+
+    fields, arrays = dict(extra), {}
+    for name, value in values.items():
+        if isinstance(value, np.ndarray):
+            arrays[name] = Array(value)
+        elif isinstance(value, (list, tuple)):
+            fields[name] = [v if isinstance(v, (bytes, str, float)) else int(v) for v in value]
+        else:
+            fields[name] = value
+    return RecordDict({'fields': ConfigRecord(fields), 'arrays': ArrayRecord(arrays)})
+
+
+def from_content(content) -> dict:
+    """`to_content`'s fields back as a dict (arrays as numpy arrays)."""
+    out = dict(content['fields']) if 'fields' in content else {}
+    if 'arrays' in content:
+        out.update({name: array.numpy() for name, array in content['arrays'].items()})
+    return out
