@@ -53,6 +53,8 @@ HEADLINE = (
 )
 
 
+# Long on purpose: the closing block is one sequence of lines in print order; each is a few
+# lines of formatting that reads best where it is printed.
 def summary_lines(
     summary: dict,
     *,

@@ -690,6 +690,8 @@ def region_legend(fig: Figure):
     )
 
 
+# Long on purpose: picking the images, computing both models' maps and drawing the grid share
+# the same per-image state; split up, each part would need all of it passed along.
 def plot_cxr_attribution(
     runs: Sequence[Run], out_dir: str, num_examples: int = 3, steps: int = 32
 ) -> tuple[str | None, dict]:

@@ -385,6 +385,8 @@ def _attack_problems(config: ml_collections.ConfigDict, unknown: set[str]) -> li
     return problems
 
 
+# Long on purpose: one flat list of data checks, a few lines each, so that every data problem of
+# a config is reported at once.
 def _data_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Data fields that would otherwise fail deep in the readers, or be silently ignored."""
     data, problems = config.data, []
@@ -620,6 +622,8 @@ def _secagg_failure(m: int, neighbours: int, threshold: int, dropped: int) -> st
     return None
 
 
+# Long on purpose: the protocol's feasibility rules (threshold, neighbours, dropouts) depend on
+# each other and are checked in the order the protocol would meet them.
 def _secagg_problems(config: ml_collections.ConfigDict) -> list[str]:
     """Settings with which `secagg_protocol.run_protocol` would stop the run in some round."""
     sa, num_clients, per_round = config.secagg, config.data.num_clients, config.clients_per_round

@@ -138,6 +138,8 @@ class WorkdirLock:
             ]
         )
 
+    # Long on purpose: one retry loop over the lock's states (free, live, stale, on another
+    # host, flock unsupported); each branch is a few lines and they share the open descriptor.
     def acquire(self) -> str | None:
         """Takes the lock; returns a note when it took over a stale one. Raises WorkdirError when
         a live run holds it (or one on another host may)."""

@@ -269,6 +269,8 @@ def _case_place(case: dict) -> str:
     return str(case.get('image') or case.get('listed', {}).get('image') or case.get('case_id'))
 
 
+# Long on purpose: each check that can skip a case (missing, unreadable, misshapen, non-finite,
+# blank) is a few lines, in the order the files are read, so a skipped case names its reason.
 def load_case(case: dict, version: str, msd_order: list[int] | None = None):
     """Returns (volume float32 [X, Y, Z, 4] z-scored in brain, seg int [X, Y, Z], brain [X,Y,Z],
     voxel size float [3] in mm along X, Y, Z), every value finite.

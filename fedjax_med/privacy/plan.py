@@ -47,6 +47,8 @@ class PrivacyPlan:
       ValueError: a privacy target these hospitals cannot meet.
     """
 
+    # Long on purpose: calibration of every hospital's sigma, the accountants and the padded
+    # Poisson batch depend on one another and are set up once, in this order.
     def __init__(self, config: ml_collections.ConfigDict, sizes: np.ndarray, steps: np.ndarray):
         self.config, dp = config, config.dp
         self.mode = dp.mode
