@@ -370,7 +370,7 @@ def _inversion(exp, workdir: str, *, hospital: int, images: int, steps: int) -> 
         os.path.join(workdir, 'inversion.png'),
         batch['image'],
         result,
-        f"Gradient inversion of {name}'s first-round gradient ({images} images, {steps} steps)",
+        f"Gradient inversion of {name}'s first-round gradient\n({images} images, {steps} steps)",
     )
     return {
         'hospital': name,

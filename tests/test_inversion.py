@@ -11,8 +11,10 @@ from fedjax_med import inversion, tasks
 from fedjax_med.data import synthetic
 
 # Measured on this test's image and model (seed 0, 300 steps): 25.2 dB / SSIM 0.78 without
-# DP; 4.8 dB under DP-SGD (sigma 1, C 1) and 5.4 dB from the SecAgg-masked update.
-PLAIN_MIN_PSNR = 20.0
+# DP; 4.8 dB under DP-SGD (sigma 1, C 1) and 5.4 dB from the SecAgg-masked update. A flat image
+# at the original's mean brightness scores 19.0 dB / SSIM 0.07, so the thresholds ask for more
+# than the brightness.
+PLAIN_MIN_PSNR = 22.0
 PLAIN_MIN_SSIM = 0.5
 PROTECTED_MAX_PSNR = 10.0
 
@@ -45,9 +47,10 @@ def attacked():
 
 
 def test_non_private_gradient_gives_the_image_back(attacked):
-    _, result = attacked
+    data, result = attacked
     plain = result['plain']
     assert plain['psnr_mean'] >= PLAIN_MIN_PSNR, plain['psnr']
+    assert plain['psnr_mean'] > inversion.flat_image_psnr(data['image'])[0] + 3
     assert plain['ssim_mean'] >= PLAIN_MIN_SSIM, plain['ssim']
     assert plain['gradient_cosine'] == pytest.approx(1.0)
 
