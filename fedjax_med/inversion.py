@@ -364,7 +364,7 @@ def figure(path: str, originals: np.ndarray, result: dict, title: str = '') -> s
 
     cases = [c for c in CASES if c in result]
     rows, cols = 1 + len(cases), originals.shape[0]
-    fig = Figure(figsize=(1.8 * cols + 0.6, 1.8 * rows + 0.4))
+    fig = Figure(figsize=(max(1.8 * cols + 0.6, 4.0), 1.8 * rows + 0.4))
     FigureCanvasAgg(fig)
     names = {'plain': 'no DP', 'dp_sgd': 'DP-SGD', 'secagg': 'SecAgg (masked)'}
     for r, (label, imgs) in enumerate(
