@@ -52,3 +52,12 @@ def test_audit_inversion_writes_its_metrics_and_figure(smoke_run):
 def test_audit_inversion_values_the_run_cannot_take_are_one_line(smoke_run, inversion, message):
     with pytest.raises(audit.AuditError, match=message):
         audit.run(smoke_run, max_examples=10, inversion=inversion)
+
+
+def test_a_model_too_large_is_swapped_for_the_smoke_sized_one(smoke_run, monkeypatch, tmp_path):
+    monkeypatch.setattr(audit, '_INVERSION_MAX_PARAMS', 0)
+    exp, _, _, _ = audit.load(smoke_run)
+    saved = audit._inversion(exp, str(tmp_path), hospital=0, images=1, steps=5)
+    assert saved['model'].startswith('the smoke-sized resnet_small (width 8, depth 2) at 32 px')
+    assert saved['plain']['gradient_cosine'] == pytest.approx(1.0)
+    assert os.path.exists(tmp_path / 'inversion.png')
