@@ -13,12 +13,21 @@ model (`auditor.py`; the methods and their references are in `privacy/auditing.p
   shadows, which changes what the server sees, not the model), trained here from scratch, each
   costing about one training run;
 - **the one-run canary audit**, if the run planted canaries (`config.audit.num_canaries > 0`):
-  the canaries scored again on the checkpointed model, next to the figures the run logged.
+  the canaries scored again on the checkpointed model, next to the figures the run logged;
+- **gradient inversion** (`--inversion`, off by default; `inversion.py`, Geiping et al. 2020):
+  a curious server inverts one hospital's (`--inversion_hospital`) first-round gradient, one
+  local step of the round-1 global model (the run's initial parameters) on `--inversion_images`
+  of its own training images, in the clear, as DP-SGD would send it (the run's C and sigma_k, or
+  C = 1 and sigma = 1 for a run without sample-level DP) and SecAgg-masked, for
+  `--inversion_steps` Adam steps. A model of more than `_INVERSION_MAX_PARAMS` parameters or
+  images above 64 px are swapped for the smoke-sized ResNet at 32 px (audit.json says so).
+  PSNR and SSIM go to audit.json's 'inversion', the images to RUN/inversion.png.
 
 Writes RUN/audit.json, RUN/audit_roc.png (matplotlib: the ROC curves on log axes and, with
-canaries, the IN / OUT canary scores) and prints a short summary. A workdir that is missing, is
-no run, or holds a run that has not finished is one line naming --workdir, its value and the fix,
-with exit status 2.
+canaries, the IN / OUT canary scores; with --inversion also RUN/inversion.png) and prints a
+short summary. A workdir that is missing, is no run, or holds a run that has not finished is one
+line naming --workdir, its value and the fix, with exit status 2 (so is an --inversion_* value
+the run cannot take).
 """
 
 from __future__ import annotations
@@ -44,6 +53,21 @@ _SHADOW_MODELS = flags.DEFINE_integer(
 _LIRA_HOSPITAL = flags.DEFINE_integer(
     'lira_hospital', None, 'Offline LiRA: the hospital attacked (default: the canary one, or 0).'
 )
+_INVERSION = flags.DEFINE_bool(
+    'inversion', False, "Gradient inversion of one hospital's first-round gradient (cheap)."
+)
+_INVERSION_HOSPITAL = flags.DEFINE_integer(
+    'inversion_hospital', 0, 'Gradient inversion: the hospital whose gradient is attacked.'
+)
+_INVERSION_IMAGES = flags.DEFINE_integer(
+    'inversion_images', 2, 'Gradient inversion: images in the attacked batch (1 to 8).'
+)
+_INVERSION_STEPS = flags.DEFINE_integer(
+    'inversion_steps', 300, "Gradient inversion: the attacker's Adam steps per case."
+)
+# Above this many parameters (or 64 px), the inversion attacks the smoke-sized model instead:
+# each attacker step differentiates through the gradient of the model, twice a training step.
+_INVERSION_MAX_PARAMS = 500_000
 
 
 class AuditError(ValueError):
@@ -162,15 +186,23 @@ def _logit_confidence(scores):
 
 
 def run(
-    workdir: str, *, max_examples: int = 2000, shadow_models: int = 0, lira_hospital=None
+    workdir: str,
+    *,
+    max_examples: int = 2000,
+    shadow_models: int = 0,
+    lira_hospital=None,
+    inversion: dict | None = None,
 ) -> dict:
-    """Audits the finished run in `workdir`; writes audit.json (+ audit_roc.png) there."""
+    """Audits the finished run in `workdir`; writes audit.json (+ audit_roc.png) there.
+    `inversion`: None (off) or {'hospital', 'images', 'steps'} (`_inversion`)."""
     from fedjax_med import auditor
 
     exp, params, latest, last = load(workdir)
     config = exp.config
     if shadow_models:
         lira_hospital = _lira_hospital(exp, shadow_models, lira_hospital)
+    if inversion is not None:
+        _check_inversion(exp, **inversion)
     local = config.mode == 'local'
     result = {
         'workdir': os.path.abspath(workdir),
@@ -201,6 +233,8 @@ def run(
     if exp.auditor is not None:
         logged = {k: v for k, v in last.items() if k.startswith(('audit/', 'privacy/epsilon'))}
         result['canary_audit'] = {'rescored': exp.auditor.audit(params), 'logged': logged}
+    if inversion is not None:
+        result['inversion'] = _inversion(exp, workdir, **inversion)
     with open(os.path.join(workdir, 'audit.json'), 'w') as f:
         json.dump(_json_safe(result), f, indent=2)
     result['figure'] = _figure(workdir, curves, exp, params)
@@ -254,6 +288,108 @@ def _lira(exp, curves: dict, splits: tuple, shadow_models: int, hospital: int) -
         'shadow_models': shadow_models,
         **auditing.mia_metrics(lira[:n], lira[n:]),
         'shadow_threshold_auc': shadow_auc,
+    }
+
+
+def _check_inversion(exp, *, hospital: int, images: int, steps: int) -> None:
+    """AuditError for --inversion_* values the run cannot take (before anything is computed)."""
+    if not 0 <= hospital < exp.num_clients:
+        raise AuditError(
+            f'--inversion_hospital={hospital}: no such hospital; use 0..{exp.num_clients - 1}.'
+        )
+    available = len(real_train_split(exp, hospital)['image'])
+    if not 1 <= images <= min(8, available):
+        raise AuditError(
+            f'--inversion_images={images}: the attacked batch takes 1 to {min(8, available)} '
+            'images; use a small batch such as 2.'
+        )
+    if steps < 1:
+        raise AuditError(f'--inversion_steps={steps}: must be at least 1; e.g. 300.')
+    if exp.config.task != 'chestxray14':
+        raise AuditError(
+            f'--inversion: the attack inverts 2-D chest X-ray classifiers, and this run is '
+            f'{exp.config.task!r}; leave --inversion off.'
+        )
+
+
+# Long on purpose: choosing the attacked model (the run's or the smoke-sized one), the batch and
+# the run's own DP-SGD and SecAgg settings is the whole recipe, and audit.json records each.
+def _inversion(exp, workdir: str, *, hospital: int, images: int, steps: int) -> dict:
+    """Gradient inversion of hospital `hospital`'s first-round gradient (module docstring):
+    audit.json's 'inversion' entry; writes RUN/inversion.png."""
+    import jax
+
+    from fedjax_med import inversion
+    from fedjax_med.data import storage
+    from fedjax_med.evaluation import param_count
+
+    config = exp.config
+    split = real_train_split(exp, hospital)
+    batch = storage.decode({k: np.asarray(split[k][:images]) for k in ('image', 'label')})
+    params, apply_fn = exp.state.params, exp.apply_fn  # the model broadcast in round 1
+    if config.mode == 'local':  # one model per hospital: its own row
+        params = jax.tree.map(lambda x: x[hospital], params)
+    side = batch['image'].shape[1]
+    model_note = f"the run's own {config.model.name} (initial parameters, {side} px)"
+    size = param_count(params)
+    if size > _INVERSION_MAX_PARAMS or side > 64:
+        import ml_collections
+
+        from fedjax_med import models
+
+        small = ml_collections.ConfigDict(config.model.to_dict())
+        small.update(name='resnet_small', width=8, depth=2, norm_groups=4)
+        model = models.build_model(small, config.task)
+        shape = (images, 32, 32, batch['image'].shape[-1])
+        batch['image'] = np.asarray(jax.image.resize(batch['image'], shape, 'linear'))
+        params = model.init(jax.random.key(config.seed), batch['image'][:1])
+        apply_fn = model.apply
+        model_note = (
+            f"the smoke-sized resnet_small (width 8, depth 2) at 32 px, not the run's "
+            f'{config.model.name} ({size} parameters, {side} px), '
+            'which is too large for a cheap attack'
+        )
+    sample_dp = config.dp.mode == 'sample'
+    clip = float(config.dp.clip_norm) if sample_dp else 1.0
+    sigma = float(exp.privacy.noise_multipliers[hospital]) if sample_dp else 1.0
+    result = inversion.attack_cases(
+        apply_fn,
+        exp.task.per_example_loss,
+        params,
+        batch['image'],
+        batch['label'],
+        seed=config.seed,
+        steps=steps,
+        clip_norm=clip,
+        noise_multiplier=sigma,
+        secagg_clip=float(config.secagg.clip),
+        num_clients=exp.num_clients,
+    )
+    name = exp.hospital_names[hospital]
+    inversion.figure(
+        os.path.join(workdir, 'inversion.png'),
+        batch['image'],
+        result,
+        f"Gradient inversion of {name}'s first-round gradient\n({images} images, {steps} steps)",
+    )
+    return {
+        'hospital': name,
+        'images': images,
+        'steps': steps,
+        'model': model_note,
+        'observed': "one local step's gradient at the round-1 global model (labels known)",
+        'dp_sgd_settings': {
+            'clip_norm': clip,
+            'noise_multiplier': sigma,
+            'from': 'the run' if sample_dp else 'C = 1, sigma = 1 (the run has no sample-level DP)',
+        },
+        'secagg_clip': float(config.secagg.clip),
+        'flat_image_psnr': inversion.flat_image_psnr(batch['image']).tolist(),
+        'figure': os.path.join(workdir, 'inversion.png'),
+        **{
+            case: {k: np.asarray(v).tolist() for k, v in r.items() if k != 'reconstruction'}
+            for case, r in result.items()
+        },
     }
 
 
@@ -322,6 +458,16 @@ def summary_lines(result: dict) -> list[str]:
             f'{a["kind"]} canaries, {a["num_included"]} trained on, delta {a["delta"]:.3g})'
             + (f"; the accountant's epsilon {eps:.3f}" if eps is not None else '; no DP')
         )
+    if 'inversion' in result:
+        inv = result['inversion']
+        cases = ', '.join(
+            f'{label} {inv[c]["psnr_mean"]:.1f} dB / SSIM {inv[c]["ssim_mean"]:.2f}'
+            for c, label in (('plain', 'no DP'), ('dp_sgd', 'DP-SGD'), ('secagg', 'SecAgg'))
+        )
+        lines.append(
+            f'  gradient inversion {inv["hospital"]} ({inv["images"]} images, {inv["steps"]} '
+            f'steps; {inv["model"]}): {cases}; figure {inv["figure"]}'
+        )
     lines.append(f'  wrote {os.path.join(result["workdir"], "audit.json")} and {result["figure"]}')
     return lines
 
@@ -346,6 +492,15 @@ def main(argv: Sequence[str]) -> None:
             max_examples=_MAX_EXAMPLES.value,
             shadow_models=_SHADOW_MODELS.value,
             lira_hospital=_LIRA_HOSPITAL.value,
+            inversion=(
+                {
+                    'hospital': _INVERSION_HOSPITAL.value,
+                    'images': _INVERSION_IMAGES.value,
+                    'steps': _INVERSION_STEPS.value,
+                }
+                if _INVERSION.value
+                else None
+            ),
         )
     except AuditError as e:
         print(f'fedjax_med.audit: error: {e}', file=sys.stderr)
