@@ -5,6 +5,8 @@ mean AUROC and, for the backdoor, `eval/backdoor_success` (and, for Krum, in how
 each hospital's update was selected).
 
   python launch/poisoning.py --out=runs/poisoning            # the grid (about 15 min on 2 cores)
+  python launch/poisoning.py --out=runs/poisoning16 --hospitals=16 --trim_fraction=0.125 \
+      --krum_byzantine=2 --attacks=sign_flip,backdoor         # the same 1,500 images over 16
   python launch/poisoning.py --out=/tmp/p --rounds=2 --aggregators=weighted,krum --f=1 \\
       --attacks=scale                                        # a quick look
   python launch/poisoning.py --out=/tmp/p --probe_norms      # honest update norms (norm_bound)
@@ -49,7 +51,10 @@ ATTACKS = ('sign_flip', 'scale', 'backdoor', 'label_flip')
 _OUT = flags.DEFINE_string('out', None, 'Folder for poisoning.json and poisoning.md.')
 _ROUNDS = flags.DEFINE_integer('rounds', 10, 'Rounds per run.')
 _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds (data, initialisation, batches).')
-_F = flags.DEFINE_list('f', ['0', '1', '2'], 'Numbers of malicious hospitals (of 5).')
+_F = flags.DEFINE_list('f', ['0', '1', '2'], 'Numbers of malicious hospitals (of --hospitals).')
+_HOSPITALS = flags.DEFINE_integer('hospitals', 5, 'Hospitals of the federation (data.num_clients).')
+_TRIM = flags.DEFINE_float('trim_fraction', 0.2, 'server.trim_fraction of trimmed_mean.')
+_KRUM_F = flags.DEFINE_integer('krum_byzantine', 1, 'server.krum_byzantine of krum / multi_krum.')
 _ATTACKS = flags.DEFINE_list('attacks', list(ATTACKS), 'Attacks (attack.mode).')
 _AGGREGATORS = flags.DEFINE_list('aggregators', list(AGGREGATORS), 'server.aggregator values.')
 _NORM_BOUND = flags.DEFINE_float('norm_bound', 3.0, 'server.norm_bound of norm_bound.')
@@ -66,7 +71,7 @@ def base_config(seed: int, rounds: int):
 
     c = chestxray14.get_config('synthetic')
     c.seed = seed
-    c.data.num_clients = 5
+    c.data.num_clients = _HOSPITALS.value
     c.data.resolution = 16
     c.data.num_train = 1500
     c.data.num_test = 500
@@ -76,8 +81,8 @@ def base_config(seed: int, rounds: int):
     c.eval_every = rounds
     c.eval_case_metrics = False
     c.tensorboard = False
-    c.server.trim_fraction = 0.2
-    c.server.krum_byzantine = 1
+    c.server.trim_fraction = _TRIM.value
+    c.server.krum_byzantine = _KRUM_F.value
     c.server.norm_bound = _NORM_BOUND.value
     c.attack.scale = _SCALE.value
     return c
