@@ -43,28 +43,38 @@ from absl import app, flags, logging
 
 from fedjax_med.privacy import auditing
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A finished run (its config.json, checkpoints/).')
-_MAX_EXAMPLES = flags.DEFINE_integer(
-    'max_examples', 2000, 'Membership inference: at most this many members and non-members.'
-)
-_SHADOW_MODELS = flags.DEFINE_integer(
-    'shadow_models', 0, 'Offline LiRA: shadow runs to train (0: skip LiRA; each costs a run).'
-)
-_LIRA_HOSPITAL = flags.DEFINE_integer(
-    'lira_hospital', None, 'Offline LiRA: the hospital attacked (default: the canary one, or 0).'
-)
-_INVERSION = flags.DEFINE_bool(
-    'inversion', False, "Gradient inversion of one hospital's first-round gradient (cheap)."
-)
-_INVERSION_HOSPITAL = flags.DEFINE_integer(
-    'inversion_hospital', 0, 'Gradient inversion: the hospital whose gradient is attacked.'
-)
-_INVERSION_IMAGES = flags.DEFINE_integer(
-    'inversion_images', 2, 'Gradient inversion: images in the attacked batch (1 to 8).'
-)
-_INVERSION_STEPS = flags.DEFINE_integer(
-    'inversion_steps', 300, "Gradient inversion: the attacker's Adam steps per case."
-)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags; defined only when it runs as a command, so that importing the
+    module (the tests) adds nothing to absl's global flags, which other commands share."""
+    flags.DEFINE_string('workdir', None, 'A finished run (its config.json, checkpoints/).')
+    flags.DEFINE_integer(
+        'max_examples', 2000, 'Membership inference: at most this many members and non-members.'
+    )
+    flags.DEFINE_integer(
+        'shadow_models', 0, 'Offline LiRA: shadow runs to train (0: skip LiRA; each costs a run).'
+    )
+    flags.DEFINE_integer(
+        'lira_hospital',
+        None,
+        'Offline LiRA: the hospital attacked (default: the canary one, or 0).',
+    )
+    flags.DEFINE_bool(
+        'inversion', False, "Gradient inversion of one hospital's first-round gradient (cheap)."
+    )
+    flags.DEFINE_integer(
+        'inversion_hospital', 0, 'Gradient inversion: the hospital whose gradient is attacked.'
+    )
+    flags.DEFINE_integer(
+        'inversion_images', 2, 'Gradient inversion: images in the attacked batch (1 to 8).'
+    )
+    flags.DEFINE_integer(
+        'inversion_steps', 300, "Gradient inversion: the attacker's Adam steps per case."
+    )
+
+
 # Above this many parameters (or 64 px), the inversion attacks the smoke-sized model instead:
 # each attacker step differentiates through the gradient of the model, twice a training step.
 _INVERSION_MAX_PARAMS = 500_000
@@ -477,7 +487,7 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(f'fedjax_med.audit: unexpected arguments {argv[1:]}; all inputs are --flags.')
     if not flags.FLAGS['verbosity'].present:
         logging.set_verbosity(logging.WARNING)
-    if not _WORKDIR.value:
+    if not FLAGS.workdir:
         print(
             'fedjax_med.audit: error: --workdir is required: the workdir of a finished run, '
             'e.g. --workdir=runs/cxr.',
@@ -488,17 +498,17 @@ def main(argv: Sequence[str]) -> None:
 
     try:
         result = run(
-            _WORKDIR.value,
-            max_examples=_MAX_EXAMPLES.value,
-            shadow_models=_SHADOW_MODELS.value,
-            lira_hospital=_LIRA_HOSPITAL.value,
+            FLAGS.workdir,
+            max_examples=FLAGS.max_examples,
+            shadow_models=FLAGS.shadow_models,
+            lira_hospital=FLAGS.lira_hospital,
             inversion=(
                 {
-                    'hospital': _INVERSION_HOSPITAL.value,
-                    'images': _INVERSION_IMAGES.value,
-                    'steps': _INVERSION_STEPS.value,
+                    'hospital': FLAGS.inversion_hospital,
+                    'images': FLAGS.inversion_images,
+                    'steps': FLAGS.inversion_steps,
                 }
-                if _INVERSION.value
+                if FLAGS.inversion
                 else None
             ),
         )
@@ -507,12 +517,11 @@ def main(argv: Sequence[str]) -> None:
         sys.exit(2)
     except ConfigError as e:
         for problem in e.problems:
-            print(
-                f'fedjax_med.audit: error: --workdir={_WORKDIR.value}: {problem}', file=sys.stderr
-            )
+            print(f'fedjax_med.audit: error: --workdir={FLAGS.workdir}: {problem}', file=sys.stderr)
         sys.exit(2)
     print('\n'.join(summary_lines(result)))
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

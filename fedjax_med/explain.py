@@ -33,12 +33,19 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from absl import app, flags, logging
 
-_WORKDIRS = flags.DEFINE_list('workdirs', None, 'Two finished runs, A,B (A: e.g. federated).')
-_IMAGES = flags.DEFINE_integer('images', 50, 'Test images explained (the first N of the split).')
-_MAX_EVALS = flags.DEFINE_integer('max_evals', 500, 'SHAP: model evaluations per image.')
-_IG_STEPS = flags.DEFINE_integer('ig_steps', 32, 'Integrated gradients: trapezoid intervals.')
-_TOP_FRACTION = flags.DEFINE_float('top_fraction', 0.1, 'Top-k overlap: fraction of pixels.')
-_OUTPUT = flags.DEFINE_string('output', None, 'explain.json path (default: A/explain.json).')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command's flags; defined only when it runs as a command, so that importing the
+    module (the tests) adds nothing to absl's global flags, which other commands share."""
+    flags.DEFINE_list('workdirs', None, 'Two finished runs, A,B (A: e.g. federated).')
+    flags.DEFINE_integer('images', 50, 'Test images explained (the first N of the split).')
+    flags.DEFINE_integer('max_evals', 500, 'SHAP: model evaluations per image.')
+    flags.DEFINE_integer('ig_steps', 32, 'Integrated gradients: trapezoid intervals.')
+    flags.DEFINE_float('top_fraction', 0.1, 'Top-k overlap: fraction of pixels.')
+    flags.DEFINE_string('output', None, 'explain.json path (default: A/explain.json).')
+
 
 METHODS = ('shap', 'integrated_gradients')
 
@@ -281,15 +288,15 @@ def main(argv: Sequence[str]) -> None:
     from fedjax_med.validate import ConfigError
 
     try:
-        if not _WORKDIRS.value:
+        if not FLAGS.workdirs:
             raise ExplainError('--workdirs is required: two finished runs, e.g. --workdirs=A,B.')
         result = run(
-            _WORKDIRS.value,
-            images=_IMAGES.value,
-            max_evals=_MAX_EVALS.value,
-            ig_steps=_IG_STEPS.value,
-            top_fraction=_TOP_FRACTION.value,
-            output=_OUTPUT.value,
+            FLAGS.workdirs,
+            images=FLAGS.images,
+            max_evals=FLAGS.max_evals,
+            ig_steps=FLAGS.ig_steps,
+            top_fraction=FLAGS.top_fraction,
+            output=FLAGS.output,
         )
     except ExplainError as e:
         print(f'fedjax_med.explain: error: {e}', file=sys.stderr)
@@ -302,4 +309,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+    define_flags()
     app.run(main)

@@ -38,14 +38,22 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if sys.path[:1] != [REPO]:  # first, ahead of any installed package named `configs`
     sys.path.insert(0, REPO)  # `configs` is a folder of the repository, not installed
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(REPO, 'configs', 'chestxray14.py') + ':synthetic', 'Config (:variant).'
-)
-_EPOCHS = flags.DEFINE_float('local_epochs', 0.5, 'config.local.epochs of the round.')
-_DP = flags.DEFINE_bool('dp', False, 'Sample-level DP-SGD (Poisson, per-example clipping).')
-_REPS = flags.DEFINE_integer('reps', 5, 'Timed calls per measurement (median).')
-_THREADS = flags.DEFINE_integer('threads', 2, 'torch.set_num_threads for the torch step.')
-_JSON = flags.DEFINE_string('json', None, 'Also write the JSON report here.')
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """The command line's flags; defined only when the script runs, so that importing it (the
+    tests) adds nothing to absl's global flags, which other modules share."""
+    config_flags.DEFINE_config_file(
+        'config',
+        os.path.join(REPO, 'configs', 'chestxray14.py') + ':synthetic',
+        'Config (:variant).',
+    )
+    flags.DEFINE_float('local_epochs', 0.5, 'config.local.epochs of the round.')
+    flags.DEFINE_bool('dp', False, 'Sample-level DP-SGD (Poisson, per-example clipping).')
+    flags.DEFINE_integer('reps', 5, 'Timed calls per measurement (median).')
+    flags.DEFINE_integer('threads', 2, 'torch.set_num_threads for the torch step.')
+    flags.DEFINE_string('json', None, 'Also write the JSON report here.')
 
 
 def _median_s(fn, reps: int) -> float:
@@ -207,22 +215,23 @@ def measure(config, reps: int, threads: int) -> dict:
 def main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-    config = _CONFIG.value
-    config.local.epochs = _EPOCHS.value
+    config = FLAGS.config
+    config.local.epochs = FLAGS.local_epochs
     config.tensorboard = False
-    if _DP.value:
+    if FLAGS.dp:
         config.dp.mode = 'sample'
         config.local.sampling = 'poisson'
         if not config.dp.noise_multiplier and not config.dp.target_epsilon:
             config.dp.noise_multiplier = 1.0
-    out = measure(config, _REPS.value, _THREADS.value)
+    out = measure(config, FLAGS.reps, FLAGS.threads)
     text = json.dumps(out, indent=1)
     print(text)
-    if _JSON.value:
-        with open(_JSON.value, 'w') as f:
+    if FLAGS.json:
+        with open(FLAGS.json, 'w') as f:
             f.write(text + '\n')
 
 
 if __name__ == '__main__':
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peer_benchmark, peer_torch
+    define_flags()
     app.run(main)
