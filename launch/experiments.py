@@ -302,7 +302,10 @@ def apply_override(config, field: str, value: str) -> None:
         raise app.UsageError(
             f'--set: unknown config field {field!r}; see configs/base.py for the fields.'
         )
-    kind = type(node[leaf])
+    # An unset optional field (a placeholder, e.g. dp.fast_clipping) holds None: take the type the
+    # placeholder declares, as ml_collections checks it on assignment.
+    field_type = getattr(node.get_ref(leaf), 'get_type', lambda: None)()
+    kind = type(node[leaf]) if node[leaf] is not None else field_type or str
     try:
         if kind is bool:
             if value.lower() not in ('true', 'false', '1', '0'):

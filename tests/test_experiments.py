@@ -109,6 +109,10 @@ def test_dp_algorithms_and_config_overrides_narrow_the_grid():
     assert bad.returncode != 0 and "unknown config field 'data.num_trains'" in bad.stderr
     bad = dry('--set=local.epochs=two')
     assert bad.returncode != 0 and "local.epochs='two' is not a valid float" in bad.stderr
+    # An optional field that is unset by default (a placeholder holding None) takes its type.
+    assert dry('--set=dp.fast_clipping=false').returncode == 0
+    bad = dry('--set=dp.fast_clipping=maybe')
+    assert bad.returncode != 0 and "dp.fast_clipping='maybe' is not a valid bool" in bad.stderr
 
 
 def test_hospital_scale_suite_order_and_configs():
